@@ -1,0 +1,390 @@
+//! `understudy bench`: the figures behind the design's claims, measured in one run so
+//! that ratios compare like with like. Prints tables; asserts nothing.
+//!
+//! - invoke: bare wasmtime (instantiate + call, state in a plain map) against the
+//!   runtime's in-process path and against HTTP, one client, no fsync.
+//! - commit: `disk` durability at several client counts, beside the measured fsync
+//!   time and the bound it sets (clients / fsync time).
+//! - memory: resident memory per deployed function and per in-flight instance.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+use crate::config::Config;
+use crate::node::Node;
+use crate::wal::Durability;
+use crate::wasm::bindings::{self, understudy::function as wit};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// What to measure: invoke, commit, memory or all.
+    #[arg(long, default_value = "all")]
+    pub what: String,
+    /// The counter example component.
+    #[arg(long, default_value = "target-guests/components/counter.wasm")]
+    pub counter: PathBuf,
+    /// The hostile test component (for the memory figures).
+    #[arg(long, default_value = "target-guests/components/hostile.wasm")]
+    pub hostile: PathBuf,
+    /// Concurrent clients for the commit benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
+    pub clients: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Where the benchmark nodes keep their data (a fresh temporary folder by default).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Fails when a component cannot be read or deployed, or a node cannot start.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("understudy-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let result = runtime.block_on(async {
+        let counter = std::fs::read(&args.counter).with_context(|| format!("cannot read {}", args.counter.display()))?;
+        let what = args.what.as_str();
+        if what == "invoke" || what == "all" {
+            invoke(&args, &dir, &counter).await?;
+        }
+        if what == "commit" || what == "all" {
+            commit(&args, &dir, &counter).await?;
+        }
+        if what == "memory" || what == "all" {
+            memory(&args, &dir, &counter).await?;
+        }
+        anyhow::Ok(())
+    });
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn open_node(dir: &std::path::Path, name: &str, durability: Durability) -> anyhow::Result<Node> {
+    let path = dir.join(name);
+    let _ = std::fs::remove_dir_all(&path);
+    let config = Config { data_dir: path, durability, ..Config::default() };
+    Ok(tokio::task::spawn_blocking(move || Node::open(config)).await??)
+}
+
+/// Run `f` in a loop for `seconds` from `clients` tasks; returns (ops, elapsed, latencies).
+async fn drive<F, Fut>(clients: usize, seconds: f64, f: F) -> (u64, Duration, Vec<Duration>)
+where
+    F: Fn() -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (f, stop, ops) = (f.clone(), stop.clone(), ops.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if let Err(e) = f().await {
+                    eprintln!("bench operation failed: {e:#}");
+                    break;
+                }
+                latencies.push(t.elapsed());
+                ops.fetch_add(1, Ordering::Relaxed);
+            }
+            latencies
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    (ops.load(Ordering::Relaxed), elapsed, latencies)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
+    println!("== invocation cost: counter.increment, 1 client, no fsync ==");
+    let bare = bare_loop(counter, args.seconds)?;
+    let node = open_node(dir, "invoke", Durability::Memory).await?;
+    node.deploy("counter", counter.to_vec()).await?;
+    let n = node.clone();
+    let (ops, elapsed, lat) = drive(1, args.seconds, move || {
+        let n = n.clone();
+        async move {
+            let answer = n.invoke("counter", "increment", b"null", None).await?;
+            answer.outcome.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            Ok(())
+        }
+    })
+    .await;
+    let in_process = ops as f64 / elapsed.as_secs_f64();
+    let in_process_p50 = percentile(&lat, 0.5);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(crate::http::serve(node.clone(), listener, std::future::pending()));
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/functions/counter/increment");
+    let (ops, elapsed, http_lat) = drive(1, args.seconds, move || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client.post(&url).body("null").send().await?;
+            anyhow::ensure!(r.status().is_success(), "status {}", r.status());
+            r.bytes().await?;
+            Ok(())
+        }
+    })
+    .await;
+    server.abort();
+    let http = ops as f64 / elapsed.as_secs_f64();
+    println!("{:<34} {:>12} {:>10} {:>9}", "path", "invocations/s", "p50 us", "vs bare");
+    println!("{:<34} {:>12.0} {:>10.1} {:>8.0}%", "bare wasmtime (instantiate+call)", bare.0, us(bare.1), 100.0);
+    println!(
+        "{:<34} {:>12.0} {:>10.1} {:>8.0}%",
+        "runtime in-process (transaction)",
+        in_process,
+        us(in_process_p50),
+        100.0 * in_process / bare.0
+    );
+    println!(
+        "{:<34} {:>12.0} {:>10.1} {:>8.0}%",
+        "runtime over HTTP (loopback)",
+        http,
+        us(percentile(&http_lat, 0.5)),
+        100.0 * http / bare.0
+    );
+    println!();
+    Ok(())
+}
+
+/// The limit of this design: instantiate the component and call it, with state in a
+/// plain map and nothing else. Returns (calls/s, p50).
+fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duration)> {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(100).linear_memory_keep_resident(256 << 10).table_keep_resident(16 << 10);
+    let mut config = EngineConfig::new();
+    config.wasm_component_model(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let component = Component::new(&engine, counter).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut linker = Linker::<Bare>::new(&engine);
+    bindings::Function::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pre = bindings::FunctionPre::new(linker.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("{e}"))?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    rt.block_on(async {
+        let mut state = BTreeMap::new();
+        let mut latencies = Vec::new();
+        let started = Instant::now();
+        while started.elapsed().as_secs_f64() < seconds {
+            let t = Instant::now();
+            let mut store = Store::new(&engine, Bare { state: std::mem::take(&mut state) });
+            let instance = pre.instantiate_async(&mut store).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let out = instance
+                .understudy_function_handler()
+                .call_handle(&mut store, "increment", b"null")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::ensure!(out.is_ok(), "counter failed");
+            state = std::mem::take(&mut store.data_mut().state);
+            latencies.push(t.elapsed());
+        }
+        let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+        latencies.sort();
+        Ok((rate, percentile(&latencies, 0.5)))
+    })
+}
+
+struct Bare {
+    state: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl wit::types::Host for Bare {}
+
+impl wit::state::Host for Bare {
+    fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<Option<Vec<u8>>, wit::types::Error>> {
+        Ok(Ok(self.state.get(&key).cloned()))
+    }
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<Result<(), wit::types::Error>> {
+        self.state.insert(key, value);
+        Ok(Ok(()))
+    }
+    fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<(), wit::types::Error>> {
+        self.state.remove(&key);
+        Ok(Ok(()))
+    }
+    fn scan(
+        &mut self,
+        start: Vec<u8>,
+        _end: Option<Vec<u8>>,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<wit::types::Entry>, wit::types::Error>> {
+        Ok(Ok(self
+            .state
+            .range(start..)
+            .take(limit as usize)
+            .map(|(k, v)| wit::types::Entry { key: k.clone(), value: v.clone() })
+            .collect()))
+    }
+}
+
+impl wit::call::Host for Bare {
+    async fn invoke(
+        &mut self,
+        _function: String,
+        _method: String,
+        _input: Vec<u8>,
+    ) -> wasmtime::Result<Result<Vec<u8>, wit::types::Error>> {
+        Ok(Err(wit::types::Error { code: "unsupported".into(), message: "no calls in the bare loop".into() }))
+    }
+}
+
+impl wit::log::Host for Bare {
+    fn log(&mut self, _level: wit::log::Level, _message: String) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+/// Median time of a 4 KiB write plus fdatasync in `dir`: the floor under every
+/// durable commit on this disk.
+fn fsync_time(dir: &std::path::Path) -> anyhow::Result<Duration> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        file.write_all(&[7u8; 4096])?;
+        file.sync_data()?;
+        times.push(t.elapsed());
+    }
+    let _ = std::fs::remove_file(&path);
+    times.sort();
+    Ok(percentile(&times, 0.5))
+}
+
+async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
+    let fsync = fsync_time(dir)?;
+    println!("== commits with disk durability: counter.increment on one function ==");
+    println!("measured fsync (4 KiB write + fdatasync, median of 50): {:.0} us", us(fsync));
+    println!(
+        "{:>8} {:>12} {:>10} {:>10} {:>14} {:>9}",
+        "clients", "commits/s", "p50 us", "p99 us", "fsync bound/s", "of bound"
+    );
+    for &clients in &args.clients {
+        let node = open_node(dir, &format!("commit-{clients}"), Durability::Disk).await?;
+        node.deploy("counter", counter.to_vec()).await?;
+        let n = node.clone();
+        let (ops, elapsed, lat) = drive(clients, args.seconds, move || {
+            let n = n.clone();
+            async move {
+                let answer = n.invoke("counter", "increment", b"null", None).await?;
+                answer.outcome.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                Ok(())
+            }
+        })
+        .await;
+        let rate = ops as f64 / elapsed.as_secs_f64();
+        let bound = clients as f64 / fsync.as_secs_f64();
+        println!(
+            "{:>8} {:>12.0} {:>10.0} {:>10.0} {:>14.0} {:>8.0}%",
+            clients,
+            rate,
+            us(percentile(&lat, 0.5)),
+            us(percentile(&lat, 0.99)),
+            bound,
+            100.0 * rate / bound
+        );
+        let batch = node.metrics().fsync_batch_records.clone();
+        drop(batch);
+    }
+    println!();
+    Ok(())
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+async fn memory(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
+    const FUNCTIONS: usize = 100;
+    println!("== memory ==");
+    let node = open_node(dir, "memory", Durability::Memory).await?;
+    // Distinct components (one byte of custom section differs), so each is compiled.
+    let before = rss_bytes();
+    for i in 0..FUNCTIONS {
+        let mut bytes = counter.to_vec();
+        bytes.extend_from_slice(&custom_section(i));
+        node.deploy(&format!("counter-{i}"), bytes).await?;
+        node.invoke(&format!("counter-{i}"), "increment", b"null", None).await?;
+    }
+    let per_function = (rss_bytes().saturating_sub(before)) as f64 / FUNCTIONS as f64;
+    println!("per deployed function (distinct component, invoked once): {:.0} KiB", per_function / 1024.0);
+
+    let Ok(hostile) = std::fs::read(&args.hostile) else {
+        println!("per in-flight instance: skipped ({} not found)", args.hostile.display());
+        return Ok(());
+    };
+    // Instances that stay alive until their deadline: spinning guests on distinct
+    // functions (one transaction at a time runs per function).
+    const INSTANCES: usize = 100;
+    for i in 0..INSTANCES {
+        node.deploy(&format!("spin-{i}"), hostile.clone()).await?;
+    }
+    let before = rss_bytes();
+    let mut tasks = Vec::new();
+    for i in 0..INSTANCES {
+        let n = node.clone();
+        tasks.push(tokio::spawn(async move { n.invoke(&format!("spin-{i}"), "loop", b"null", None).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = rss_bytes();
+    for t in tasks {
+        let _ = t.await;
+    }
+    println!(
+        "per in-flight instance (spinning guest): {:.0} KiB",
+        (during.saturating_sub(before)) as f64 / INSTANCES as f64 / 1024.0
+    );
+    println!();
+    Ok(())
+}
+
+/// A custom section named `bench` holding `i`: changes the digest, not the behaviour.
+fn custom_section(i: usize) -> Vec<u8> {
+    let name = b"bench";
+    let payload = (i as u64).to_le_bytes();
+    let mut section = vec![0u8]; // custom section id
+    let len = 1 + name.len() + payload.len();
+    section.push(len as u8);
+    section.push(name.len() as u8);
+    section.extend_from_slice(name);
+    section.extend_from_slice(&payload);
+    section
+}

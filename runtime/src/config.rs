@@ -1,0 +1,93 @@
+//! Node settings: defaults, a TOML file, and command-line flags on top.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::txn::Limits;
+use crate::wal::Durability;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the log, snapshots, components and compiled code live.
+    pub data_dir: PathBuf,
+    /// The HTTP API's address. Anything but loopback requires `admin_token`.
+    pub listen: SocketAddr,
+    /// When a commit is acknowledged: `disk` (after fsync) or `memory`.
+    pub durability: Durability,
+    /// Required as `Authorization: Bearer <token>` for deploy, delete, stop and start.
+    pub admin_token: Option<String>,
+    /// How long an idempotency key's answer is kept, in seconds.
+    pub idempotency_window_s: u64,
+    /// Largest invocation body, in bytes.
+    pub body_max_bytes: usize,
+    /// Largest component, in bytes.
+    pub component_max_bytes: usize,
+    /// How often a transaction that lost a lock conflict is retried before the client
+    /// gets 409.
+    pub conflict_retries_max: u32,
+    /// How deep calls between functions may nest.
+    pub call_depth_max: u32,
+    /// Take a snapshot (and truncate the log) after this many bytes of log.
+    pub checkpoint_log_bytes: u64,
+    pub wasm: crate::wasm::Options,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: PathBuf::from("understudy-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            durability: Durability::Disk,
+            admin_token: None,
+            idempotency_window_s: 24 * 3600,
+            body_max_bytes: 1 << 20,
+            component_max_bytes: 64 << 20,
+            conflict_retries_max: 32,
+            call_depth_max: 8,
+            checkpoint_log_bytes: 64 << 20,
+            wasm: Default::default(),
+            limits: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Read a TOML config file; fields it leaves out keep their defaults.
+    ///
+    /// Fails when the file cannot be read, is not TOML, or names an unknown setting.
+    pub fn from_file(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read { path: path.to_owned(), source: e })?;
+        toml::from_str(&text).map_err(|e| Error::Parse { path: path.to_owned(), message: e.to_string() })
+    }
+
+    /// Fails when the settings cannot work together.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !self.listen.ip().is_loopback() && self.admin_token.as_deref().unwrap_or("").is_empty() {
+            return Err(Error::Invalid(format!(
+                "listening on {} (not loopback) requires an admin token (--admin-token or admin_token in the config)",
+                self.listen
+            )));
+        }
+        if self.wasm.deadline_ms == 0 {
+            return Err(Error::Invalid("wasm.deadline_ms must be above 0".into()));
+        }
+        if self.wasm.memory_max_bytes < (1 << 16) {
+            return Err(Error::Invalid("wasm.memory_max_bytes must be at least one page (65536)".into()));
+        }
+        Ok(())
+    }
+}

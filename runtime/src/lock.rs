@@ -1,0 +1,171 @@
+//! The per-function transaction lock: one transaction at a time runs on a function,
+//! which makes committed transactions serializable in the order they took the lock.
+//!
+//! A transaction's first lock (its own function) waits its turn in FIFO order: it
+//! holds nothing yet, so it cannot be part of a deadlock. A further lock, taken when
+//! a handler calls another function, follows wait-die: the caller waits only if it is
+//! older than the holder and everyone queued; otherwise it dies (aborts and is retried
+//! with its original age, so it eventually becomes the oldest and wins). Waits thus
+//! always point from older to younger transactions, and no cycle can form.
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::ids::TxnId;
+
+/// Waiters allowed to queue on one function before new arrivals are turned away.
+pub const WAITERS_MAX: usize = 4096;
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("transaction {txn} lost a lock conflict to an older transaction and must retry")]
+    Die { txn: TxnId },
+    #[error("too many transactions are waiting for this function ({WAITERS_MAX})")]
+    Busy,
+}
+
+#[derive(Debug, Default)]
+pub struct TxnLock {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    holder: Option<TxnId>,
+    waiters: VecDeque<(TxnId, oneshot::Sender<()>)>,
+}
+
+/// How a lock is being asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The transaction holds no lock yet: wait in line.
+    First,
+    /// The transaction already holds locks: wait-die.
+    Nested,
+}
+
+impl TxnLock {
+    /// Take the lock for `txn`. Returns at once if `txn` already holds it.
+    ///
+    /// Fails with `Die` when a nested request would wait for an older transaction, and
+    /// with `Busy` when the queue is full.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a cancelled waiter's turn passes to the next in line.
+    pub async fn acquire(&self, txn: TxnId, mode: Mode) -> Result<(), Error> {
+        let rx = {
+            let mut state = self.state.lock();
+            match state.holder {
+                None => {
+                    state.holder = Some(txn);
+                    return Ok(());
+                }
+                Some(holder) if holder == txn => return Ok(()),
+                Some(holder) => {
+                    if mode == Mode::Nested {
+                        let oldest_ahead = state.waiters.iter().map(|(t, _)| *t).chain([holder]).min();
+                        if oldest_ahead.is_some_and(|oldest| oldest < txn) {
+                            return Err(Error::Die { txn });
+                        }
+                    }
+                    if state.waiters.len() >= WAITERS_MAX {
+                        return Err(Error::Busy);
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    state.waiters.push_back((txn, tx));
+                    rx
+                }
+            }
+        };
+        let mut guard = CancelGuard { lock: self, txn, armed: true };
+        // The releaser hands the lock over before sending, so receiving means holding.
+        let _ = rx.await;
+        guard.armed = false;
+        Ok(())
+    }
+
+    /// Release the lock held by `txn` and hand it to the next waiter still waiting.
+    pub fn release(&self, txn: TxnId) {
+        let mut state = self.state.lock();
+        if state.holder != Some(txn) {
+            // Not the holder: a cancelled waiter; remove it from the queue if present.
+            state.waiters.retain(|(t, _)| *t != txn);
+            return;
+        }
+        state.holder = None;
+        while let Some((next, tx)) = state.waiters.pop_front() {
+            state.holder = Some(next);
+            if tx.send(()).is_ok() {
+                return;
+            }
+            state.holder = None;
+        }
+    }
+
+    pub fn holder(&self) -> Option<TxnId> {
+        self.state.lock().holder
+    }
+
+    pub fn waiters(&self) -> usize {
+        self.state.lock().waiters.len()
+    }
+}
+
+/// Gives up a place in line (or a lock handed over just as the wait was cancelled).
+struct CancelGuard<'a> {
+    lock: &'a TxnLock,
+    txn: TxnId,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.lock.release(self.txn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn first_locks_queue_in_order() {
+        let lock = std::sync::Arc::new(TxnLock::default());
+        lock.acquire(TxnId(1), Mode::First).await.expect("free lock");
+        let l2 = lock.clone();
+        let second = tokio::spawn(async move { l2.acquire(TxnId(2), Mode::First).await });
+        tokio::task::yield_now().await;
+        assert_eq!(lock.waiters(), 1);
+        lock.release(TxnId(1));
+        second.await.expect("join").expect("acquired");
+        assert_eq!(lock.holder(), Some(TxnId(2)));
+    }
+
+    #[tokio::test]
+    async fn younger_nested_request_dies() {
+        let lock = TxnLock::default();
+        lock.acquire(TxnId(5), Mode::First).await.expect("free lock");
+        assert_eq!(lock.acquire(TxnId(9), Mode::Nested).await, Err(Error::Die { txn: TxnId(9) }));
+        assert_eq!(lock.acquire(TxnId(5), Mode::Nested).await, Ok(()), "re-entrant");
+    }
+
+    #[tokio::test]
+    async fn cancelled_waiter_passes_its_turn() {
+        let lock = std::sync::Arc::new(TxnLock::default());
+        lock.acquire(TxnId(1), Mode::First).await.expect("free lock");
+        let l2 = lock.clone();
+        let cancelled = tokio::spawn(async move { l2.acquire(TxnId(2), Mode::First).await });
+        let l3 = lock.clone();
+        let third = tokio::spawn(async move { l3.acquire(TxnId(3), Mode::First).await });
+        tokio::task::yield_now().await;
+        cancelled.abort();
+        let _ = cancelled.await;
+        lock.release(TxnId(1));
+        third.await.expect("join").expect("acquired");
+        assert_eq!(lock.holder(), Some(TxnId(3)));
+    }
+}

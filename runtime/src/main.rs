@@ -1,0 +1,274 @@
+//! The `understudy` command: run a node, and talk to one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use understudy::config::Config;
+use understudy::wal::Durability;
+
+#[derive(Parser)]
+#[command(name = "understudy", version, about = "A WebAssembly function runtime where every invocation is a transaction")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Remote {
+    /// The node's HTTP address.
+    #[arg(long, env = "UNDERSTUDY_NODE", default_value = "http://127.0.0.1:7070", global = true)]
+    node: String,
+    /// Admin token, for deploy, delete, stop and start on a node that requires one.
+    #[arg(long, env = "UNDERSTUDY_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node {
+        /// TOML config file; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address of the HTTP API (default 127.0.0.1:7070).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        #[arg(long, value_enum)]
+        durability: Option<Durability>,
+        /// Required for deploy/delete/stop/start; mandatory when not on loopback.
+        #[arg(long, env = "UNDERSTUDY_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Per-transaction deadline in milliseconds (default 1000).
+        #[arg(long)]
+        deadline_ms: Option<u64>,
+        /// Memory cap per instance in MiB (default 64).
+        #[arg(long)]
+        memory_max_mib: Option<usize>,
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Deploy (or upgrade) a function from a component file.
+    Deploy {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Invoke a function's method with a JSON input and print its JSON output.
+    Invoke {
+        name: String,
+        method: String,
+        /// JSON input (default: null).
+        json: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List deployed functions.
+    Functions {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Stop a function: it keeps its state and answers 503 until started.
+    Stop {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Start a stopped function.
+    Start {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete a function and all its state.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Measure invocation and commit throughput in-process and print a table.
+    Bench(understudy::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node { config, data_dir, listen, durability, admin_token, deadline_ms, memory_max_mib, log_format } => {
+            init_tracing(log_format);
+            let mut cfg = match config {
+                Some(path) => Config::from_file(&path)?,
+                None => Config::default(),
+            };
+            if let Some(v) = data_dir {
+                cfg.data_dir = v;
+            }
+            if let Some(v) = listen {
+                cfg.listen = v;
+            }
+            if let Some(v) = durability {
+                cfg.durability = v;
+            }
+            if admin_token.is_some() {
+                cfg.admin_token = admin_token;
+            }
+            if let Some(v) = deadline_ms {
+                cfg.wasm.deadline_ms = v;
+            }
+            if let Some(v) = memory_max_mib {
+                cfg.wasm.memory_max_bytes = v << 20;
+            }
+            cfg.validate()?;
+            run_node(cfg)
+        }
+        Command::Deploy { name, file, remote } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let url = format!("{}/v1/functions/{name}", remote.node);
+            let body = send(remote.authorized(client()?.put(url)).body(bytes))?;
+            println!(
+                "deployed {name} version {} ({})",
+                body["version"].as_u64().unwrap_or(0),
+                body["digest"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        Command::Invoke { name, method, json, idempotency_key, remote } => {
+            let url = format!("{}/v1/functions/{name}/invoke/{method}", remote.node);
+            let mut request = client()?.post(url).header("content-type", "application/json").body(json.unwrap_or_default());
+            if let Some(key) = idempotency_key {
+                request = request.header("idempotency-key", key);
+            }
+            let body = send(request)?;
+            println!("{body}");
+            Ok(())
+        }
+        Command::Functions { json, remote } => {
+            let body = send(client()?.get(format!("{}/v1/functions", remote.node)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            println!("{:<24} {:>7} {:<8} {:>8}  {}", "NAME", "VERSION", "STATE", "KEYS", "DIGEST");
+            for f in body["functions"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {:>7} {:<8} {:>8}  {}",
+                    f["name"].as_str().unwrap_or("?"),
+                    f["version"].to_string(),
+                    if f["running"].as_bool() == Some(true) { "running" } else { "stopped" },
+                    f["keys"].to_string(),
+                    f["digest"].as_str().unwrap_or("?").chars().take(19).collect::<String>(),
+                );
+            }
+            Ok(())
+        }
+        Command::Stop { name, remote } => admin_post(&remote, &name, "stop"),
+        Command::Start { name, remote } => admin_post(&remote, &name, "start"),
+        Command::Delete { name, remote } => {
+            send(remote.authorized(client()?.delete(format!("{}/v1/functions/{name}", remote.node))))?;
+            println!("deleted {name}");
+            Ok(())
+        }
+        Command::Bench(args) => {
+            init_tracing_quiet();
+            understudy::bench::run(args)
+        }
+    }
+}
+
+fn run_node(cfg: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listen = cfg.listen;
+        let node = tokio::task::spawn_blocking(move || understudy::node::Node::open(cfg)).await??;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        tracing::info!(address = %listener.local_addr()?, "understudy node listening");
+        understudy::http::serve(node, listener, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn init_tracing_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn client() -> anyhow::Result<reqwest::blocking::Client> {
+    Ok(reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(120)).build()?)
+}
+
+impl Remote {
+    fn authorized(&self, request: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+}
+
+fn admin_post(remote: &Remote, name: &str, action: &str) -> anyhow::Result<()> {
+    send(remote.authorized(client()?.post(format!("{}/v1/functions/{name}/{action}", remote.node))))?;
+    let past = if action == "stop" { "stopped" } else { "started" };
+    println!("{past} {name}");
+    Ok(())
+}
+
+/// Send `request`; a non-2xx answer becomes an error with the server's own message.
+fn send(request: reqwest::blocking::RequestBuilder) -> anyhow::Result<serde_json::Value> {
+    let response = request.send().map_err(|e| anyhow::anyhow!("cannot reach the node: {e}"))?;
+    let status = response.status();
+    let text = response.text()?;
+    let body: serde_json::Value = if text.is_empty() { serde_json::Value::Null } else {
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.clone()))
+    };
+    if !status.is_success() {
+        let code = body["error"]["code"].as_str().unwrap_or("error");
+        let message = body["error"]["message"].as_str().unwrap_or(&text);
+        bail!("{} {code}: {message}", status.as_u16());
+    }
+    Ok(body)
+}

@@ -1,0 +1,102 @@
+//! The node's metrics, exported at `GET /metrics` in Prometheus text format.
+//!
+//! Metrics are recorded by whoever observes the event (the invocation path, the log
+//! writer); this module only owns their definitions and the registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabels {
+    pub function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub function: String,
+    /// `commit`, `abort` (the handler's own error), `trap`, `deadline`, `conflict`, `replay`.
+    pub outcome: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub invocations: Family<OutcomeLabels, Counter>,
+    pub commits: Counter,
+    pub aborts: Counter,
+    pub traps: Counter,
+    pub commit_latency_seconds: Histogram,
+    pub fsync_latency_seconds: Histogram,
+    pub fsync_batch_records: Histogram,
+    pub log_bytes: Counter,
+    pub functions_deployed: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("understudy");
+        let invocations = Family::<OutcomeLabels, Counter>::default();
+        let commits = Counter::default();
+        let aborts = Counter::default();
+        let traps = Counter::default();
+        // 10 us .. ~2.6 s: from an in-memory commit to a stalled disk.
+        let commit_latency_seconds = Histogram::new(exponential_buckets(10e-6, 2.0, 19));
+        let fsync_latency_seconds = Histogram::new(exponential_buckets(50e-6, 2.0, 16));
+        let fsync_batch_records = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        let log_bytes = Counter::default();
+        let functions_deployed = Gauge::default();
+        registry.register("invocations", "Invocations by function and outcome", invocations.clone());
+        registry.register("commits", "Committed transactions", commits.clone());
+        registry.register("aborts", "Transactions aborted by the handler's own error", aborts.clone());
+        registry.register("traps", "Transactions aborted by a trap, deadline or limit", traps.clone());
+        registry.register(
+            "commit_latency_seconds",
+            "From the start of a transaction to its durable commit",
+            commit_latency_seconds.clone(),
+        );
+        registry.register("fsync_latency_seconds", "Duration of each log fsync", fsync_latency_seconds.clone());
+        registry.register("fsync_batch_records", "Log records made durable by one fsync", fsync_batch_records.clone());
+        registry.register("log_bytes", "Bytes appended to the write-ahead log", log_bytes.clone());
+        registry.register("functions_deployed", "Functions currently deployed", functions_deployed.clone());
+        Metrics {
+            registry,
+            invocations,
+            commits,
+            aborts,
+            traps,
+            commit_latency_seconds,
+            fsync_latency_seconds,
+            fsync_batch_records,
+            log_bytes,
+            functions_deployed,
+        }
+    }
+
+    pub fn invocation(&self, function: &str, outcome: &str) {
+        self.invocations
+            .get_or_create(&OutcomeLabels { function: function.to_owned(), outcome: outcome.to_owned() })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

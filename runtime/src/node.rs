@@ -1,0 +1,641 @@
+//! A node: the store, the log, the wasm runtime and the transaction path that ties
+//! them together. It owns the order of a commit: run the handler under the
+//! function's lock, append and apply the write set, release the lock, then wait for
+//! durability before answering. The next transaction on the function runs while the
+//! previous one's fsync is in flight (pipelining), but nobody hears of a commit
+//! before it, and everything it read, is durable.
+//!
+//! **Invariant:** no answer leaves `invoke` before the log position of every write it
+//! depends on is durable (with `Durability::Disk`).
+//! **Invariant:** a transaction's locks are released on every path, including
+//! cancellation (`HeldLocks` releases them on drop).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::ids::{Digest, FunctionName, Lsn, TxnId};
+use crate::lock::{self, Mode};
+use crate::metrics::Metrics;
+use crate::store::{Function, Store};
+use crate::txn::Txn;
+use crate::wal::record::{Commit, Deploy, Idempotency, Outcome, Record};
+use crate::wal::{self, Durability, Wal};
+use crate::wasm::{self, Abort, CallFuture, Calls, Ctx, GuestError, Loaded, Runtime};
+
+/// Longest idempotency key accepted.
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 256;
+/// Largest output a handler may return.
+pub const OUTPUT_LEN_MAX: usize = 16 << 20;
+
+/// Errors of the invocation path that are not the handler's own answer.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("no function named {0:?} is deployed")]
+    UnknownFunction(String),
+    #[error("function {0} is stopped")]
+    Stopped(FunctionName),
+    #[error("invalid idempotency key: {0}")]
+    BadIdempotencyKey(String),
+    #[error("the guest trapped: {0}")]
+    Trap(String),
+    #[error("{0}")]
+    Deadline(String),
+    #[error("{0}")]
+    ResourceCap(String),
+    #[error("the transaction kept conflicting with others and gave up after {0} attempts")]
+    Conflict(u32),
+    #[error("the node is overloaded: {0}")]
+    Busy(String),
+    #[error("the handler's output of {0} bytes exceeds the limit of {OUTPUT_LEN_MAX} bytes")]
+    OutputTooLarge(usize),
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+/// Errors of deploy, delete, stop and start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    BadName(String),
+    #[error("no function named {0:?} is deployed")]
+    UnknownFunction(String),
+    #[error(transparent)]
+    Component(#[from] wasm::Error),
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+/// Errors that stop a node from opening.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Wal(#[from] wal::Error),
+    #[error("recovery: {0}")]
+    Recovery(String),
+    #[error(transparent)]
+    Wasm(#[from] wasm::Error),
+}
+
+/// A handler's answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub outcome: Result<Vec<u8>, GuestError>,
+    pub txn: TxnId,
+    /// True when the answer was remembered for the idempotency key, not computed now.
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FunctionInfo {
+    pub name: String,
+    pub digest: String,
+    pub version: u64,
+    pub running: bool,
+    pub deployed_at_ms: u64,
+    pub keys: usize,
+    pub idempotency_keys: usize,
+    pub lsn_last_write: u64,
+    pub state_digest: String,
+}
+
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    store: Store,
+    wal: Wal,
+    runtime: Runtime,
+    metrics: Arc<Metrics>,
+    loaded: RwLock<HashMap<Digest, Arc<Loaded>>>,
+    artifacts_dir: PathBuf,
+    txn_next: AtomicU64,
+    admin: tokio::sync::Mutex<()>,
+    checkpointing: AtomicBool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("data_dir", &self.inner.config.data_dir).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Node {
+    /// Open the node's data directory, recover its state from the snapshot and the log,
+    /// and load every deployed component (from the compiled cache when possible).
+    ///
+    /// Fails when the log or a snapshot is corrupt (the error names the file and
+    /// offset), when a deployed component's file is missing, or on I/O errors.
+    pub fn open(config: Config) -> Result<Node, OpenError> {
+        let metrics = Arc::new(Metrics::new());
+        let data = &config.data_dir;
+        let artifacts_dir = data.join("artifacts");
+        std::fs::create_dir_all(&artifacts_dir)
+            .map_err(|e| wal::Error::Io { path: artifacts_dir.clone(), source: e })?;
+        let runtime = Runtime::new(config.wasm, &data.join("compiled"))?;
+        let (wal, recovered) = Wal::open(&data.join("wal"), config.durability, metrics.clone())?;
+        for warning in &recovered.warnings {
+            tracing::warn!("log recovery: {warning}");
+        }
+        let store = match recovered.snapshot {
+            Some(image) => Store::from_image(image),
+            None => Store::default(),
+        };
+        let replayed = recovered.records.len();
+        let mut txn_max = 0;
+        for (lsn, record) in &recovered.records {
+            store.apply(*lsn, record).map_err(|e| OpenError::Recovery(e.to_string()))?;
+            if let Record::Commit(c) = record {
+                txn_max = txn_max.max(c.txn.0);
+            }
+        }
+        let mut loaded = HashMap::new();
+        for f in store.list() {
+            let digest = f.digest();
+            if loaded.contains_key(&digest) {
+                continue;
+            }
+            let path = artifacts_dir.join(format!("{}.wasm", digest.to_hex()));
+            let bytes = std::fs::read(&path).map_err(|e| {
+                OpenError::Recovery(format!("function {} needs component {}: {e}", f.name, path.display()))
+            })?;
+            if Digest::of(&bytes) != digest {
+                return Err(OpenError::Recovery(format!("{} does not match its digest {digest}", path.display())));
+            }
+            loaded.insert(digest, runtime.load(&bytes)?);
+        }
+        metrics.functions_deployed.set(store.list().len() as i64);
+        tracing::info!(
+            functions = loaded.len(),
+            records = replayed,
+            lsn = %wal.lsn_last(),
+            "recovered {}",
+            config.data_dir.display()
+        );
+        // Transaction ids only need to grow within a run and stay unique in the log.
+        let txn_next = txn_max.max(now_ms() * 1000) + 1;
+        Ok(Node {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                wal,
+                runtime,
+                metrics,
+                loaded: RwLock::new(loaded),
+                artifacts_dir,
+                txn_next: AtomicU64::new(txn_next),
+                admin: tokio::sync::Mutex::new(()),
+                checkpointing: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn lsn_durable(&self) -> Lsn {
+        self.inner.wal.lsn_durable()
+    }
+
+    /// Run `method` of `function` with `input` as one transaction.
+    ///
+    /// With an idempotency key, a repeat gets the remembered answer without running the
+    /// handler. Fails (with an `InvokeError`) when the function is unknown or stopped,
+    /// the guest trapped or hit a cap, or conflicts never resolved; the transaction then
+    /// left nothing behind.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe as to the outcome: a cancelled call may still commit (its locks
+    /// are released either way). Callers that must always answer spawn it.
+    pub async fn invoke(
+        &self,
+        function: &str,
+        method: &str,
+        input: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<Answer, InvokeError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let f = FunctionName::new(function)
+            .ok()
+            .and_then(|name| inner.store.get(&name))
+            .ok_or_else(|| InvokeError::UnknownFunction(function.to_owned()))?;
+        if let Some(key) = idempotency_key {
+            check_idempotency_key(key)?;
+            if let Some(answer) = self.replay(&f, key).await? {
+                inner.metrics.invocation(f.name.as_str(), "replay");
+                return Ok(answer);
+            }
+        }
+        let id = TxnId(inner.txn_next.fetch_add(1, Ordering::Relaxed));
+        let deadline = started + Duration::from_millis(inner.config.wasm.deadline_ms);
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match self.attempt(&f, id, started, deadline, method, input, idempotency_key).await {
+                Err(InvokeError::Conflict(_)) if attempt <= inner.config.conflict_retries_max => {
+                    // Back off a little, more each time, staggered by transaction so that
+                    // two conflicting transactions do not retry in lockstep.
+                    let jitter_us = (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) * u64::from(attempt);
+                    tokio::time::sleep(Duration::from_micros(100 * u64::from(attempt) + jitter_us)).await;
+                }
+                Err(InvokeError::Conflict(_)) => break Err(InvokeError::Conflict(attempt)),
+                other => break other,
+            }
+        };
+        let outcome = match &result {
+            Ok(Answer { outcome: Ok(_), .. }) => "commit",
+            Ok(Answer { outcome: Err(_), .. }) => "abort",
+            Err(InvokeError::Deadline(_)) => "deadline",
+            Err(InvokeError::Conflict(_)) => "conflict",
+            Err(InvokeError::Trap(_) | InvokeError::ResourceCap(_)) => "trap",
+            Err(_) => "error",
+        };
+        inner.metrics.invocation(f.name.as_str(), outcome);
+        match outcome {
+            "commit" => {
+                inner.metrics.commits.inc();
+                inner.metrics.commit_latency_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            "abort" => {
+                inner.metrics.aborts.inc();
+            }
+            "trap" | "deadline" => {
+                inner.metrics.traps.inc();
+            }
+            _ => {}
+        }
+        self.maybe_checkpoint();
+        result
+    }
+
+    /// The remembered answer for `key`, once the commit that remembered it is durable.
+    async fn replay(&self, f: &Function, key: &str) -> Result<Option<Answer>, InvokeError> {
+        let expiry = now_ms().saturating_sub(self.inner.config.idempotency_window_s * 1000);
+        let Some((lsn, entry)) = f.idempotent_answer(key, expiry) else { return Ok(None) };
+        self.wait_durable(lsn).await?;
+        let outcome = match entry.outcome {
+            Outcome::Ok(output) => Ok(output),
+            Outcome::Err { code, message } => Err(GuestError { code, message }),
+        };
+        Ok(Some(Answer { outcome, txn: TxnId(0), replayed: true }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        f: &Arc<Function>,
+        id: TxnId,
+        started: Instant,
+        deadline: Instant,
+        method: &str,
+        input: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<Answer, InvokeError> {
+        let inner = &self.inner;
+        f.lock.acquire(id, Mode::First).await.map_err(lock_error)?;
+        let txn = Arc::new(Mutex::new(Txn::new(id, started, deadline, inner.config.limits)));
+        txn.lock().add_held(f.clone());
+        let held = HeldLocks { txn: txn.clone() };
+
+        // Checked again under the lock: the function may have been stopped or deleted,
+        // or a duplicate of this request committed, while we waited.
+        let meta = f.meta();
+        if meta.deleted {
+            return Err(InvokeError::UnknownFunction(f.name.to_string()));
+        }
+        if !meta.running {
+            return Err(InvokeError::Stopped(f.name.clone()));
+        }
+        if let Some(key) = idempotency_key {
+            if let Some(answer) = self.replay(f, key).await? {
+                return Ok(answer);
+            }
+        }
+        let loaded = self.loaded(meta.deploy.digest)?;
+        let ctx = Ctx::new(txn.clone(), f.clone(), 0, inner.clone(), &inner.config.wasm);
+        let result = inner.runtime.run(&loaded, ctx, deadline, method, input).await;
+        let outcome = match result {
+            Err(abort) => return Err(classify(abort)),
+            Ok(Ok(output)) if output.len() > OUTPUT_LEN_MAX => return Err(InvokeError::OutputTooLarge(output.len())),
+            Ok(outcome) => outcome,
+        };
+
+        let writes = if outcome.is_ok() { txn.lock().writes() } else { Vec::new() };
+        let idempotency = idempotency_key.map(|key| Idempotency {
+            function: f.name.clone(),
+            key: key.to_owned(),
+            outcome: match &outcome {
+                Ok(output) => Outcome::Ok(output.clone()),
+                Err(e) => Outcome::Err { code: e.code.clone(), message: e.message.clone() },
+            },
+            at_ms: now_ms(),
+        });
+        // What this answer depends on: everything it read, and its own commit.
+        let mut lsn_wait = txn.lock().held().iter().map(|f| f.lsn_last_write()).max().unwrap_or(Lsn::ZERO);
+        if !writes.is_empty() || idempotency.is_some() {
+            let record = Record::Commit(Commit { txn: id, writes, idempotency });
+            let (lsn, applied) = inner
+                .wal
+                .append(&record, |lsn| inner.store.apply(lsn, &record))
+                .map_err(|e| InvokeError::Storage(e.to_string()))?;
+            applied.map_err(|e| InvokeError::Storage(e.to_string()))?;
+            lsn_wait = lsn;
+        }
+        drop(held);
+        self.wait_durable(lsn_wait).await?;
+        Ok(Answer { outcome, txn: id, replayed: false })
+    }
+
+    async fn wait_durable(&self, lsn: Lsn) -> Result<(), InvokeError> {
+        if self.inner.wal.durability() == Durability::Memory {
+            return Ok(());
+        }
+        self.inner.wal.wait_durable(lsn).await.map_err(|e| InvokeError::Storage(e.to_string()))
+    }
+
+    fn loaded(&self, digest: Digest) -> Result<Arc<Loaded>, InvokeError> {
+        self.inner
+            .loaded
+            .read()
+            .get(&digest)
+            .cloned()
+            .ok_or_else(|| InvokeError::Storage(format!("component {digest} is not loaded")))
+    }
+
+    /// Deploy `bytes` as `function`, or upgrade it: state is kept, new transactions run
+    /// the new component. Returns the function's new description.
+    ///
+    /// Fails when the name is invalid, the component is not one of the world (the error
+    /// says what is wrong), or on storage errors.
+    pub async fn deploy(&self, function: &str, bytes: Vec<u8>) -> Result<FunctionInfo, AdminError> {
+        let inner = &self.inner;
+        let name = FunctionName::new(function).map_err(AdminError::BadName)?;
+        let node = self.clone();
+        let (loaded, bytes) = tokio::task::spawn_blocking(move || {
+            let loaded = node.inner.runtime.load(&bytes);
+            (loaded, bytes)
+        })
+        .await
+        .map_err(|e| AdminError::Storage(format!("compilation task failed: {e}")))?;
+        let loaded = loaded?;
+        self.save_artifact(loaded.digest, &bytes)?;
+        let _admin = inner.admin.lock().await;
+        let version = inner.store.get(&name).map_or(0, |f| f.meta().deploy.version) + 1;
+        inner.loaded.write().insert(loaded.digest, loaded.clone());
+        let record = Record::Deploy(Deploy { function: name.clone(), digest: loaded.digest, version, at_ms: now_ms() });
+        self.log_admin(&record).await?;
+        inner.metrics.functions_deployed.set(inner.store.list().len() as i64);
+        tracing::info!(function = %name, digest = %loaded.digest, version, "deployed");
+        self.describe(name.as_str())
+    }
+
+    /// Delete `function` and all of its state, after the transaction running on it.
+    pub async fn delete(&self, function: &str) -> Result<(), AdminError> {
+        let f = self.function(function)?;
+        let _admin = self.inner.admin.lock().await;
+        // Take the function's lock so no transaction is half-way through it.
+        let id = TxnId(self.inner.txn_next.fetch_add(1, Ordering::Relaxed));
+        f.lock.acquire(id, Mode::First).await.map_err(|e| AdminError::Storage(e.to_string()))?;
+        let result = self.log_admin(&Record::Delete { function: f.name.clone() }).await;
+        f.lock.release(id);
+        result?;
+        self.inner.metrics.functions_deployed.set(self.inner.store.list().len() as i64);
+        tracing::info!(function = %f.name, "deleted");
+        Ok(())
+    }
+
+    /// Stop (`running = false`) or start `function`. A stopped function answers 503
+    /// and keeps its state.
+    pub async fn set_running(&self, function: &str, running: bool) -> Result<FunctionInfo, AdminError> {
+        let f = self.function(function)?;
+        let _admin = self.inner.admin.lock().await;
+        self.log_admin(&Record::SetRunning { function: f.name.clone(), running }).await?;
+        tracing::info!(function = %f.name, running, "set running");
+        self.describe(function)
+    }
+
+    async fn log_admin(&self, record: &Record) -> Result<(), AdminError> {
+        let inner = &self.inner;
+        let (lsn, applied) = inner
+            .wal
+            .append(record, |lsn| inner.store.apply(lsn, record))
+            .map_err(|e| AdminError::Storage(e.to_string()))?;
+        applied.map_err(|e| AdminError::Storage(e.to_string()))?;
+        // Admin changes are always made durable before they are answered.
+        inner.wal.wait_durable(lsn).await.map_err(|e| AdminError::Storage(e.to_string()))
+    }
+
+    fn save_artifact(&self, digest: Digest, bytes: &[u8]) -> Result<(), AdminError> {
+        let path = self.inner.artifacts_dir.join(format!("{}.wasm", digest.to_hex()));
+        if path.exists() {
+            return Ok(());
+        }
+        let tmp = path.with_extension("tmp");
+        let io = |e: std::io::Error| AdminError::Storage(format!("{}: {e}", tmp.display()));
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        std::io::Write::write_all(&mut file, bytes).map_err(io)?;
+        // The log will refer to this file: it must be on disk before the record is.
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        wal::snapshot::sync_dir(&self.inner.artifacts_dir).map_err(|e| AdminError::Storage(e.to_string()))
+    }
+
+    fn function(&self, function: &str) -> Result<Arc<Function>, AdminError> {
+        FunctionName::new(function)
+            .ok()
+            .and_then(|name| self.inner.store.get(&name))
+            .ok_or_else(|| AdminError::UnknownFunction(function.to_owned()))
+    }
+
+    pub fn describe(&self, function: &str) -> Result<FunctionInfo, AdminError> {
+        let f = self.function(function)?;
+        Ok(self.info(&f))
+    }
+
+    pub fn list(&self) -> Vec<FunctionInfo> {
+        self.inner.store.list().iter().map(|f| self.info(f)).collect()
+    }
+
+    fn info(&self, f: &Function) -> FunctionInfo {
+        let meta = f.meta();
+        FunctionInfo {
+            name: f.name.to_string(),
+            digest: meta.deploy.digest.to_string(),
+            version: meta.deploy.version,
+            running: meta.running,
+            deployed_at_ms: meta.deploy.at_ms,
+            keys: f.len(),
+            idempotency_keys: f.idempotency_keys(),
+            lsn_last_write: f.lsn_last_write().0,
+            state_digest: self.inner.store.state_digest(&f.name).map(|d| d.to_string()).unwrap_or_default(),
+        }
+    }
+
+    /// Snapshot and truncate the log in the background once it has grown enough.
+    fn maybe_checkpoint(&self) {
+        let inner = &self.inner;
+        if inner.wal.bytes_since_checkpoint() < inner.config.checkpoint_log_bytes
+            || inner.checkpointing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = node.checkpoint() {
+                tracing::error!(error = %e, "checkpoint failed; the log keeps growing until one succeeds");
+            }
+            node.inner.checkpointing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Write a snapshot now and truncate the log before it. Blocking.
+    ///
+    /// Fails on I/O errors; the log stays valid.
+    pub fn checkpoint(&self) -> Result<Lsn, wal::Error> {
+        let inner = &self.inner;
+        let expiry = now_ms().saturating_sub(inner.config.idempotency_window_s * 1000);
+        let started = Instant::now();
+        let lsn = inner.wal.checkpoint(|lsn| inner.store.image(lsn, expiry))?;
+        for f in inner.store.list() {
+            f.expire_idempotency(expiry);
+        }
+        tracing::info!(%lsn, ms = started.elapsed().as_millis() as u64, "checkpoint written");
+        Ok(lsn)
+    }
+}
+
+/// Releases a transaction's locks when it ends, however it ends.
+struct HeldLocks {
+    txn: Arc<Mutex<Txn>>,
+}
+
+impl Drop for HeldLocks {
+    fn drop(&mut self) {
+        let mut txn = self.txn.lock();
+        let id = txn.id;
+        for f in txn.take_held() {
+            f.lock.release(id);
+        }
+    }
+}
+
+fn lock_error(e: lock::Error) -> InvokeError {
+    match e {
+        lock::Error::Die { .. } => InvokeError::Conflict(1),
+        lock::Error::Busy => InvokeError::Busy(e.to_string()),
+    }
+}
+
+fn check_idempotency_key(key: &str) -> Result<(), InvokeError> {
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX {
+        return Err(InvokeError::BadIdempotencyKey(format!(
+            "must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} characters, got {}",
+            key.len()
+        )));
+    }
+    if !key.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(InvokeError::BadIdempotencyKey("must be printable ASCII without spaces".into()));
+    }
+    Ok(())
+}
+
+/// Say why an instance stopped without answering.
+fn classify(error: wasmtime::Error) -> InvokeError {
+    if let Some(abort) = error.downcast_ref::<Abort>() {
+        return match abort {
+            Abort::Deadline(_) => InvokeError::Deadline(abort.to_string()),
+            Abort::MemoryCap { .. } | Abort::TableCap { .. } => InvokeError::ResourceCap(abort.to_string()),
+        };
+    }
+    if let Some(e) = error.downcast_ref::<lock::Error>() {
+        return lock_error(e.clone());
+    }
+    let text = format!("{error:#}");
+    if text.contains("maximum concurrent") || text.contains("pooling allocator") {
+        return InvokeError::Busy(text);
+    }
+    // The trap itself says what happened; the wasm backtrace goes to the node's log.
+    tracing::debug!(error = ?error, "guest trapped");
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => InvokeError::Trap(trap.to_string()),
+        None => InvokeError::Trap(error.root_cause().to_string()),
+    }
+}
+
+impl Calls for Inner {
+    fn call(
+        self: Arc<Self>,
+        txn: Arc<Mutex<Txn>>,
+        depth: u32,
+        function: String,
+        method: String,
+        input: Vec<u8>,
+    ) -> CallFuture {
+        Box::pin(async move {
+            if depth > self.config.call_depth_max {
+                return Ok(Err(GuestError::new(
+                    "depth",
+                    format!("calls may nest at most {} deep", self.config.call_depth_max),
+                )));
+            }
+            let Some(f) = FunctionName::new(&function).ok().and_then(|name| self.store.get(&name)) else {
+                return Ok(Err(GuestError::new("unknown-function", format!("no function named {function:?}"))));
+            };
+            let (id, holds, deadline) = {
+                let t = txn.lock();
+                (t.id, t.holds(&f.name), t.deadline)
+            };
+            if !holds {
+                f.lock.acquire(id, Mode::Nested).await.map_err(wasmtime::Error::new)?;
+                txn.lock().add_held(f.clone());
+            }
+            let meta = f.meta();
+            if meta.deleted {
+                return Ok(Err(GuestError::new("unknown-function", format!("no function named {function:?}"))));
+            }
+            if !meta.running {
+                return Ok(Err(GuestError::new("stopped", format!("function {function} is stopped"))));
+            }
+            let loaded = self
+                .loaded
+                .read()
+                .get(&meta.deploy.digest)
+                .cloned()
+                .ok_or_else(|| wasmtime::Error::msg(format!("component {} is not loaded", meta.deploy.digest)))?;
+            let savepoint = txn.lock().savepoint();
+            let ctx = Ctx::new(txn.clone(), f, depth, self.clone(), &self.config.wasm);
+            // The callee runs on its own task, so it gets its own fiber and stack.
+            let inner = self.clone();
+            let run = tokio::spawn(async move { inner.runtime.run(&loaded, ctx, deadline, &method, &input).await });
+            let result = run.await.map_err(|e| wasmtime::Error::msg(format!("callee task failed: {e}")))??;
+            if result.is_err() {
+                // The callee's own error aborts the callee's part only.
+                txn.lock().rollback_to(savepoint);
+            }
+            Ok(result)
+        })
+    }
+}

@@ -1,0 +1,238 @@
+//! The node's durable state, in memory: the deployed functions, each with its ordered
+//! key-value state and its remembered idempotent answers. It changes only by applying
+//! log records, in log order, so that recovery (replaying the log) and live commits
+//! go through the same code.
+//!
+//! **Invariant:** `store` never touches the disk or the network; it applies records
+//! and hands out consistent images for snapshots.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+
+use crate::ids::{Digest, FunctionName, Lsn};
+use crate::lock::TxnLock;
+use crate::wal::record::{Deploy, Idempotency, Record};
+use crate::wal::snapshot::{Entry, FunctionImage, Image};
+
+/// A function's key-value state: a persistent ordered map, so a snapshot or a
+/// transaction's view is a cheap clone.
+pub type Map = imbl::OrdMap<Bytes, Bytes>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("record {lsn} refers to function {function}, which does not exist at that point of the log")]
+    UnknownFunction { lsn: Lsn, function: FunctionName },
+}
+
+/// One deployed function.
+pub struct Function {
+    pub name: FunctionName,
+    /// One transaction at a time (see `lock`).
+    pub lock: TxnLock,
+    meta: Mutex<Meta>,
+    kv: RwLock<Map>,
+    idempotency: Mutex<HashMap<String, (Lsn, Idempotency)>>,
+    /// The LSN of the last commit that wrote this function: a transaction that read
+    /// this state is acknowledged only once that LSN is durable.
+    lsn_last_write: AtomicU64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub deploy: Deploy,
+    pub running: bool,
+    pub deleted: bool,
+}
+
+impl std::fmt::Debug for Function {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Function").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Function {
+    fn new(deploy: Deploy, running: bool) -> Function {
+        Function {
+            name: deploy.function.clone(),
+            lock: TxnLock::default(),
+            meta: Mutex::new(Meta { deploy, running, deleted: false }),
+            kv: RwLock::new(Map::new()),
+            idempotency: Mutex::new(HashMap::new()),
+            lsn_last_write: AtomicU64::new(0),
+        }
+    }
+
+    pub fn meta(&self) -> Meta {
+        self.meta.lock().clone()
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.meta.lock().deploy.digest
+    }
+
+    /// A consistent view of the committed state (cheap: structural sharing).
+    pub fn view(&self) -> Map {
+        self.kv.read().clone()
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<Bytes> {
+        self.kv.read().get(key).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.kv.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn lsn_last_write(&self) -> Lsn {
+        Lsn(self.lsn_last_write.load(Ordering::Acquire))
+    }
+
+    /// The remembered answer for `key`, and the LSN that must be durable before it is
+    /// given out, unless it is older than `expiry_ms`.
+    pub fn idempotent_answer(&self, key: &str, expiry_ms: u64) -> Option<(Lsn, Idempotency)> {
+        let table = self.idempotency.lock();
+        table.get(key).filter(|(_, entry)| entry.at_ms >= expiry_ms).cloned()
+    }
+
+    pub fn idempotency_keys(&self) -> usize {
+        self.idempotency.lock().len()
+    }
+
+    /// Forget answers older than `expiry_ms`.
+    pub fn expire_idempotency(&self, expiry_ms: u64) {
+        self.idempotency.lock().retain(|_, (_, entry)| entry.at_ms >= expiry_ms);
+    }
+}
+
+/// All functions of the node.
+#[derive(Debug, Default)]
+pub struct Store {
+    functions: RwLock<BTreeMap<FunctionName, Arc<Function>>>,
+}
+
+impl Store {
+    pub fn get(&self, name: &FunctionName) -> Option<Arc<Function>> {
+        self.functions.read().get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Function>> {
+        self.functions.read().values().cloned().collect()
+    }
+
+    /// Apply one logged record. Live commits call this inside `Wal::append`, recovery
+    /// calls it for every replayed record: both see the same state afterwards.
+    ///
+    /// Fails when a record refers to a function that does not exist, which a correct
+    /// log never does (a function is locked by every transaction that writes it, and
+    /// deleting it takes that lock).
+    pub fn apply(&self, lsn: Lsn, record: &Record) -> Result<(), Error> {
+        let unknown = |function: &FunctionName| Error::UnknownFunction { lsn, function: function.clone() };
+        match record {
+            Record::Deploy(deploy) => {
+                let mut functions = self.functions.write();
+                match functions.get(&deploy.function) {
+                    Some(existing) => existing.meta.lock().deploy = deploy.clone(),
+                    None => {
+                        functions.insert(deploy.function.clone(), Arc::new(Function::new(deploy.clone(), true)));
+                    }
+                }
+            }
+            Record::Delete { function } => {
+                let removed = self.functions.write().remove(function).ok_or_else(|| unknown(function))?;
+                removed.meta.lock().deleted = true;
+            }
+            Record::SetRunning { function, running } => {
+                let f = self.get(function).ok_or_else(|| unknown(function))?;
+                f.meta.lock().running = *running;
+            }
+            Record::Commit(commit) => {
+                for writes in &commit.writes {
+                    let f = self.get(&writes.function).ok_or_else(|| unknown(&writes.function))?;
+                    let mut kv = f.kv.write();
+                    for op in &writes.ops {
+                        match &op.value {
+                            Some(value) => kv.insert(Bytes::copy_from_slice(&op.key), Bytes::copy_from_slice(value)),
+                            None => kv.remove(op.key.as_slice()),
+                        };
+                    }
+                    drop(kv);
+                    f.lsn_last_write.store(lsn.0, Ordering::Release);
+                }
+                if let Some(idem) = &commit.idempotency {
+                    let f = self.get(&idem.function).ok_or_else(|| unknown(&idem.function))?;
+                    f.idempotency.lock().insert(idem.key.clone(), (lsn, idem.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything, as of `lsn`, leaving out answers older than `expiry_ms`. Called
+    /// while the log holds appends off, so it only clones persistent maps.
+    pub fn image(&self, lsn: Lsn, expiry_ms: u64) -> Image {
+        let functions = self.functions.read();
+        let functions = functions
+            .values()
+            .map(|f| {
+                let meta = f.meta();
+                let view = f.view();
+                let idempotency = f
+                    .idempotency
+                    .lock()
+                    .values()
+                    .filter(|(_, entry)| entry.at_ms >= expiry_ms)
+                    .map(|(_, entry)| entry.clone())
+                    .collect();
+                (meta, view, idempotency)
+            })
+            .collect::<Vec<_>>();
+        Image {
+            lsn,
+            functions: functions
+                .into_iter()
+                .map(|(meta, view, idempotency)| FunctionImage {
+                    deploy: meta.deploy,
+                    running: meta.running,
+                    entries: view.iter().map(|(k, v)| Entry { key: k.to_vec(), value: v.to_vec() }).collect(),
+                    idempotency,
+                })
+                .collect(),
+        }
+    }
+
+    /// A store holding what `image` holds.
+    pub fn from_image(image: Image) -> Store {
+        let store = Store::default();
+        for fi in image.functions {
+            let mut f = Function::new(fi.deploy, fi.running);
+            *f.kv.get_mut() = fi.entries.into_iter().map(|e| (Bytes::from(e.key), Bytes::from(e.value))).collect();
+            *f.idempotency.get_mut() =
+                fi.idempotency.into_iter().map(|entry| (entry.key.clone(), (image.lsn, entry))).collect();
+            f.lsn_last_write.store(image.lsn.0, Ordering::Release);
+            store.functions.write().insert(f.name.clone(), Arc::new(f));
+        }
+        store
+    }
+
+    /// A digest of one function's state, for comparing replicas and checking recovery.
+    pub fn state_digest(&self, name: &FunctionName) -> Option<Digest> {
+        use sha2::Digest as _;
+        let f = self.get(name)?;
+        let mut hasher = sha2::Sha256::new();
+        for (k, v) in f.view().iter() {
+            hasher.update((k.len() as u64).to_le_bytes());
+            hasher.update(k);
+            hasher.update((v.len() as u64).to_le_bytes());
+            hasher.update(v);
+        }
+        Some(Digest(hasher.finalize().into()))
+    }
+}

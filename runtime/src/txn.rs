@@ -1,0 +1,226 @@
+//! A transaction in progress: the functions it has locked and what it has written to
+//! each, read through the write set onto the committed state. Shared by every store
+//! (instance) that takes part in it, so a callee sees its caller's writes to shared
+//! functions and commits or aborts with it.
+//!
+//! **Invariant:** `txn` never touches the network or the disk, and never blocks: the
+//! waiting (for locks, for durability) is done by `node`.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::ids::{FunctionName, TxnId};
+use crate::store::Function;
+use crate::wal::record::{Op, Writes};
+
+/// Bounds on what one transaction may do, checked at every write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub key_len_max: usize,
+    pub value_len_max: usize,
+    pub writes_max: usize,
+    pub write_bytes_max: usize,
+    pub scan_limit_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            key_len_max: 4 << 10,
+            value_len_max: 1 << 20,
+            writes_max: 10_000,
+            write_bytes_max: 16 << 20,
+            scan_limit_max: 10_000,
+        }
+    }
+}
+
+/// A limit a guest ran into: answered to the guest as an error it can handle.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct LimitExceeded(pub String);
+
+type WriteSet = BTreeMap<Bytes, Option<Bytes>>;
+
+/// A transaction's writes at one moment (see `Txn::savepoint`).
+#[derive(Debug)]
+pub struct Savepoint {
+    writes: BTreeMap<FunctionName, WriteSet>,
+    write_count: usize,
+    write_bytes: usize,
+}
+
+pub struct Txn {
+    pub id: TxnId,
+    pub started: Instant,
+    pub deadline: Instant,
+    limits: Limits,
+    /// Functions locked by this transaction, in the order they were locked.
+    held: Vec<Arc<Function>>,
+    writes: BTreeMap<FunctionName, WriteSet>,
+    write_count: usize,
+    write_bytes: usize,
+}
+
+impl std::fmt::Debug for Txn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn").field("id", &self.id).field("writes", &self.write_count).finish_non_exhaustive()
+    }
+}
+
+impl Txn {
+    pub fn new(id: TxnId, started: Instant, deadline: Instant, limits: Limits) -> Txn {
+        Txn {
+            id,
+            started,
+            deadline,
+            limits,
+            held: Vec::new(),
+            writes: BTreeMap::new(),
+            write_count: 0,
+            write_bytes: 0,
+        }
+    }
+
+    pub fn holds(&self, name: &FunctionName) -> bool {
+        self.held.iter().any(|f| &f.name == name)
+    }
+
+    /// Record that this transaction now holds `function`'s lock.
+    pub fn add_held(&mut self, function: Arc<Function>) {
+        if !self.holds(&function.name) {
+            self.held.push(function);
+        }
+    }
+
+    /// The functions whose locks must be released when the transaction ends.
+    pub fn take_held(&mut self) -> Vec<Arc<Function>> {
+        std::mem::take(&mut self.held)
+    }
+
+    pub fn held(&self) -> &[Arc<Function>] {
+        &self.held
+    }
+
+    pub fn get(&self, function: &Function, key: &[u8]) -> Option<Bytes> {
+        match self.writes.get(&function.name).and_then(|ws| ws.get(key)) {
+            Some(written) => written.clone(),
+            None => function.get(key),
+        }
+    }
+
+    /// Fails when the key or value is too large or the transaction wrote too much.
+    pub fn put(&mut self, function: &Function, key: &[u8], value: &[u8]) -> Result<(), LimitExceeded> {
+        if value.len() > self.limits.value_len_max {
+            return Err(LimitExceeded(format!(
+                "value of {} bytes exceeds the limit of {} bytes",
+                value.len(),
+                self.limits.value_len_max
+            )));
+        }
+        self.write(function, key, Some(Bytes::copy_from_slice(value)))
+    }
+
+    pub fn delete(&mut self, function: &Function, key: &[u8]) -> Result<(), LimitExceeded> {
+        self.write(function, key, None)
+    }
+
+    fn write(&mut self, function: &Function, key: &[u8], value: Option<Bytes>) -> Result<(), LimitExceeded> {
+        let limits = self.limits;
+        if key.len() > limits.key_len_max {
+            return Err(LimitExceeded(format!(
+                "key of {} bytes exceeds the limit of {} bytes",
+                key.len(),
+                limits.key_len_max
+            )));
+        }
+        if self.write_count >= limits.writes_max {
+            return Err(LimitExceeded(format!("a transaction may make at most {} writes", limits.writes_max)));
+        }
+        let size = key.len() + value.as_ref().map_or(0, |v| v.len());
+        if self.write_bytes + size > limits.write_bytes_max {
+            return Err(LimitExceeded(format!(
+                "a transaction may write at most {} bytes",
+                limits.write_bytes_max
+            )));
+        }
+        self.write_count += 1;
+        self.write_bytes += size;
+        self.writes.entry(function.name.clone()).or_default().insert(Bytes::copy_from_slice(key), value);
+        Ok(())
+    }
+
+    /// Entries of `function` with `start <= key < end` in key order, at most `limit`
+    /// (itself capped by `Limits::scan_limit_max`), as this transaction sees them.
+    pub fn scan(&self, function: &Function, start: &[u8], end: Option<&[u8]>, limit: u32) -> Vec<(Bytes, Bytes)> {
+        let limit = limit.min(self.limits.scan_limit_max) as usize;
+        let upper = match end {
+            Some(end) if end <= start => return Vec::new(),
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        };
+        let range = (Bound::Included(start), upper);
+        let view = function.view();
+        let mut committed = view.range::<_, [u8]>(range).peekable();
+        let empty = WriteSet::new();
+        let ws = self.writes.get(&function.name).unwrap_or(&empty);
+        let mut written = ws.range::<[u8], _>(range).peekable();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let order = match (committed.peek(), written.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((ck, _)), Some((wk, _))) => ck.as_ref().cmp(wk.as_ref()),
+            };
+            if order == std::cmp::Ordering::Less {
+                let (k, v) = committed.next().expect("peeked");
+                out.push((k.clone(), v.clone()));
+                continue;
+            }
+            if order == std::cmp::Ordering::Equal {
+                committed.next(); // Overwritten or deleted by this transaction.
+            }
+            let (k, v) = written.next().expect("peeked");
+            if let Some(v) = v {
+                out.push((k.clone(), v.clone()));
+            }
+        }
+        out
+    }
+
+    /// The write state now, to return to if a callee aborts.
+    pub fn savepoint(&self) -> Savepoint {
+        Savepoint { writes: self.writes.clone(), write_count: self.write_count, write_bytes: self.write_bytes }
+    }
+
+    /// Forget every write made since `savepoint` (a callee returned its own error).
+    pub fn rollback_to(&mut self, savepoint: Savepoint) {
+        self.writes = savepoint.writes;
+        self.write_count = savepoint.write_count;
+        self.write_bytes = savepoint.write_bytes;
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// The write sets as log records, one per function, in key order.
+    pub fn writes(&self) -> Vec<Writes> {
+        self.writes
+            .iter()
+            .map(|(function, ws)| Writes {
+                function: function.clone(),
+                ops: ws
+                    .iter()
+                    .map(|(k, v)| Op { key: k.to_vec(), value: v.as_ref().map(|v| v.to_vec()) })
+                    .collect(),
+            })
+            .collect()
+    }
+}

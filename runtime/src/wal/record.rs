@@ -1,0 +1,74 @@
+//! The records of the write-ahead log: what a node remembers across a crash.
+//!
+//! Records are serde types encoded with rmp-serde as maps with named fields, so that
+//! a field added later (with `#[serde(default)]`) leaves old logs decodable. The
+//! framing around them (length, checksum, position) lives in `wal::segment`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Digest, FunctionName, TxnId};
+
+/// One entry of the log. Every change to a node's durable state is one record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// A function was deployed or upgraded to a new component.
+    Deploy(Deploy),
+    /// A function was deleted, with all of its state.
+    Delete { function: FunctionName },
+    /// A function was stopped (`running = false`) or started again.
+    SetRunning { function: FunctionName, running: bool },
+    /// A transaction committed.
+    Commit(Commit),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deploy {
+    pub function: FunctionName,
+    pub digest: Digest,
+    pub version: u64,
+    pub at_ms: u64,
+}
+
+/// A committed transaction: its writes to every function it touched, and the answer
+/// remembered for its idempotency key, if it had one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    pub txn: TxnId,
+    pub writes: Vec<Writes>,
+    #[serde(default)]
+    pub idempotency: Option<Idempotency>,
+}
+
+/// The writes of one transaction to one function's state, in key order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writes {
+    pub function: FunctionName,
+    pub ops: Vec<Op>,
+}
+
+/// Set `key` to `value`, or delete it when `value` is `None`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+}
+
+/// The answer given to a request with an idempotency key, kept so that a repeat of
+/// the request gets the same answer without running the handler again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    pub function: FunctionName,
+    pub key: String,
+    pub outcome: Outcome,
+    pub at_ms: u64,
+}
+
+/// What a handler answered: its output, or its own error (the transaction aborted,
+/// but the answer is still the answer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Ok(#[serde(with = "serde_bytes")] Vec<u8>),
+    Err { code: String, message: String },
+}

@@ -1,0 +1,205 @@
+//! What an instance sees of the host: its transaction's view of state, calls to
+//! other functions, logging, and WASI clocks and random (no filesystem, sockets or
+//! environment). Each instance has its own `Ctx`; instances of one transaction share
+//! the `Txn`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::understudy::function::{call, log, state, types};
+use super::Abort;
+use crate::store::Function;
+use crate::txn::Txn;
+
+/// Bytes of stdout and stderr kept per instance; more is a trap, not a memory leak.
+const OUTPUT_MAX: usize = 64 << 10;
+
+/// A handler's own error, or a host error handed to the guest as a WIT `error`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestError {
+    pub code: String,
+    pub message: String,
+}
+
+impl GuestError {
+    pub fn new(code: &str, message: impl Into<String>) -> GuestError {
+        GuestError { code: code.to_owned(), message: message.into() }
+    }
+}
+
+impl From<types::Error> for GuestError {
+    fn from(e: types::Error) -> GuestError {
+        GuestError { code: e.code, message: e.message }
+    }
+}
+
+impl From<GuestError> for types::Error {
+    fn from(e: GuestError) -> types::Error {
+        types::Error { code: e.code, message: e.message }
+    }
+}
+
+pub type CallFuture = Pin<Box<dyn Future<Output = wasmtime::Result<Result<Vec<u8>, GuestError>>> + Send>>;
+
+/// Runs a call from one function to another inside the caller's transaction. The
+/// outer error aborts the whole transaction (the callee trapped, or lost a lock
+/// conflict); the inner one is handed to the caller.
+pub trait Calls: Send + Sync {
+    fn call(self: Arc<Self>, txn: Arc<Mutex<Txn>>, depth: u32, function: String, method: String, input: Vec<u8>) -> CallFuture;
+}
+
+/// The data of one instance's store.
+pub struct Ctx {
+    pub txn: Arc<Mutex<Txn>>,
+    pub function: Arc<Function>,
+    /// 0 for the function the client invoked, 1 for a function it calls, and so on.
+    pub depth: u32,
+    calls: Arc<dyn Calls>,
+    pub(super) limiter: Limiter,
+    wasi: Option<WasiCtx>,
+    table: ResourceTable,
+    output: MemoryOutputPipe,
+}
+
+impl Ctx {
+    pub fn new(
+        txn: Arc<Mutex<Txn>>,
+        function: Arc<Function>,
+        depth: u32,
+        calls: Arc<dyn Calls>,
+        options: &super::Options,
+    ) -> Ctx {
+        Ctx {
+            txn,
+            function,
+            depth,
+            calls,
+            limiter: Limiter { memory_max: options.memory_max_bytes, table_elements_max: options.table_elements_max },
+            wasi: None,
+            table: ResourceTable::new(),
+            output: MemoryOutputPipe::new(OUTPUT_MAX),
+        }
+    }
+
+    fn txn_id(&self) -> String {
+        self.txn.lock().id.to_string()
+    }
+
+    /// Send what the guest printed to the node's log, one event per line.
+    pub(super) fn flush_output(&mut self) {
+        if self.wasi.is_none() {
+            return;
+        }
+        let printed = self.output.contents();
+        if printed.is_empty() {
+            return;
+        }
+        let txn = self.txn_id();
+        for line in String::from_utf8_lossy(&printed).lines() {
+            tracing::info!(function = %self.function.name, %txn, "guest: {line}");
+        }
+    }
+}
+
+impl WasiView for Ctx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        // Built on first use: most guests never touch WASI, and building the context
+        // seeds a random generator.
+        let output = self.output.clone();
+        let wasi = self.wasi.get_or_insert_with(|| {
+            WasiCtx::builder()
+                .stdout(output.clone())
+                .stderr(output)
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .build()
+        });
+        WasiCtxView { ctx: wasi, table: &mut self.table }
+    }
+}
+
+/// Caps on memory and tables that trap with a message saying which cap was hit.
+pub(super) struct Limiter {
+    memory_max: usize,
+    table_elements_max: usize,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_max {
+            return Err(wasmtime::Error::new(Abort::MemoryCap { desired, cap: self.memory_max }));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.table_elements_max {
+            return Err(wasmtime::Error::new(Abort::TableCap { desired, cap: self.table_elements_max }));
+        }
+        Ok(true)
+    }
+}
+
+fn limit_error(e: crate::txn::LimitExceeded) -> types::Error {
+    types::Error { code: "limit".into(), message: e.0 }
+}
+
+impl types::Host for Ctx {}
+
+impl state::Host for Ctx {
+    fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<Option<Vec<u8>>, types::Error>> {
+        Ok(Ok(self.txn.lock().get(&self.function, &key).map(|v| v.to_vec())))
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<Result<(), types::Error>> {
+        Ok(self.txn.lock().put(&self.function, &key, &value).map_err(limit_error))
+    }
+
+    fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<(), types::Error>> {
+        Ok(self.txn.lock().delete(&self.function, &key).map_err(limit_error))
+    }
+
+    fn scan(
+        &mut self,
+        start: Vec<u8>,
+        end: Option<Vec<u8>>,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<types::Entry>, types::Error>> {
+        let entries = self.txn.lock().scan(&self.function, &start, end.as_deref(), limit);
+        Ok(Ok(entries.into_iter().map(|(k, v)| types::Entry { key: k.to_vec(), value: v.to_vec() }).collect()))
+    }
+}
+
+impl call::Host for Ctx {
+    async fn invoke(
+        &mut self,
+        function: String,
+        method: String,
+        input: Vec<u8>,
+    ) -> wasmtime::Result<Result<Vec<u8>, types::Error>> {
+        let result = self.calls.clone().call(self.txn.clone(), self.depth + 1, function, method, input).await?;
+        Ok(result.map_err(types::Error::from))
+    }
+}
+
+impl log::Host for Ctx {
+    fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let function = &self.function.name;
+        let txn = self.txn_id();
+        match level {
+            log::Level::Trace => tracing::trace!(%function, %txn, "{message}"),
+            log::Level::Debug => tracing::debug!(%function, %txn, "{message}"),
+            log::Level::Info => tracing::info!(%function, %txn, "{message}"),
+            log::Level::Warn => tracing::warn!(%function, %txn, "{message}"),
+            log::Level::Error => tracing::error!(%function, %txn, "{message}"),
+        }
+        Ok(())
+    }
+}

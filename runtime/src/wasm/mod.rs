@@ -1,0 +1,281 @@
+//! The WebAssembly host: one wasmtime engine with a pooling allocator, components
+//! checked against the WIT world and compiled once (cached on disk by content digest
+//! and engine configuration), and a fresh instance per transaction, bounded by an
+//! epoch deadline, a memory cap and stack and table limits.
+//!
+//! **Invariant:** `wasm` never waits on the log or on locks itself: every host call
+//! goes through `Ctx`, whose transaction and `Calls` hook belong to `node`.
+
+pub mod host;
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
+
+use crate::ids::Digest;
+pub use host::{CallFuture, Calls, Ctx, GuestError};
+
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "function",
+        imports: {
+            "understudy:function/call.invoke": async | trappable,
+            default: trappable,
+        },
+        exports: { default: async },
+    });
+}
+
+/// How often the engine's epoch advances: the granularity of deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Bounds on every instance, whatever the guest does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Wall-clock time a transaction may run, nested calls included.
+    pub deadline_ms: u64,
+    /// Linear memory per instance.
+    pub memory_max_bytes: usize,
+    /// WebAssembly stack per instance.
+    pub stack_max_bytes: usize,
+    /// Elements per table.
+    pub table_elements_max: usize,
+    /// Instances alive at once on the node (the pool's size).
+    pub instances_max: u32,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            deadline_ms: 1000,
+            memory_max_bytes: 64 << 20,
+            stack_max_bytes: 512 << 10,
+            table_elements_max: 20_000,
+            instances_max: 1000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not a WebAssembly binary (it does not start with \\0asm)")]
+    NotWasm,
+    #[error("a core WebAssembly module, not a component: turn it into one with `wasm-tools component new`")]
+    CoreModule,
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    #[error("the component imports something the host does not provide: {0}")]
+    UnknownImport(String),
+    #[error("the component does not export understudy:function/handler@0.1.0 as the world requires: {0}")]
+    MissingExport(String),
+    #[error("the wasm engine could not start: {0}")]
+    Engine(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// What stopped an instance, when it did not return.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Abort {
+    #[error("the transaction ran past its deadline of {0} ms")]
+    Deadline(u64),
+    #[error("the instance asked for {desired} bytes of memory; the cap is {cap} bytes")]
+    MemoryCap { desired: usize, cap: usize },
+    #[error("a table asked for {desired} elements; the cap is {cap}")]
+    TableCap { desired: usize, cap: usize },
+}
+
+/// A deployed component, checked and compiled, ready to instantiate.
+pub struct Loaded {
+    pub digest: Digest,
+    pre: bindings::FunctionPre<Ctx>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").field("digest", &self.digest).finish_non_exhaustive()
+    }
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<Ctx>,
+    cache_dir: PathBuf,
+    engine_hash: u64,
+    pub options: Options,
+    ticking: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Start the engine, caching compiled components in `cache_dir`.
+    ///
+    /// Fails when the engine configuration is rejected (for example, a pool larger than
+    /// the address space allows) or the cache directory cannot be created.
+    pub fn new(options: Options, cache_dir: &Path) -> Result<Runtime, Error> {
+        std::fs::create_dir_all(cache_dir).map_err(|e| Error::Io { path: cache_dir.to_owned(), source: e })?;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(options.instances_max)
+            .total_core_instances(options.instances_max * 2)
+            .total_memories(options.instances_max * 2)
+            .total_tables(options.instances_max * 2)
+            .total_stacks(options.instances_max)
+            .max_memory_size(options.memory_max_bytes)
+            .table_elements(options.table_elements_max)
+            // Keeping a little memory resident between uses of a slot saves the page
+            // faults that dominate instantiation (see TOOLCHAIN.md).
+            .linear_memory_keep_resident(256 << 10)
+            .table_keep_resident(16 << 10);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(options.stack_max_bytes)
+            .async_stack_size(options.stack_max_bytes + (1 << 20))
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        bindings::Function::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |ctx| ctx)
+            .map_err(|e| Error::Engine(format!("{e:#}")))?;
+        // Clocks, random and stdio for guests built against WASI; `Ctx` grants no
+        // filesystem, sockets or environment.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| Error::Engine(format!("{e:#}")))?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        let engine_hash = hasher.finish();
+
+        let ticking = Arc::new(AtomicBool::new(true));
+        {
+            let engine = engine.clone();
+            let ticking = ticking.clone();
+            std::thread::Builder::new()
+                .name("epoch-ticker".into())
+                .spawn(move || {
+                    while ticking.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| Error::Engine(format!("cannot start the epoch thread: {e}")))?;
+        }
+        Ok(Runtime { engine, linker, cache_dir: cache_dir.to_owned(), engine_hash, options, ticking })
+    }
+
+    /// Check that `bytes` is a component of the world and compile it, or load the
+    /// compiled form from the cache. Blocking (compilation takes milliseconds to
+    /// seconds): call from a thread that may block.
+    ///
+    /// Fails with a message saying what is wrong: not wasm, a core module, invalid,
+    /// an unknown import or a missing export.
+    pub fn load(&self, bytes: &[u8]) -> Result<Arc<Loaded>, Error> {
+        let digest = Digest::of(bytes);
+        check_header(bytes)?;
+        let component = match self.load_cached(digest) {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.engine, bytes).map_err(|e| Error::Invalid(format!("{e:#}")))?;
+                self.store_cached(digest, &component);
+                component
+            }
+        };
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| Error::UnknownImport(format!("{e:#}")))?;
+        let pre = bindings::FunctionPre::new(pre).map_err(|e| Error::MissingExport(format!("{e:#}")))?;
+        Ok(Arc::new(Loaded { digest, pre }))
+    }
+
+    fn cache_path(&self, digest: Digest) -> PathBuf {
+        self.cache_dir.join(format!("{}-{:016x}.cwasm", digest.to_hex(), self.engine_hash))
+    }
+
+    /// The compiled component from the cache, if a verified copy is there.
+    fn load_cached(&self, digest: Digest) -> Option<Component> {
+        let path = self.cache_path(digest);
+        let file = std::fs::read(&path).ok()?;
+        if file.len() < 32 || Digest::of(&file[32..]).0 != file[..32] {
+            tracing::warn!(path = %path.display(), "compiled cache entry is damaged; recompiling");
+            return None;
+        }
+        // SAFETY: the bytes after the checksum were produced by `Component::serialize`
+        // on an engine with this same configuration (its hash is in the file name),
+        // and the sha256 just checked proves they are unchanged since.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize(&self.engine, &file[32..]) };
+        component.ok()
+    }
+
+    /// Best effort: a failure to cache only costs a recompile after restart.
+    fn store_cached(&self, digest: Digest, component: &Component) {
+        let Ok(serialized) = component.serialize() else { return };
+        let path = self.cache_path(digest);
+        let tmp = path.with_extension("tmp");
+        let mut file = Digest::of(&serialized).0.to_vec();
+        file.extend_from_slice(&serialized);
+        if std::fs::write(&tmp, &file).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+            tracing::warn!(path = %path.display(), "could not cache the compiled component");
+        }
+    }
+
+    /// Instantiate `loaded` in a fresh store holding `ctx` and run its handler.
+    ///
+    /// The outer error is an abort: a trap, the deadline, a resource cap, or an error
+    /// raised by a host call (a lost lock conflict, say); the inner result is the
+    /// handler's own answer. Cancel safe: dropping the future drops the instance.
+    pub async fn run(
+        &self,
+        loaded: &Loaded,
+        ctx: Ctx,
+        deadline: Instant,
+        method: &str,
+        input: &[u8],
+    ) -> wasmtime::Result<Result<Vec<u8>, GuestError>> {
+        let deadline_ms = self.options.deadline_ms;
+        let mut store = Store::new(&self.engine, ctx);
+        store.limiter(|ctx| &mut ctx.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(wasmtime::Error::new(Abort::Deadline(deadline_ms)))
+            } else {
+                // Yield so that a spinning guest cannot hold a runtime thread.
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        let instance = loaded.pre.instantiate_async(&mut store).await?;
+        let result = instance.understudy_function_handler().call_handle(&mut store, method, input).await;
+        store.data_mut().flush_output();
+        Ok(result?.map_err(GuestError::from))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticking.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Tell apart the common mistakes before handing the bytes to the compiler, whose
+/// messages are less direct.
+fn check_header(bytes: &[u8]) -> Result<(), Error> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(Error::NotWasm);
+    }
+    // A core module is version 1, layer 0; a component has layer 1.
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(Error::CoreModule);
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run every test: build the guest components, then the workspace's tests (release:
+# one build of wasmtime serves the node, the tests and the benchmarks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/build-guests.sh
+cargo test --release --workspace "$@"

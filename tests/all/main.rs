@@ -1,0 +1,18 @@
+//! Understudy's integration tests: one binary (as wasmtime and tokio do), one module per
+//! area and topic. Every test starts real `understudy node` processes on their own port
+//! and data directory, so tests run in parallel, and kills them for real.
+//!
+//! The guest components must be built first: `scripts/build-guests.sh`.
+//! Run: `cargo test --release --test all`.
+
+mod support;
+
+mod crash_recovery;
+mod http_admin;
+mod http_errors;
+mod http_examples;
+mod http_idempotency;
+mod http_metrics;
+mod txn_isolation;
+mod wal_damage;
+mod wasm_limits;
