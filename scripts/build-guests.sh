@@ -142,9 +142,10 @@ build_core_modules() {
     step="cargo build (guest workspace $MANIFEST)"
     say "building the guest workspace into ${TARGET_DIR#"$ROOT"/}/"
     # Only the wasm32 target gets these flags, not build scripts or proc macros. The
-    # remaps keep this checkout's and this user's paths out of panic messages, so the
-    # same source gives the same component wherever it is built. (--config takes a
-    # TOML list, so paths with spaces survive.)
+    # remaps keep this checkout's and this user's paths out of panic messages. (The
+    # bytes still depend on where the checkout is: cargo hashes the absolute path of
+    # guest-sdk and tests/guests/*, which lie outside the guest workspace's root.)
+    # --config takes a TOML list, so paths with spaces survive.
     local flags
     flags="\"-C\", \"link-arg=-zstack-size=$STACK_BYTES\""
     flags+=", \"--remap-path-prefix=$ROOT/=\""

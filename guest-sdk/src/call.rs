@@ -26,7 +26,7 @@ where
 {
     let input = serde_json::to_vec(input).map_err(|e| Error::new("bad-output", e.to_string()))?;
     let output = invoke_bytes(function, method, &input)?;
-    crate::state::from_json_or_null(&output).map_err(|e| {
+    crate::handler::from_json_or_null(&output).map_err(|e| {
         Error::new(
             "bad-output",
             format!("output of `{function}` method `{method}`: {e}"),

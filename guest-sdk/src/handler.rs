@@ -41,7 +41,7 @@ pub trait IntoOutput {
 
 impl<T: DeserializeOwned> FromInput for T {
     fn from_input(input: Vec<u8>) -> Result<Self> {
-        Ok(crate::state::from_json_or_null(&input)?)
+        Ok(from_json_or_null(&input)?)
     }
 }
 
@@ -97,6 +97,15 @@ pub fn unknown_method(method: &str, known: &[&str]) -> Error {
     )
 }
 
+/// Parses JSON, reading empty (or all-blank) input as `null`.
+pub(crate) fn from_json_or_null<T: DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_slice(b"null")
+    } else {
+        serde_json::from_slice(bytes)
+    }
+}
+
 /// Makes a panic log its message before it traps, so the node's log says why the
 /// transaction aborted. Cheap after the first call.
 #[doc(hidden)]
@@ -107,4 +116,43 @@ pub fn install_panic_hook() {
             crate::log::error(&format!("panic: {info}"));
         }));
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_input_reads_as_null() {
+        assert_eq!(from_json_or_null::<Option<u8>>(b"").ok(), Some(None));
+        assert_eq!(from_json_or_null::<Option<u8>>(b" \n").ok(), Some(None));
+        assert_eq!(from_json_or_null::<Option<u8>>(b"7").ok(), Some(Some(7)));
+    }
+
+    #[test]
+    fn dispatch_writes_output_as_json() {
+        let out = dispatch("m", b"{\"a\":1}".to_vec(), |v: serde_json::Value| {
+            Ok::<_, Error>(v["a"].clone())
+        });
+        assert_eq!(out, Ok(b"1".to_vec()));
+    }
+
+    #[test]
+    fn dispatch_rejects_bad_json_as_bad_input() {
+        let out = dispatch("m", b"{".to_vec(), |v: u8| Ok::<_, Error>(v));
+        assert_eq!(out.map_err(|e| e.code), Err("bad-input".to_string()));
+    }
+
+    #[test]
+    fn dispatch_passes_raw_bytes_through() {
+        let out = dispatch("m", vec![0xff, 0], |r: Raw| Ok::<_, Error>(r));
+        assert_eq!(out, Ok(vec![0xff, 0]));
+    }
+
+    #[test]
+    fn unknown_method_names_the_known_ones() {
+        let e = unknown_method("x", &["a", "b"]);
+        assert_eq!(e.code, "unknown-method");
+        assert!(e.message.contains("a, b"), "{}", e.message);
+    }
 }

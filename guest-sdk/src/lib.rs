@@ -30,6 +30,12 @@
 //! [dependencies]
 //! understudy-sdk = { path = "../guest-sdk" }
 //! serde = { version = "1", features = ["derive"] }
+//!
+//! # A panic traps (and aborts the transaction); small code instantiates fast.
+//! [profile.release]
+//! panic = "abort"
+//! opt-level = "s"
+//! lto = true
 //! ```
 //!
 //! `src/lib.rs`:

@@ -130,15 +130,6 @@ pub fn key_after(key: &[u8]) -> Vec<u8> {
     next
 }
 
-/// Parses JSON, reading empty (or all-blank) input as `null`.
-pub(crate) fn from_json_or_null<T: DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        serde_json::from_slice(b"null")
-    } else {
-        serde_json::from_slice(bytes)
-    }
-}
-
 fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
     serde_json::from_slice(value).map_err(|e| {
         Error::new(
@@ -173,12 +164,5 @@ mod tests {
     #[test]
     fn key_after_appends_zero() {
         assert_eq!(key_after(b"k"), b"k\0".to_vec());
-    }
-
-    #[test]
-    fn empty_input_reads_as_null() {
-        assert_eq!(from_json_or_null::<Option<u8>>(b"").ok(), Some(None));
-        assert_eq!(from_json_or_null::<Option<u8>>(b" \n").ok(), Some(None));
-        assert_eq!(from_json_or_null::<Option<u8>>(b"7").ok(), Some(Some(7)));
     }
 }

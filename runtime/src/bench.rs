@@ -129,7 +129,7 @@ fn us(d: Duration) -> f64 {
 
 async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
     println!("== invocation cost: counter.increment, 1 client, no fsync ==");
-    let bare = bare_loop(counter, args.seconds)?;
+    let bare = bare_loop(counter, args.seconds).await?;
     let node = open_node(dir, "invoke", Durability::Memory).await?;
     node.deploy("counter", counter.to_vec()).await?;
     let n = node.clone();
@@ -184,7 +184,7 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
 
 /// The limit of this design: instantiate the component and call it, with state in a
 /// plain map and nothing else. Returns (calls/s, p50).
-fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duration)> {
+async fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duration)> {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(100).linear_memory_keep_resident(256 << 10).table_keep_resident(16 << 10);
     let mut config = EngineConfig::new();
@@ -195,8 +195,7 @@ fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duration)> {
     bindings::Function::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).map_err(|e| anyhow::anyhow!("{e}"))?;
     let pre = bindings::FunctionPre::new(linker.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("{e}"))?)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rt = tokio::runtime::Builder::new_current_thread().build()?;
-    rt.block_on(async {
+    {
         let mut state = BTreeMap::new();
         let mut latencies = Vec::new();
         let started = Instant::now();
@@ -216,7 +215,7 @@ fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duration)> {
         let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
         latencies.sort();
         Ok((rate, percentile(&latencies, 0.5)))
-    })
+    }
 }
 
 struct Bare {

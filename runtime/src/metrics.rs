@@ -22,8 +22,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// The outcomes an invocation is counted under.
+pub const OUTCOMES: [&str; 7] = ["commit", "abort", "trap", "deadline", "conflict", "replay", "error"];
+
 pub struct Metrics {
     registry: Registry,
+    /// Counters of `invocations` by function, looked up without allocating.
+    invocation_counters: parking_lot::RwLock<std::collections::HashMap<String, [Counter; OUTCOMES.len()]>>,
     pub invocations: Family<OutcomeLabels, Counter>,
     pub commits: Counter,
     pub aborts: Counter,
@@ -69,6 +74,7 @@ impl Metrics {
         registry.register("functions_deployed", "Functions currently deployed", functions_deployed.clone());
         Metrics {
             registry,
+            invocation_counters: Default::default(),
             invocations,
             commits,
             aborts,
@@ -81,10 +87,20 @@ impl Metrics {
         }
     }
 
+    /// Count one invocation of `function` ending in `outcome` (one of `OUTCOMES`).
     pub fn invocation(&self, function: &str, outcome: &str) {
-        self.invocations
-            .get_or_create(&OutcomeLabels { function: function.to_owned(), outcome: outcome.to_owned() })
-            .inc();
+        let index = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(OUTCOMES.len() - 1);
+        if let Some(counters) = self.invocation_counters.read().get(function) {
+            counters[index].inc();
+            return;
+        }
+        let counters = OUTCOMES.map(|outcome| {
+            self.invocations
+                .get_or_create(&OutcomeLabels { function: function.to_owned(), outcome: outcome.to_owned() })
+                .clone()
+        });
+        counters[index].inc();
+        self.invocation_counters.write().insert(function.to_owned(), counters);
     }
 
     pub fn encode(&self) -> String {

@@ -68,11 +68,18 @@ pub struct NodeOptions {
     pub deadline_ms: Option<u64>,
     pub memory_max_mib: Option<usize>,
     pub admin_token: Option<String>,
+    /// A TOML config file's text, for settings without a flag (`checkpoint_log_bytes`).
+    pub config_toml: Option<String>,
 }
 
 impl NodeOptions {
-    fn args(&self) -> Vec<String> {
+    fn args(&self, root: &Path) -> Vec<String> {
         let mut args = Vec::new();
+        if let Some(text) = &self.config_toml {
+            let path = root.join("config.toml");
+            std::fs::write(&path, text).expect("write the node's config file");
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
         if let Some(v) = self.durability {
             args.extend(["--durability".into(), v.to_owned()]);
         }
@@ -198,7 +205,7 @@ impl NodeProcess {
             .arg(self.data_dir())
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
-            .args(self.options.args())
+            .args(self.options.args(self.root.path()))
             // The test decides about the admin token, not the environment it runs in.
             .env_remove("UNDERSTUDY_ADMIN_TOKEN")
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
@@ -395,18 +402,28 @@ impl Api {
     }
 }
 
-/// The segment files of the log in `wal_dir`, oldest first.
+/// The segment files (`wal-*.log`) of the log in `wal_dir`, oldest first.
 pub fn wal_segments(wal_dir: &Path) -> Vec<PathBuf> {
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(wal_dir)
+    wal_files(wal_dir, "wal-", ".log")
+}
+
+/// The snapshot files (`snap-*.snap`) in `wal_dir`, oldest first.
+pub fn wal_snapshots(wal_dir: &Path) -> Vec<PathBuf> {
+    wal_files(wal_dir, "snap-", ".snap")
+}
+
+fn wal_files(wal_dir: &Path, prefix: &str, suffix: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(wal_dir)
         .expect("read the log directory")
         .map(|entry| entry.expect("read a log directory entry").path())
         .filter(|path| {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.starts_with("wal-") && name.ends_with(".log")
+            name.starts_with(prefix) && name.ends_with(suffix)
         })
         .collect();
-    segments.sort();
-    segments
+    // The names carry zero-padded LSNs, so name order is log order.
+    files.sort();
+    files
 }
 
 /// Poll `condition` every `POLL_INTERVAL` until it holds; panics with `what` after `timeout`.

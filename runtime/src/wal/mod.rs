@@ -34,6 +34,9 @@ use snapshot::Image;
 
 /// With `Durability::Memory`, how often the writer fsyncs what it has written.
 const MEMORY_SYNC_INTERVAL: Duration = Duration::from_millis(50);
+/// With `Durability::Memory`, how often the writer wakes to write what accumulated:
+/// nobody waits for it, so appenders need not pay for waking it.
+const MEMORY_WRITE_INTERVAL: Duration = Duration::from_millis(2);
 /// Bytes accumulated but not yet written before appenders are made to wait.
 const PENDING_BYTES_MAX: usize = 64 << 20;
 
@@ -168,8 +171,11 @@ impl Wal {
         pending.lsn_last = lsn;
         pending.records += 1;
         let applied = apply(lsn);
+        let urgent = self.durability == Durability::Disk || pending.bytes.len() > PENDING_BYTES_MAX / 2;
         drop(pending);
-        self.shared.wake_writer.notify_one();
+        if urgent {
+            self.shared.wake_writer.notify_one();
+        }
         Ok((lsn, applied))
     }
 
@@ -368,14 +374,15 @@ fn writer_loop(shared: &Shared, dir: &Path, mut file: File, mut path: PathBuf, d
                 if !pending.bytes.is_empty() || !pending.rotations.is_empty() || pending.shutdown {
                     break;
                 }
-                match dirty_since {
-                    Some(since) => {
-                        let deadline = since + MEMORY_SYNC_INTERVAL;
-                        if shared.wake_writer.wait_until(&mut pending, deadline).timed_out() {
+                match (durability, dirty_since) {
+                    (Durability::Disk, _) => shared.wake_writer.wait(&mut pending),
+                    (Durability::Memory, since) => {
+                        let write_at = Instant::now() + MEMORY_WRITE_INTERVAL;
+                        let timed_out = shared.wake_writer.wait_until(&mut pending, write_at).timed_out();
+                        if timed_out && since.is_some_and(|s| s.elapsed() >= MEMORY_SYNC_INTERVAL) {
                             break;
                         }
                     }
-                    None => shared.wake_writer.wait(&mut pending),
                 }
             }
             let bytes = std::mem::take(&mut pending.bytes);

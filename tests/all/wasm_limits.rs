@@ -1,0 +1,83 @@
+//! A guest that runs away (forever, or out of memory, or off its stack) is stopped at
+//! its limit, its transaction aborts, and the node keeps serving everyone else.
+
+use serde_json::{json, Value};
+
+use crate::support::{NodeOptions, NodeProcess};
+
+fn node_with_limits() -> NodeProcess {
+    let node = NodeProcess::start_with(NodeOptions { deadline_ms: Some(300), memory_max_mib: Some(32), ..Default::default() });
+    node.api().deploy_component("h", "hostile");
+    node.api().deploy_component("counter", "counter");
+    node
+}
+
+/// The node still runs transactions on the misbehaving function and on others.
+fn assert_still_serving(node: &NodeProcess) {
+    let api = node.api();
+    api.ok("h", "put", json!({ "key": "after", "value": "yes" }));
+    assert_eq!(api.ok("h", "get", json!({ "key": "after" })), json!({ "value": "yes" }));
+    api.ok("counter", "increment", Value::Null);
+    api.get("/healthz").expect("healthz").expect_status(200);
+}
+
+#[test]
+fn infinite_loop_is_stopped_at_the_deadline() {
+    let node = node_with_limits();
+    let api = node.api();
+    let reply = api.invoke("h", "loop", &Value::Null).expect_error(504, "deadline");
+    assert!(reply.message().contains("300 ms"), "the message names the deadline: {}", reply.text);
+    // The lock it held is released: the same function runs again at once.
+    api.invoke("h", "loop", &Value::Null).expect_error(504, "deadline");
+    assert_still_serving(&node);
+}
+
+#[test]
+fn memory_bomb_hits_the_cap() {
+    let node = node_with_limits();
+    let api = node.api();
+    let reply = api.invoke("h", "bomb", &Value::Null).expect_error(500, "resource-cap");
+    assert!(reply.message().contains("cap"), "{}", reply.text);
+    api.invoke("h", "bomb", &Value::Null).expect_error(500, "resource-cap");
+    assert_still_serving(&node);
+}
+
+#[test]
+fn stack_overflow_traps_and_node_keeps_serving() {
+    let node = node_with_limits();
+    let api = node.api();
+    api.invoke("h", "stack-overflow", &Value::Null).expect_error(500, "trap");
+    assert_still_serving(&node);
+}
+
+#[test]
+fn write_flood_is_capped_and_leaves_no_writes() {
+    let node = node_with_limits();
+    let api = node.api();
+    // `put-many` with a huge count writes until a limit (writes per transaction, or the
+    // deadline) stops it: none of it may stay.
+    let reply = api.invoke("h", "put-many", &json!({ "count": 100_000_000u32, "value_len": 8 }));
+    assert!(
+        matches!((reply.status, reply.code()), (504, "deadline") | (500, "resource-cap") | (422 | 400, _)),
+        "unexpected answer: {} {}",
+        reply.status,
+        reply.text
+    );
+    assert_eq!(api.describe("h").expect_status(200).body["keys"], 0);
+    assert_eq!(api.ok("h", "scan", json!({ "prefix": "k/", "limit": 10 })), json!({ "entries": [] }));
+    assert_still_serving(&node);
+}
+
+#[test]
+fn deadline_in_a_callee_releases_both_functions() {
+    let node = node_with_limits();
+    let api = node.api();
+    api.deploy_component("callee", "hostile");
+    let call = json!({ "function": "callee", "method": "loop" });
+    api.invoke("h", "call", &call).expect_error(504, "deadline");
+    // Both locks were released: each function runs again, alone and nested.
+    api.ok("callee", "put", json!({ "key": "k", "value": "v" }));
+    let call = json!({ "function": "callee", "method": "get", "input": { "key": "k" } });
+    assert_eq!(api.ok("h", "call", call), json!({ "value": "v" }));
+    assert_still_serving(&node);
+}
