@@ -101,8 +101,10 @@
 //! So a handler may write as it goes and simply return an error when it finds that the
 //! whole operation cannot be done: it never needs to undo its own writes. The same holds
 //! when the handler was called by another function: a callee that returns an error or
-//! traps leaves none of its writes behind, and its caller receives the error and may
-//! handle it and go on.
+//! traps leaves none of its writes behind, and its caller receives the error (code
+//! `trap` or `resource-cap` for a trap) and may handle it and go on. Two things end the
+//! whole transaction wherever they happen: running past its deadline, and losing a lock
+//! conflict to an older transaction (the runtime then retries it from the start).
 //!
 //! A panic aborts the transaction (guests are built with `panic = "abort"`, so a panic
 //! traps). Before it traps, the SDK logs the panic message at `error` level.

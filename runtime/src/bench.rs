@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{Engine, Store};
 
 use crate::config::Config;
 use crate::node::Node;
@@ -46,14 +46,17 @@ pub struct Args {
 
 /// Fails when a component cannot be read or deployed, or a node cannot start.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("understudy-bench-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir)?;
     let result = runtime.block_on(async {
-        let counter = std::fs::read(&args.counter).with_context(|| format!("cannot read {}", args.counter.display()))?;
+        let counter = std::fs::read(&args.counter)
+            .with_context(|| format!("cannot read {}", args.counter.display()))?;
         let what = args.what.as_str();
         if what == "invoke" || what == "all" {
             invoke(&args, &dir, &counter).await?;
@@ -72,10 +75,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-async fn open_node(dir: &std::path::Path, name: &str, durability: Durability) -> anyhow::Result<Node> {
+async fn open_node(
+    dir: &std::path::Path,
+    name: &str,
+    durability: Durability,
+) -> anyhow::Result<Node> {
     let path = dir.join(name);
     let _ = std::fs::remove_dir_all(&path);
-    let config = Config { data_dir: path, durability, ..Config::default() };
+    let config = Config {
+        data_dir: path,
+        durability,
+        ..Config::default()
+    };
     Ok(tokio::task::spawn_blocking(move || Node::open(config)).await??)
 }
 
@@ -137,7 +148,9 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
         let n = n.clone();
         async move {
             let answer = n.invoke("counter", "increment", b"null", None).await?;
-            answer.outcome.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            answer
+                .outcome
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             Ok(())
         }
     })
@@ -147,7 +160,11 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server = tokio::spawn(crate::http::serve(node.clone(), listener, std::future::pending()));
+    let server = tokio::spawn(crate::http::serve(
+        node.clone(),
+        listener,
+        std::future::pending(),
+    ));
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/v1/functions/counter/increment");
     let (ops, elapsed, http_lat) = drive(1, args.seconds, move || {
@@ -162,8 +179,17 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     .await;
     server.abort();
     let http = ops as f64 / elapsed.as_secs_f64();
-    println!("{:<34} {:>12} {:>10} {:>9}", "path", "invocations/s", "p50 us", "vs bare");
-    println!("{:<34} {:>12.0} {:>10.1} {:>8.0}%", "bare wasmtime (instantiate+call)", bare.0, us(bare.1), 100.0);
+    println!(
+        "{:<34} {:>12} {:>10} {:>9}",
+        "path", "invocations/s", "p50 us", "vs bare"
+    );
+    println!(
+        "{:<34} {:>12.0} {:>10.1} {:>8.0}%",
+        "bare wasmtime (instantiate+call)",
+        bare.0,
+        us(bare.1),
+        100.0
+    );
     println!(
         "{:<34} {:>12.0} {:>10.1} {:>8.0}%",
         "runtime in-process (transaction)",
@@ -185,24 +211,36 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
 /// The limit of this design: instantiate the component and call it, with state in a
 /// plain map and nothing else. Returns (calls/s, p50).
 async fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duration)> {
-    let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(100).linear_memory_keep_resident(256 << 10).table_keep_resident(16 << 10);
-    let mut config = EngineConfig::new();
-    config.wasm_component_model(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    // The same engine configuration as a node's: pooling, epoch interruption, bounds.
+    let config = crate::wasm::engine_config(&crate::wasm::Options::default());
     let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let component = Component::new(&engine, counter).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut linker = Linker::<Bare>::new(&engine);
-    bindings::Function::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let pre = bindings::FunctionPre::new(linker.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("{e}"))?)
+    bindings::Function::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pre = bindings::FunctionPre::new(
+        linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     {
         let mut state = BTreeMap::new();
         let mut latencies = Vec::new();
         let started = Instant::now();
         while started.elapsed().as_secs_f64() < seconds {
             let t = Instant::now();
-            let mut store = Store::new(&engine, Bare { state: std::mem::take(&mut state) });
-            let instance = pre.instantiate_async(&mut store).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut store = Store::new(
+                &engine,
+                Bare {
+                    state: std::mem::take(&mut state),
+                },
+            );
+            store.set_epoch_deadline(u64::MAX / 2);
+            let instance = pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let out = instance
                 .understudy_function_handler()
                 .call_handle(&mut store, "increment", b"null")
@@ -225,10 +263,17 @@ struct Bare {
 impl wit::types::Host for Bare {}
 
 impl wit::state::Host for Bare {
-    fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<Option<Vec<u8>>, wit::types::Error>> {
+    fn get(
+        &mut self,
+        key: Vec<u8>,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, wit::types::Error>> {
         Ok(Ok(self.state.get(&key).cloned()))
     }
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<Result<(), wit::types::Error>> {
+    fn put(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), wit::types::Error>> {
         self.state.insert(key, value);
         Ok(Ok(()))
     }
@@ -246,7 +291,10 @@ impl wit::state::Host for Bare {
             .state
             .range(start..)
             .take(limit as usize)
-            .map(|(k, v)| wit::types::Entry { key: k.clone(), value: v.clone() })
+            .map(|(k, v)| wit::types::Entry {
+                key: k.clone(),
+                value: v.clone(),
+            })
             .collect()))
     }
 }
@@ -258,7 +306,10 @@ impl wit::call::Host for Bare {
         _method: String,
         _input: Vec<u8>,
     ) -> wasmtime::Result<Result<Vec<u8>, wit::types::Error>> {
-        Ok(Err(wit::types::Error { code: "unsupported".into(), message: "no calls in the bare loop".into() }))
+        Ok(Err(wit::types::Error {
+            code: "unsupported".into(),
+            message: "no calls in the bare loop".into(),
+        }))
     }
 }
 
@@ -289,7 +340,10 @@ fn fsync_time(dir: &std::path::Path) -> anyhow::Result<Duration> {
 async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
     let fsync = fsync_time(dir)?;
     println!("== commits with disk durability: counter.increment on one function ==");
-    println!("measured fsync (4 KiB write + fdatasync, median of 50): {:.0} us", us(fsync));
+    println!(
+        "measured fsync (4 KiB write + fdatasync, median of 50): {:.0} us",
+        us(fsync)
+    );
     println!(
         "{:>8} {:>12} {:>10} {:>10} {:>14} {:>9}",
         "clients", "commits/s", "p50 us", "p99 us", "fsync bound/s", "of bound"
@@ -302,7 +356,9 @@ async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
             let n = n.clone();
             async move {
                 let answer = n.invoke("counter", "increment", b"null", None).await?;
-                answer.outcome.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                answer
+                    .outcome
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
                 Ok(())
             }
         })
@@ -327,7 +383,11 @@ async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -341,13 +401,20 @@ async fn memory(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
         let mut bytes = counter.to_vec();
         bytes.extend_from_slice(&custom_section(i));
         node.deploy(&format!("counter-{i}"), bytes).await?;
-        node.invoke(&format!("counter-{i}"), "increment", b"null", None).await?;
+        node.invoke(&format!("counter-{i}"), "increment", b"null", None)
+            .await?;
     }
     let per_function = (rss_bytes().saturating_sub(before)) as f64 / FUNCTIONS as f64;
-    println!("per deployed function (distinct component, invoked once): {:.0} KiB", per_function / 1024.0);
+    println!(
+        "per deployed function (distinct component, invoked once): {:.0} KiB",
+        per_function / 1024.0
+    );
 
     let Ok(hostile) = std::fs::read(&args.hostile) else {
-        println!("per in-flight instance: skipped ({} not found)", args.hostile.display());
+        println!(
+            "per in-flight instance: skipped ({} not found)",
+            args.hostile.display()
+        );
         return Ok(());
     };
     // Instances that stay alive until their deadline: spinning guests on distinct
@@ -360,7 +427,9 @@ async fn memory(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     let mut tasks = Vec::new();
     for i in 0..INSTANCES {
         let n = node.clone();
-        tasks.push(tokio::spawn(async move { n.invoke(&format!("spin-{i}"), "loop", b"null", None).await }));
+        tasks.push(tokio::spawn(async move {
+            n.invoke(&format!("spin-{i}"), "loop", b"null", None).await
+        }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = rss_bytes();

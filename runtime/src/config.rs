@@ -58,7 +58,10 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
@@ -70,8 +73,14 @@ impl Config {
     ///
     /// Fails when the file cannot be read, is not TOML, or names an unknown setting.
     pub fn from_file(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Read { path: path.to_owned(), source: e })?;
-        toml::from_str(&text).map_err(|e| Error::Parse { path: path.to_owned(), message: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// Fails when the settings cannot work together.
@@ -86,7 +95,9 @@ impl Config {
             return Err(Error::Invalid("wasm.deadline_ms must be above 0".into()));
         }
         if self.wasm.memory_max_bytes < (1 << 16) {
-            return Err(Error::Invalid("wasm.memory_max_bytes must be at least one page (65536)".into()));
+            return Err(Error::Invalid(
+                "wasm.memory_max_bytes must be at least one page (65536)".into(),
+            ));
         }
         Ok(())
     }

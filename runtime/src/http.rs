@@ -30,7 +30,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code: code.to_owned(), message: message.into() }
+        ApiError {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -52,7 +56,9 @@ impl From<InvokeError> for ApiError {
             InvokeError::ResourceCap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "resource-cap"),
             InvokeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             InvokeError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-            InvokeError::OutputTooLarge(_) => (StatusCode::INTERNAL_SERVER_ERROR, "output-too-large"),
+            InvokeError::OutputTooLarge(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "output-too-large")
+            }
             InvokeError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
         };
         ApiError::new(status, code, e.to_string())
@@ -64,9 +70,9 @@ impl From<AdminError> for ApiError {
         let (status, code) = match &e {
             AdminError::BadName(_) => (StatusCode::BAD_REQUEST, "bad-name"),
             AdminError::UnknownFunction(_) => (StatusCode::NOT_FOUND, "unknown-function"),
-            AdminError::Component(crate::wasm::Error::Io { .. } | crate::wasm::Error::Engine(_)) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "storage")
-            }
+            AdminError::Component(
+                crate::wasm::Error::Io { .. } | crate::wasm::Error::Engine(_),
+            ) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             AdminError::Component(_) => (StatusCode::BAD_REQUEST, "invalid-component"),
             AdminError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
         };
@@ -76,7 +82,11 @@ impl From<AdminError> for ApiError {
 
 fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", format!("body exceeds the limit of {limit} bytes"));
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("body exceeds the limit of {limit} bytes"),
+        );
     }
     ApiError::new(rejection.status(), "bad-body", rejection.body_text())
 }
@@ -102,12 +112,26 @@ pub fn router(node: Node) -> Router {
 }
 
 fn authorize(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = node.config().admin_token.as_deref().filter(|t| !t.is_empty()) else { return Ok(()) };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = node
+        .config()
+        .admin_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     if given == Some(token) {
         return Ok(());
     }
-    Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this needs `Authorization: Bearer <admin token>`"))
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this needs `Authorization: Bearer <admin token>`",
+    ))
 }
 
 async fn deploy(
@@ -120,22 +144,38 @@ async fn deploy(
     let body = body.map_err(|r| body_error(r, node.config().component_max_bytes))?;
     let existed = node.describe(&name).is_ok();
     let info = node.deploy(&name, body.to_vec()).await?;
-    let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     Ok((status, Json(info)).into_response())
 }
 
-async fn delete(State(node): State<Node>, Path(name): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn delete(
+    State(node): State<Node>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
     node.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn stop(State(node): State<Node>, Path(name): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn stop(
+    State(node): State<Node>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
     Ok(Json(node.set_running(&name, false).await?).into_response())
 }
 
-async fn start(State(node): State<Node>, Path(name): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn start(
+    State(node): State<Node>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
     Ok(Json(node.set_running(&name, true).await?).into_response())
 }
@@ -144,7 +184,10 @@ async fn list(State(node): State<Node>) -> Response {
     Json(json!({ "functions": node.list() })).into_response()
 }
 
-async fn describe(State(node): State<Node>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn describe(
+    State(node): State<Node>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(Json(node.describe(&name)?).into_response())
 }
 
@@ -159,22 +202,37 @@ async fn invoke(
         b"null".to_vec()
     } else {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad-json", format!("the body is not valid JSON: {e}")));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-json",
+                format!("the body is not valid JSON: {e}"),
+            ));
         }
         body.to_vec()
     };
     let key = match headers.get(IDEMPOTENCY_KEY) {
         Some(v) => Some(
             v.to_str()
-                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad-idempotency-key", "must be printable ASCII"))?
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad-idempotency-key",
+                        "must be printable ASCII",
+                    )
+                })?
                 .to_owned(),
         ),
         None => None,
     };
-    let task = tokio::spawn(async move { node.invoke(&name, &method, &input, key.as_deref()).await });
-    let answer = task
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("invocation task failed: {e}")))??;
+    let task =
+        tokio::spawn(async move { node.invoke(&name, &method, &input, key.as_deref()).await });
+    let answer = task.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("invocation task failed: {e}"),
+        )
+    })??;
     Ok(answer_response(answer))
 }
 
@@ -182,17 +240,26 @@ fn answer_response(answer: Answer) -> Response {
     let mut response = match answer.outcome {
         Ok(output) => {
             let mut r = (StatusCode::OK, output).into_response();
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
         Err(e) => {
             // The function's own error: the client's request could not be done.
-            let status = if e.code == "bad-input" { StatusCode::BAD_REQUEST } else { StatusCode::UNPROCESSABLE_ENTITY };
+            let status = if e.code == "bad-input" {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
             ApiError::new(status, &e.code, e.message).into_response()
         }
     };
     if answer.replayed {
-        response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+        response
+            .headers_mut()
+            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     } else if let Ok(v) = HeaderValue::from_str(&answer.txn.to_string()) {
         response.headers_mut().insert(TXN_HEADER, v);
     }
@@ -220,5 +287,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(node)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(node))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

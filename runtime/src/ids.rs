@@ -6,7 +6,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// A position in the node's write-ahead log. Positions start at 1; 0 means "nothing".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Lsn(pub u64);
 
 impl Lsn {
@@ -45,7 +47,8 @@ pub const FUNCTION_NAME_LEN_MAX: usize = 64;
 impl FunctionName {
     /// Fails when `name` is empty, too long, or has a character outside the allowed set.
     pub fn new(name: &str) -> Result<FunctionName, String> {
-        let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+        let valid_char =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
         if name.is_empty() || name.len() > FUNCTION_NAME_LEN_MAX {
             return Err(format!(
                 "function name must be 1 to {FUNCTION_NAME_LEN_MAX} characters, got {}",

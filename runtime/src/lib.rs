@@ -1,14 +1,14 @@
 //! Understudy: a WebAssembly function runtime in which every invocation is a
 //! transaction on the function's own key-value state. See ARCHITECTURE.md for the map.
 
+pub mod bench;
+pub mod config;
+pub mod http;
 pub mod ids;
 pub mod lock;
 pub mod metrics;
+pub mod node;
 pub mod store;
 pub mod txn;
 pub mod wal;
 pub mod wasm;
-pub mod config;
-pub mod node;
-pub mod http;
-pub mod bench;

@@ -65,7 +65,8 @@ impl TxnLock {
                 Some(holder) if holder == txn => return Ok(()),
                 Some(holder) => {
                     if mode == Mode::Nested {
-                        let oldest_ahead = state.waiters.iter().map(|(t, _)| *t).chain([holder]).min();
+                        let oldest_ahead =
+                            state.waiters.iter().map(|(t, _)| *t).chain([holder]).min();
                         if oldest_ahead.is_some_and(|oldest| oldest < txn) {
                             return Err(Error::Die { txn });
                         }
@@ -79,7 +80,11 @@ impl TxnLock {
                 }
             }
         };
-        let mut guard = CancelGuard { lock: self, txn, armed: true };
+        let mut guard = CancelGuard {
+            lock: self,
+            txn,
+            armed: true,
+        };
         // The releaser hands the lock over before sending, so receiving means holding.
         let _ = rx.await;
         guard.armed = false;
@@ -135,7 +140,9 @@ mod tests {
     #[tokio::test]
     async fn first_locks_queue_in_order() {
         let lock = std::sync::Arc::new(TxnLock::default());
-        lock.acquire(TxnId(1), Mode::First).await.expect("free lock");
+        lock.acquire(TxnId(1), Mode::First)
+            .await
+            .expect("free lock");
         let l2 = lock.clone();
         let second = tokio::spawn(async move { l2.acquire(TxnId(2), Mode::First).await });
         tokio::task::yield_now().await;
@@ -148,15 +155,26 @@ mod tests {
     #[tokio::test]
     async fn younger_nested_request_dies() {
         let lock = TxnLock::default();
-        lock.acquire(TxnId(5), Mode::First).await.expect("free lock");
-        assert_eq!(lock.acquire(TxnId(9), Mode::Nested).await, Err(Error::Die { txn: TxnId(9) }));
-        assert_eq!(lock.acquire(TxnId(5), Mode::Nested).await, Ok(()), "re-entrant");
+        lock.acquire(TxnId(5), Mode::First)
+            .await
+            .expect("free lock");
+        assert_eq!(
+            lock.acquire(TxnId(9), Mode::Nested).await,
+            Err(Error::Die { txn: TxnId(9) })
+        );
+        assert_eq!(
+            lock.acquire(TxnId(5), Mode::Nested).await,
+            Ok(()),
+            "re-entrant"
+        );
     }
 
     #[tokio::test]
     async fn cancelled_waiter_passes_its_turn() {
         let lock = std::sync::Arc::new(TxnLock::default());
-        lock.acquire(TxnId(1), Mode::First).await.expect("free lock");
+        lock.acquire(TxnId(1), Mode::First)
+            .await
+            .expect("free lock");
         let l2 = lock.clone();
         let cancelled = tokio::spawn(async move { l2.acquire(TxnId(2), Mode::First).await });
         let l3 = lock.clone();

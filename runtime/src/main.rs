@@ -10,7 +10,11 @@ use understudy::config::Config;
 use understudy::wal::Durability;
 
 #[derive(Parser)]
-#[command(name = "understudy", version, about = "A WebAssembly function runtime where every invocation is a transaction")]
+#[command(
+    name = "understudy",
+    version,
+    about = "A WebAssembly function runtime where every invocation is a transaction"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,10 +23,20 @@ struct Cli {
 #[derive(clap::Args)]
 struct Remote {
     /// The node's HTTP address.
-    #[arg(long, env = "UNDERSTUDY_NODE", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "UNDERSTUDY_NODE",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     node: String,
     /// Admin token, for deploy, delete, stop and start on a node that requires one.
-    #[arg(long, env = "UNDERSTUDY_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "UNDERSTUDY_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 
@@ -118,7 +132,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node { config, data_dir, listen, durability, admin_token, deadline_ms, memory_max_mib, log_format } => {
+        Command::Node {
+            config,
+            data_dir,
+            listen,
+            durability,
+            admin_token,
+            deadline_ms,
+            memory_max_mib,
+            log_format,
+        } => {
             init_tracing(log_format);
             let mut cfg = match config {
                 Some(path) => Config::from_file(&path)?,
@@ -146,7 +169,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run_node(cfg)
         }
         Command::Deploy { name, file, remote } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let url = format!("{}/v1/functions/{name}", remote.node);
             let body = send(remote.authorized(client()?.put(url)).body(bytes))?;
             println!(
@@ -156,9 +180,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Invoke { name, method, json, idempotency_key, remote } => {
+        Command::Invoke {
+            name,
+            method,
+            json,
+            idempotency_key,
+            remote,
+        } => {
             let url = format!("{}/v1/functions/{name}/invoke/{method}", remote.node);
-            let mut request = client()?.post(url).header("content-type", "application/json").body(json.unwrap_or_default());
+            let mut request = client()?
+                .post(url)
+                .header("content-type", "application/json")
+                .body(json.unwrap_or_default());
             if let Some(key) = idempotency_key {
                 request = request.header("idempotency-key", key);
             }
@@ -172,15 +205,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&body)?);
                 return Ok(());
             }
-            println!("{:<24} {:>7} {:<8} {:>8}  {}", "NAME", "VERSION", "STATE", "KEYS", "DIGEST");
+            println!(
+                "{:<24} {:>7} {:<8} {:>8}  DIGEST",
+                "NAME", "VERSION", "STATE", "KEYS"
+            );
             for f in body["functions"].as_array().into_iter().flatten() {
                 println!(
                     "{:<24} {:>7} {:<8} {:>8}  {}",
                     f["name"].as_str().unwrap_or("?"),
                     f["version"].to_string(),
-                    if f["running"].as_bool() == Some(true) { "running" } else { "stopped" },
+                    if f["running"].as_bool() == Some(true) {
+                        "running"
+                    } else {
+                        "stopped"
+                    },
                     f["keys"].to_string(),
-                    f["digest"].as_str().unwrap_or("?").chars().take(19).collect::<String>(),
+                    f["digest"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .chars()
+                        .take(19)
+                        .collect::<String>(),
                 );
             }
             Ok(())
@@ -188,7 +233,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stop { name, remote } => admin_post(&remote, &name, "stop"),
         Command::Start { name, remote } => admin_post(&remote, &name, "start"),
         Command::Delete { name, remote } => {
-            send(remote.authorized(client()?.delete(format!("{}/v1/functions/{name}", remote.node))))?;
+            send(
+                remote.authorized(client()?.delete(format!("{}/v1/functions/{name}", remote.node))),
+            )?;
             println!("deleted {name}");
             Ok(())
         }
@@ -200,21 +247,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn run_node(cfg: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listen = cfg.listen;
         let node = tokio::task::spawn_blocking(move || understudy::node::Node::open(cfg)).await??;
-        let listener =
-            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "understudy node listening");
-        understudy::http::serve(node, listener, shutdown_signal()).await?;
+        let fatal = node.clone();
+        tokio::select! {
+            served = understudy::http::serve(node, listener, shutdown_signal()) => served?,
+            why = fatal.fatal() => bail!("fatal: {why}"),
+        }
         tracing::info!("stopped");
         Ok(())
     })
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -222,9 +277,12 @@ async fn shutdown_signal() {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -234,15 +292,23 @@ fn init_tracing(format: LogFormat) {
 fn init_tracing_quiet() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn client() -> anyhow::Result<reqwest::blocking::Client> {
-    Ok(reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(120)).build()?)
+    Ok(reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()?)
 }
 
 impl Remote {
-    fn authorized(&self, request: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+    fn authorized(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> reqwest::blocking::RequestBuilder {
         match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
@@ -251,18 +317,28 @@ impl Remote {
 }
 
 fn admin_post(remote: &Remote, name: &str, action: &str) -> anyhow::Result<()> {
-    send(remote.authorized(client()?.post(format!("{}/v1/functions/{name}/{action}", remote.node))))?;
-    let past = if action == "stop" { "stopped" } else { "started" };
+    send(
+        remote.authorized(client()?.post(format!("{}/v1/functions/{name}/{action}", remote.node))),
+    )?;
+    let past = if action == "stop" {
+        "stopped"
+    } else {
+        "started"
+    };
     println!("{past} {name}");
     Ok(())
 }
 
 /// Send `request`; a non-2xx answer becomes an error with the server's own message.
 fn send(request: reqwest::blocking::RequestBuilder) -> anyhow::Result<serde_json::Value> {
-    let response = request.send().map_err(|e| anyhow::anyhow!("cannot reach the node: {e}"))?;
+    let response = request
+        .send()
+        .map_err(|e| anyhow::anyhow!("cannot reach the node: {e}"))?;
     let status = response.status();
     let text = response.text()?;
-    let body: serde_json::Value = if text.is_empty() { serde_json::Value::Null } else {
+    let body: serde_json::Value = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
         serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.clone()))
     };
     if !status.is_success() {

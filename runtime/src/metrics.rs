@@ -23,12 +23,15 @@ pub struct OutcomeLabels {
 }
 
 /// The outcomes an invocation is counted under.
-pub const OUTCOMES: [&str; 7] = ["commit", "abort", "trap", "deadline", "conflict", "replay", "error"];
+pub const OUTCOMES: [&str; 7] = [
+    "commit", "abort", "trap", "deadline", "conflict", "replay", "error",
+];
 
 pub struct Metrics {
     registry: Registry,
     /// Counters of `invocations` by function, looked up without allocating.
-    invocation_counters: parking_lot::RwLock<std::collections::HashMap<String, [Counter; OUTCOMES.len()]>>,
+    invocation_counters:
+        parking_lot::RwLock<std::collections::HashMap<String, [Counter; OUTCOMES.len()]>>,
     pub invocations: Family<OutcomeLabels, Counter>,
     pub commits: Counter,
     pub aborts: Counter,
@@ -59,19 +62,47 @@ impl Metrics {
         let fsync_batch_records = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let log_bytes = Counter::default();
         let functions_deployed = Gauge::default();
-        registry.register("invocations", "Invocations by function and outcome", invocations.clone());
+        registry.register(
+            "invocations",
+            "Invocations by function and outcome",
+            invocations.clone(),
+        );
         registry.register("commits", "Committed transactions", commits.clone());
-        registry.register("aborts", "Transactions aborted by the handler's own error", aborts.clone());
-        registry.register("traps", "Transactions aborted by a trap, deadline or limit", traps.clone());
+        registry.register(
+            "aborts",
+            "Transactions aborted by the handler's own error",
+            aborts.clone(),
+        );
+        registry.register(
+            "traps",
+            "Transactions aborted by a trap, deadline or limit",
+            traps.clone(),
+        );
         registry.register(
             "commit_latency_seconds",
             "From the start of a transaction to its durable commit",
             commit_latency_seconds.clone(),
         );
-        registry.register("fsync_latency_seconds", "Duration of each log fsync", fsync_latency_seconds.clone());
-        registry.register("fsync_batch_records", "Log records made durable by one fsync", fsync_batch_records.clone());
-        registry.register("log_bytes", "Bytes appended to the write-ahead log", log_bytes.clone());
-        registry.register("functions_deployed", "Functions currently deployed", functions_deployed.clone());
+        registry.register(
+            "fsync_latency_seconds",
+            "Duration of each log fsync",
+            fsync_latency_seconds.clone(),
+        );
+        registry.register(
+            "fsync_batch_records",
+            "Log records made durable by one fsync",
+            fsync_batch_records.clone(),
+        );
+        registry.register(
+            "log_bytes",
+            "Bytes appended to the write-ahead log",
+            log_bytes.clone(),
+        );
+        registry.register(
+            "functions_deployed",
+            "Functions currently deployed",
+            functions_deployed.clone(),
+        );
         Metrics {
             registry,
             invocation_counters: Default::default(),
@@ -89,18 +120,26 @@ impl Metrics {
 
     /// Count one invocation of `function` ending in `outcome` (one of `OUTCOMES`).
     pub fn invocation(&self, function: &str, outcome: &str) {
-        let index = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(OUTCOMES.len() - 1);
+        let index = OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(OUTCOMES.len() - 1);
         if let Some(counters) = self.invocation_counters.read().get(function) {
             counters[index].inc();
             return;
         }
         let counters = OUTCOMES.map(|outcome| {
             self.invocations
-                .get_or_create(&OutcomeLabels { function: function.to_owned(), outcome: outcome.to_owned() })
+                .get_or_create(&OutcomeLabels {
+                    function: function.to_owned(),
+                    outcome: outcome.to_owned(),
+                })
                 .clone()
         });
         counters[index].inc();
-        self.invocation_counters.write().insert(function.to_owned(), counters);
+        self.invocation_counters
+            .write()
+            .insert(function.to_owned(), counters);
     }
 
     pub fn encode(&self) -> String {

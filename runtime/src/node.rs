@@ -125,12 +125,17 @@ struct Inner {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("data_dir", &self.inner.config.data_dir).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("data_dir", &self.inner.config.data_dir)
+            .finish_non_exhaustive()
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Node {
@@ -143,8 +148,10 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let data = &config.data_dir;
         let artifacts_dir = data.join("artifacts");
-        std::fs::create_dir_all(&artifacts_dir)
-            .map_err(|e| wal::Error::Io { path: artifacts_dir.clone(), source: e })?;
+        std::fs::create_dir_all(&artifacts_dir).map_err(|e| wal::Error::Io {
+            path: artifacts_dir.clone(),
+            source: e,
+        })?;
         let runtime = Runtime::new(config.wasm, &data.join("compiled"))?;
         let (wal, recovered) = Wal::open(&data.join("wal"), config.durability, metrics.clone())?;
         for warning in &recovered.warnings {
@@ -157,7 +164,9 @@ impl Node {
         let replayed = recovered.records.len();
         let mut txn_max = 0;
         for (lsn, record) in &recovered.records {
-            store.apply(*lsn, record).map_err(|e| OpenError::Recovery(e.to_string()))?;
+            store
+                .apply(*lsn, record)
+                .map_err(|e| OpenError::Recovery(e.to_string()))?;
             if let Record::Commit(c) = record {
                 txn_max = txn_max.max(c.txn.0);
             }
@@ -170,10 +179,17 @@ impl Node {
             }
             let path = artifacts_dir.join(format!("{}.wasm", digest.to_hex()));
             let bytes = std::fs::read(&path).map_err(|e| {
-                OpenError::Recovery(format!("function {} needs component {}: {e}", f.name, path.display()))
+                OpenError::Recovery(format!(
+                    "function {} needs component {}: {e}",
+                    f.name,
+                    path.display()
+                ))
             })?;
             if Digest::of(&bytes) != digest {
-                return Err(OpenError::Recovery(format!("{} does not match its digest {digest}", path.display())));
+                return Err(OpenError::Recovery(format!(
+                    "{} does not match its digest {digest}",
+                    path.display()
+                )));
             }
             loaded.insert(digest, runtime.load(&bytes)?);
         }
@@ -215,6 +231,16 @@ impl Node {
         &self.inner.store
     }
 
+    /// Resolves when the node hits a fatal error (its log writer failed), with the reason.
+    /// Cancel safe.
+    pub async fn fatal(&self) -> String {
+        match self.inner.wal.wait_durable(Lsn(u64::MAX)).await {
+            Err(e) => e.to_string(),
+            // No log reaches that position.
+            Ok(()) => std::future::pending().await,
+        }
+    }
+
     pub fn lsn_durable(&self) -> Lsn {
         self.inner.wal.lsn_durable()
     }
@@ -254,12 +280,17 @@ impl Node {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match self.attempt(&f, id, started, deadline, method, input, idempotency_key).await {
+            match self
+                .attempt(&f, id, started, deadline, method, input, idempotency_key)
+                .await
+            {
                 Err(InvokeError::Conflict(_)) if attempt <= inner.config.conflict_retries_max => {
                     // Back off a little, more each time, staggered by transaction so that
                     // two conflicting transactions do not retry in lockstep.
-                    let jitter_us = (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) * u64::from(attempt);
-                    tokio::time::sleep(Duration::from_micros(100 * u64::from(attempt) + jitter_us)).await;
+                    let jitter_us =
+                        (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) * u64::from(attempt);
+                    tokio::time::sleep(Duration::from_micros(100 * u64::from(attempt) + jitter_us))
+                        .await;
                 }
                 Err(InvokeError::Conflict(_)) => break Err(InvokeError::Conflict(attempt)),
                 other => break other,
@@ -267,7 +298,9 @@ impl Node {
         };
         let outcome = match &result {
             Ok(Answer { outcome: Ok(_), .. }) => "commit",
-            Ok(Answer { outcome: Err(_), .. }) => "abort",
+            Ok(Answer {
+                outcome: Err(_), ..
+            }) => "abort",
             Err(InvokeError::Deadline(_)) => "deadline",
             Err(InvokeError::Conflict(_)) => "conflict",
             Err(InvokeError::Trap(_) | InvokeError::ResourceCap(_)) => "trap",
@@ -277,7 +310,10 @@ impl Node {
         match outcome {
             "commit" => {
                 inner.metrics.commits.inc();
-                inner.metrics.commit_latency_seconds.observe(started.elapsed().as_secs_f64());
+                inner
+                    .metrics
+                    .commit_latency_seconds
+                    .observe(started.elapsed().as_secs_f64());
             }
             "abort" => {
                 inner.metrics.aborts.inc();
@@ -294,13 +330,19 @@ impl Node {
     /// The remembered answer for `key`, once the commit that remembered it is durable.
     async fn replay(&self, f: &Function, key: &str) -> Result<Option<Answer>, InvokeError> {
         let expiry = now_ms().saturating_sub(self.inner.config.idempotency_window_s * 1000);
-        let Some((lsn, entry)) = f.idempotent_answer(key, expiry) else { return Ok(None) };
+        let Some((lsn, entry)) = f.idempotent_answer(key, expiry) else {
+            return Ok(None);
+        };
         self.wait_durable(lsn).await?;
         let outcome = match entry.outcome {
             Outcome::Ok(output) => Ok(output),
             Outcome::Err { code, message } => Err(GuestError { code, message }),
         };
-        Ok(Some(Answer { outcome, txn: TxnId(0), replayed: true }))
+        Ok(Some(Answer {
+            outcome,
+            txn: TxnId(0),
+            replayed: true,
+        }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -316,7 +358,12 @@ impl Node {
     ) -> Result<Answer, InvokeError> {
         let inner = &self.inner;
         f.lock.acquire(id, Mode::First).await.map_err(lock_error)?;
-        let txn = Arc::new(Mutex::new(Txn::new(id, started, deadline, inner.config.limits)));
+        let txn = Arc::new(Mutex::new(Txn::new(
+            id,
+            started,
+            deadline,
+            inner.config.limits,
+        )));
         txn.lock().add_held(f.clone());
         let held = HeldLocks { txn: txn.clone() };
 
@@ -336,27 +383,49 @@ impl Node {
         }
         let loaded = self.loaded(meta.deploy.digest)?;
         let ctx = Ctx::new(txn.clone(), f.clone(), 0, inner.clone(), &inner.config.wasm);
-        let result = inner.runtime.run(&loaded, ctx, deadline, method, input).await;
+        let result = inner
+            .runtime
+            .run(&loaded, ctx, deadline, method, input)
+            .await;
         let outcome = match result {
             Err(abort) => return Err(classify(abort)),
-            Ok(Ok(output)) if output.len() > OUTPUT_LEN_MAX => return Err(InvokeError::OutputTooLarge(output.len())),
+            Ok(Ok(output)) if output.len() > OUTPUT_LEN_MAX => {
+                return Err(InvokeError::OutputTooLarge(output.len()))
+            }
             Ok(outcome) => outcome,
         };
 
-        let writes = if outcome.is_ok() { txn.lock().writes() } else { Vec::new() };
+        let writes = if outcome.is_ok() {
+            txn.lock().writes()
+        } else {
+            Vec::new()
+        };
         let idempotency = idempotency_key.map(|key| Idempotency {
             function: f.name.clone(),
             key: key.to_owned(),
             outcome: match &outcome {
                 Ok(output) => Outcome::Ok(output.clone()),
-                Err(e) => Outcome::Err { code: e.code.clone(), message: e.message.clone() },
+                Err(e) => Outcome::Err {
+                    code: e.code.clone(),
+                    message: e.message.clone(),
+                },
             },
             at_ms: now_ms(),
         });
         // What this answer depends on: everything it read, and its own commit.
-        let mut lsn_wait = txn.lock().held().iter().map(|f| f.lsn_last_write()).max().unwrap_or(Lsn::ZERO);
+        let mut lsn_wait = txn
+            .lock()
+            .held()
+            .iter()
+            .map(|f| f.lsn_last_write())
+            .max()
+            .unwrap_or(Lsn::ZERO);
         if !writes.is_empty() || idempotency.is_some() {
-            let record = Record::Commit(Commit { txn: id, writes, idempotency });
+            let record = Record::Commit(Commit {
+                txn: id,
+                writes,
+                idempotency,
+            });
             let (lsn, applied) = inner
                 .wal
                 .append(&record, |lsn| inner.store.apply(lsn, &record))
@@ -366,14 +435,22 @@ impl Node {
         }
         drop(held);
         self.wait_durable(lsn_wait).await?;
-        Ok(Answer { outcome, txn: id, replayed: false })
+        Ok(Answer {
+            outcome,
+            txn: id,
+            replayed: false,
+        })
     }
 
     async fn wait_durable(&self, lsn: Lsn) -> Result<(), InvokeError> {
         if self.inner.wal.durability() == Durability::Memory {
             return Ok(());
         }
-        self.inner.wal.wait_durable(lsn).await.map_err(|e| InvokeError::Storage(e.to_string()))
+        self.inner
+            .wal
+            .wait_durable(lsn)
+            .await
+            .map_err(|e| InvokeError::Storage(e.to_string()))
     }
 
     fn loaded(&self, digest: Digest) -> Result<Arc<Loaded>, InvokeError> {
@@ -403,11 +480,24 @@ impl Node {
         let loaded = loaded?;
         self.save_artifact(loaded.digest, &bytes)?;
         let _admin = inner.admin.lock().await;
-        let version = inner.store.get(&name).map_or(0, |f| f.meta().deploy.version) + 1;
+        let version = inner
+            .store
+            .get(&name)
+            .map_or(0, |f| f.meta().deploy.version)
+            + 1;
         inner.loaded.write().insert(loaded.digest, loaded.clone());
-        let record = Record::Deploy(Deploy { function: name.clone(), digest: loaded.digest, version, at_ms: now_ms() });
+        let record = Record::Deploy(Deploy {
+            function: name.clone(),
+            digest: loaded.digest,
+            version,
+            at_ms: now_ms(),
+        });
         self.log_admin(&record).await?;
-        inner.metrics.functions_deployed.set(inner.store.list().len() as i64);
+        inner
+            .metrics
+            .functions_deployed
+            .set(inner.store.list().len() as i64);
+        self.prune_loaded();
         tracing::info!(function = %name, digest = %loaded.digest, version, "deployed");
         self.describe(name.as_str())
     }
@@ -418,21 +508,40 @@ impl Node {
         let _admin = self.inner.admin.lock().await;
         // Take the function's lock so no transaction is half-way through it.
         let id = TxnId(self.inner.txn_next.fetch_add(1, Ordering::Relaxed));
-        f.lock.acquire(id, Mode::First).await.map_err(|e| AdminError::Storage(e.to_string()))?;
-        let result = self.log_admin(&Record::Delete { function: f.name.clone() }).await;
+        f.lock
+            .acquire(id, Mode::First)
+            .await
+            .map_err(|e| AdminError::Storage(e.to_string()))?;
+        let result = self
+            .log_admin(&Record::Delete {
+                function: f.name.clone(),
+            })
+            .await;
         f.lock.release(id);
         result?;
-        self.inner.metrics.functions_deployed.set(self.inner.store.list().len() as i64);
+        self.inner
+            .metrics
+            .functions_deployed
+            .set(self.inner.store.list().len() as i64);
+        self.prune_loaded();
         tracing::info!(function = %f.name, "deleted");
         Ok(())
     }
 
     /// Stop (`running = false`) or start `function`. A stopped function answers 503
     /// and keeps its state.
-    pub async fn set_running(&self, function: &str, running: bool) -> Result<FunctionInfo, AdminError> {
+    pub async fn set_running(
+        &self,
+        function: &str,
+        running: bool,
+    ) -> Result<FunctionInfo, AdminError> {
         let f = self.function(function)?;
         let _admin = self.inner.admin.lock().await;
-        self.log_admin(&Record::SetRunning { function: f.name.clone(), running }).await?;
+        self.log_admin(&Record::SetRunning {
+            function: f.name.clone(),
+            running,
+        })
+        .await?;
         tracing::info!(function = %f.name, running, "set running");
         self.describe(function)
     }
@@ -445,11 +554,25 @@ impl Node {
             .map_err(|e| AdminError::Storage(e.to_string()))?;
         applied.map_err(|e| AdminError::Storage(e.to_string()))?;
         // Admin changes are always made durable before they are answered.
-        inner.wal.wait_durable(lsn).await.map_err(|e| AdminError::Storage(e.to_string()))
+        inner
+            .wal
+            .wait_durable(lsn)
+            .await
+            .map_err(|e| AdminError::Storage(e.to_string()))
+    }
+
+    /// Drop compiled components no function uses any more (after an upgrade or delete).
+    /// A transaction still running an old one holds its own reference.
+    fn prune_loaded(&self) {
+        let used: std::collections::HashSet<Digest> = self.inner.store.list().iter().map(|f| f.digest()).collect();
+        self.inner.loaded.write().retain(|digest, _| used.contains(digest));
     }
 
     fn save_artifact(&self, digest: Digest, bytes: &[u8]) -> Result<(), AdminError> {
-        let path = self.inner.artifacts_dir.join(format!("{}.wasm", digest.to_hex()));
+        let path = self
+            .inner
+            .artifacts_dir
+            .join(format!("{}.wasm", digest.to_hex()));
         if path.exists() {
             return Ok(());
         }
@@ -460,7 +583,8 @@ impl Node {
         // The log will refer to this file: it must be on disk before the record is.
         file.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
-        wal::snapshot::sync_dir(&self.inner.artifacts_dir).map_err(|e| AdminError::Storage(e.to_string()))
+        wal::snapshot::sync_dir(&self.inner.artifacts_dir)
+            .map_err(|e| AdminError::Storage(e.to_string()))
     }
 
     fn function(&self, function: &str) -> Result<Arc<Function>, AdminError> {
@@ -476,7 +600,12 @@ impl Node {
     }
 
     pub fn list(&self) -> Vec<FunctionInfo> {
-        self.inner.store.list().iter().map(|f| self.info(f)).collect()
+        self.inner
+            .store
+            .list()
+            .iter()
+            .map(|f| self.info(f))
+            .collect()
     }
 
     fn info(&self, f: &Function) -> FunctionInfo {
@@ -490,7 +619,12 @@ impl Node {
             keys: f.len(),
             idempotency_keys: f.idempotency_keys(),
             lsn_last_write: f.lsn_last_write().0,
-            state_digest: self.inner.store.state_digest(&f.name).map(|d| d.to_string()).unwrap_or_default(),
+            state_digest: self
+                .inner
+                .store
+                .state_digest(&f.name)
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -557,17 +691,30 @@ fn check_idempotency_key(key: &str) -> Result<(), InvokeError> {
         )));
     }
     if !key.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(InvokeError::BadIdempotencyKey("must be printable ASCII without spaces".into()));
+        return Err(InvokeError::BadIdempotencyKey(
+            "must be printable ASCII without spaces".into(),
+        ));
     }
     Ok(())
 }
 
+/// An abort of a callee that ends the whole transaction, carried up through the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Propagated(InvokeError);
+
 /// Say why an instance stopped without answering.
 fn classify(error: wasmtime::Error) -> InvokeError {
+    let error = match error.downcast::<Propagated>() {
+        Ok(Propagated(inner)) => return inner,
+        Err(error) => error,
+    };
     if let Some(abort) = error.downcast_ref::<Abort>() {
         return match abort {
             Abort::Deadline(_) => InvokeError::Deadline(abort.to_string()),
-            Abort::MemoryCap { .. } | Abort::TableCap { .. } => InvokeError::ResourceCap(abort.to_string()),
+            Abort::MemoryCap { .. } | Abort::TableCap { .. } => {
+                InvokeError::ResourceCap(abort.to_string())
+            }
         };
     }
     if let Some(e) = error.downcast_ref::<lock::Error>() {
@@ -601,41 +748,87 @@ impl Calls for Inner {
                     format!("calls may nest at most {} deep", self.config.call_depth_max),
                 )));
             }
-            let Some(f) = FunctionName::new(&function).ok().and_then(|name| self.store.get(&name)) else {
-                return Ok(Err(GuestError::new("unknown-function", format!("no function named {function:?}"))));
+            let Some(f) = FunctionName::new(&function)
+                .ok()
+                .and_then(|name| self.store.get(&name))
+            else {
+                return Ok(Err(GuestError::new(
+                    "unknown-function",
+                    format!("no function named {function:?}"),
+                )));
             };
             let (id, holds, deadline) = {
                 let t = txn.lock();
                 (t.id, t.holds(&f.name), t.deadline)
             };
             if !holds {
-                f.lock.acquire(id, Mode::Nested).await.map_err(wasmtime::Error::new)?;
+                f.lock
+                    .acquire(id, Mode::Nested)
+                    .await
+                    .map_err(wasmtime::Error::new)?;
                 txn.lock().add_held(f.clone());
             }
             let meta = f.meta();
             if meta.deleted {
-                return Ok(Err(GuestError::new("unknown-function", format!("no function named {function:?}"))));
+                return Ok(Err(GuestError::new(
+                    "unknown-function",
+                    format!("no function named {function:?}"),
+                )));
             }
             if !meta.running {
-                return Ok(Err(GuestError::new("stopped", format!("function {function} is stopped"))));
+                return Ok(Err(GuestError::new(
+                    "stopped",
+                    format!("function {function} is stopped"),
+                )));
             }
             let loaded = self
                 .loaded
                 .read()
                 .get(&meta.deploy.digest)
                 .cloned()
-                .ok_or_else(|| wasmtime::Error::msg(format!("component {} is not loaded", meta.deploy.digest)))?;
+                .ok_or_else(|| {
+                    wasmtime::Error::msg(format!("component {} is not loaded", meta.deploy.digest))
+                })?;
             let savepoint = txn.lock().savepoint();
             let ctx = Ctx::new(txn.clone(), f, depth, self.clone(), &self.config.wasm);
             // The callee runs on its own task, so it gets its own fiber and stack.
             let inner = self.clone();
-            let run = tokio::spawn(async move { inner.runtime.run(&loaded, ctx, deadline, &method, &input).await });
-            let result = run.await.map_err(|e| wasmtime::Error::msg(format!("callee task failed: {e}")))??;
-            if result.is_err() {
-                // The callee's own error aborts the callee's part only.
-                txn.lock().rollback_to(savepoint);
+            let run = tokio::spawn(async move {
+                inner
+                    .runtime
+                    .run(&loaded, ctx, deadline, &method, &input)
+                    .await
+            });
+            let result = run
+                .await
+                .map_err(|e| wasmtime::Error::msg(format!("callee task failed: {e}")))?;
+            match result {
+                Ok(Ok(output)) => Ok(Ok(output)),
+                Ok(Err(own)) => {
+                    // The callee's own error aborts the callee's part only.
+                    txn.lock().rollback_to(savepoint);
+                    Ok(Err(own))
+                }
+                Err(abort) => match classify(abort) {
+                    // A trap or a cap hit inside the callee: undo its part, tell the caller.
+                    InvokeError::Trap(why) => {
+                        txn.lock().rollback_to(savepoint);
+                        Ok(Err(GuestError::new(
+                            "trap",
+                            format!("function {function} trapped: {why}"),
+                        )))
+                    }
+                    InvokeError::ResourceCap(why) => {
+                        txn.lock().rollback_to(savepoint);
+                        Ok(Err(GuestError::new(
+                            "resource-cap",
+                            format!("function {function}: {why}"),
+                        )))
+                    }
+                    // The deadline and lost conflicts belong to the whole transaction.
+                    other => Err(wasmtime::Error::new(Propagated(other))),
+                },
             }
-            Ok(result)
         })
     }
 }

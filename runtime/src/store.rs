@@ -24,7 +24,9 @@ pub type Map = imbl::OrdMap<Bytes, Bytes>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("record {lsn} refers to function {function}, which does not exist at that point of the log")]
+    #[error(
+        "record {lsn} refers to function {function}, which does not exist at that point of the log"
+    )]
     UnknownFunction { lsn: Lsn, function: FunctionName },
 }
 
@@ -50,7 +52,9 @@ pub struct Meta {
 
 impl std::fmt::Debug for Function {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Function").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Function")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -59,7 +63,11 @@ impl Function {
         Function {
             name: deploy.function.clone(),
             lock: TxnLock::default(),
-            meta: Mutex::new(Meta { deploy, running, deleted: false }),
+            meta: Mutex::new(Meta {
+                deploy,
+                running,
+                deleted: false,
+            }),
             kv: RwLock::new(Map::new()),
             idempotency: Mutex::new(HashMap::new()),
             lsn_last_write: AtomicU64::new(0),
@@ -99,7 +107,10 @@ impl Function {
     /// given out, unless it is older than `expiry_ms`.
     pub fn idempotent_answer(&self, key: &str, expiry_ms: u64) -> Option<(Lsn, Idempotency)> {
         let table = self.idempotency.lock();
-        table.get(key).filter(|(_, entry)| entry.at_ms >= expiry_ms).cloned()
+        table
+            .get(key)
+            .filter(|(_, entry)| entry.at_ms >= expiry_ms)
+            .cloned()
     }
 
     pub fn idempotency_keys(&self) -> usize {
@@ -108,7 +119,9 @@ impl Function {
 
     /// Forget answers older than `expiry_ms`.
     pub fn expire_idempotency(&self, expiry_ms: u64) {
-        self.idempotency.lock().retain(|_, (_, entry)| entry.at_ms >= expiry_ms);
+        self.idempotency
+            .lock()
+            .retain(|_, (_, entry)| entry.at_ms >= expiry_ms);
     }
 }
 
@@ -134,19 +147,29 @@ impl Store {
     /// log never does (a function is locked by every transaction that writes it, and
     /// deleting it takes that lock).
     pub fn apply(&self, lsn: Lsn, record: &Record) -> Result<(), Error> {
-        let unknown = |function: &FunctionName| Error::UnknownFunction { lsn, function: function.clone() };
+        let unknown = |function: &FunctionName| Error::UnknownFunction {
+            lsn,
+            function: function.clone(),
+        };
         match record {
             Record::Deploy(deploy) => {
                 let mut functions = self.functions.write();
                 match functions.get(&deploy.function) {
                     Some(existing) => existing.meta.lock().deploy = deploy.clone(),
                     None => {
-                        functions.insert(deploy.function.clone(), Arc::new(Function::new(deploy.clone(), true)));
+                        functions.insert(
+                            deploy.function.clone(),
+                            Arc::new(Function::new(deploy.clone(), true)),
+                        );
                     }
                 }
             }
             Record::Delete { function } => {
-                let removed = self.functions.write().remove(function).ok_or_else(|| unknown(function))?;
+                let removed = self
+                    .functions
+                    .write()
+                    .remove(function)
+                    .ok_or_else(|| unknown(function))?;
                 removed.meta.lock().deleted = true;
             }
             Record::SetRunning { function, running } => {
@@ -155,11 +178,16 @@ impl Store {
             }
             Record::Commit(commit) => {
                 for writes in &commit.writes {
-                    let f = self.get(&writes.function).ok_or_else(|| unknown(&writes.function))?;
+                    let f = self
+                        .get(&writes.function)
+                        .ok_or_else(|| unknown(&writes.function))?;
                     let mut kv = f.kv.write();
                     for op in &writes.ops {
                         match &op.value {
-                            Some(value) => kv.insert(Bytes::copy_from_slice(&op.key), Bytes::copy_from_slice(value)),
+                            Some(value) => kv.insert(
+                                Bytes::copy_from_slice(&op.key),
+                                Bytes::copy_from_slice(value),
+                            ),
                             None => kv.remove(op.key.as_slice()),
                         };
                     }
@@ -167,8 +195,12 @@ impl Store {
                     f.lsn_last_write.store(lsn.0, Ordering::Release);
                 }
                 if let Some(idem) = &commit.idempotency {
-                    let f = self.get(&idem.function).ok_or_else(|| unknown(&idem.function))?;
-                    f.idempotency.lock().insert(idem.key.clone(), (lsn, idem.clone()));
+                    let f = self
+                        .get(&idem.function)
+                        .ok_or_else(|| unknown(&idem.function))?;
+                    f.idempotency
+                        .lock()
+                        .insert(idem.key.clone(), (lsn, idem.clone()));
                 }
             }
         }
@@ -201,7 +233,13 @@ impl Store {
                 .map(|(meta, view, idempotency)| FunctionImage {
                     deploy: meta.deploy,
                     running: meta.running,
-                    entries: view.iter().map(|(k, v)| Entry { key: k.to_vec(), value: v.to_vec() }).collect(),
+                    entries: view
+                        .iter()
+                        .map(|(k, v)| Entry {
+                            key: k.to_vec(),
+                            value: v.to_vec(),
+                        })
+                        .collect(),
                     idempotency,
                 })
                 .collect(),
@@ -213,9 +251,16 @@ impl Store {
         let store = Store::default();
         for fi in image.functions {
             let mut f = Function::new(fi.deploy, fi.running);
-            *f.kv.get_mut() = fi.entries.into_iter().map(|e| (Bytes::from(e.key), Bytes::from(e.value))).collect();
-            *f.idempotency.get_mut() =
-                fi.idempotency.into_iter().map(|entry| (entry.key.clone(), (image.lsn, entry))).collect();
+            *f.kv.get_mut() = fi
+                .entries
+                .into_iter()
+                .map(|e| (Bytes::from(e.key), Bytes::from(e.value)))
+                .collect();
+            *f.idempotency.get_mut() = fi
+                .idempotency
+                .into_iter()
+                .map(|entry| (entry.key.clone(), (image.lsn, entry)))
+                .collect();
             f.lsn_last_write.store(image.lsn.0, Ordering::Release);
             store.functions.write().insert(f.name.clone(), Arc::new(f));
         }

@@ -69,7 +69,10 @@ pub struct Txn {
 
 impl std::fmt::Debug for Txn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Txn").field("id", &self.id).field("writes", &self.write_count).finish_non_exhaustive()
+        f.debug_struct("Txn")
+            .field("id", &self.id)
+            .field("writes", &self.write_count)
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,7 +118,12 @@ impl Txn {
     }
 
     /// Fails when the key or value is too large or the transaction wrote too much.
-    pub fn put(&mut self, function: &Function, key: &[u8], value: &[u8]) -> Result<(), LimitExceeded> {
+    pub fn put(
+        &mut self,
+        function: &Function,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), LimitExceeded> {
         if value.len() > self.limits.value_len_max {
             return Err(LimitExceeded(format!(
                 "value of {} bytes exceeds the limit of {} bytes",
@@ -130,7 +138,12 @@ impl Txn {
         self.write(function, key, None)
     }
 
-    fn write(&mut self, function: &Function, key: &[u8], value: Option<Bytes>) -> Result<(), LimitExceeded> {
+    fn write(
+        &mut self,
+        function: &Function,
+        key: &[u8],
+        value: Option<Bytes>,
+    ) -> Result<(), LimitExceeded> {
         let limits = self.limits;
         if key.len() > limits.key_len_max {
             return Err(LimitExceeded(format!(
@@ -140,7 +153,10 @@ impl Txn {
             )));
         }
         if self.write_count >= limits.writes_max {
-            return Err(LimitExceeded(format!("a transaction may make at most {} writes", limits.writes_max)));
+            return Err(LimitExceeded(format!(
+                "a transaction may make at most {} writes",
+                limits.writes_max
+            )));
         }
         let size = key.len() + value.as_ref().map_or(0, |v| v.len());
         if self.write_bytes + size > limits.write_bytes_max {
@@ -151,13 +167,22 @@ impl Txn {
         }
         self.write_count += 1;
         self.write_bytes += size;
-        self.writes.entry(function.name.clone()).or_default().insert(Bytes::copy_from_slice(key), value);
+        self.writes
+            .entry(function.name.clone())
+            .or_default()
+            .insert(Bytes::copy_from_slice(key), value);
         Ok(())
     }
 
     /// Entries of `function` with `start <= key < end` in key order, at most `limit`
     /// (itself capped by `Limits::scan_limit_max`), as this transaction sees them.
-    pub fn scan(&self, function: &Function, start: &[u8], end: Option<&[u8]>, limit: u32) -> Vec<(Bytes, Bytes)> {
+    pub fn scan(
+        &self,
+        function: &Function,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: u32,
+    ) -> Vec<(Bytes, Bytes)> {
         let limit = limit.min(self.limits.scan_limit_max) as usize;
         let upper = match end {
             Some(end) if end <= start => return Vec::new(),
@@ -196,7 +221,11 @@ impl Txn {
 
     /// The write state now, to return to if a callee aborts.
     pub fn savepoint(&self) -> Savepoint {
-        Savepoint { writes: self.writes.clone(), write_count: self.write_count, write_bytes: self.write_bytes }
+        Savepoint {
+            writes: self.writes.clone(),
+            write_count: self.write_count,
+            write_bytes: self.write_bytes,
+        }
     }
 
     /// Forget every write made since `savepoint` (a callee returned its own error).
@@ -218,7 +247,10 @@ impl Txn {
                 function: function.clone(),
                 ops: ws
                     .iter()
-                    .map(|(k, v)| Op { key: k.to_vec(), value: v.as_ref().map(|v| v.to_vec()) })
+                    .map(|(k, v)| Op {
+                        key: k.to_vec(),
+                        value: v.as_ref().map(|v| v.to_vec()),
+                    })
                     .collect(),
             })
             .collect()

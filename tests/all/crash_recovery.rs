@@ -40,7 +40,9 @@ fn run_and_kill9(
     request: impl Fn(&Api, usize, u64) -> reqwest::Result<Reply> + Send + Sync + 'static,
 ) -> Vec<Arc<ClientLog>> {
     let request = Arc::new(request);
-    let logs: Vec<Arc<ClientLog>> = (0..CLIENTS).map(|_| Arc::new(ClientLog::default())).collect();
+    let logs: Vec<Arc<ClientLog>> = (0..CLIENTS)
+        .map(|_| Arc::new(ClientLog::default()))
+        .collect();
     let acked_total = Arc::new(AtomicU64::new(0));
     let killed = Arc::new(AtomicBool::new(false));
     let unexpected = Arc::new(Mutex::new(Vec::new()));
@@ -49,7 +51,8 @@ fn run_and_kill9(
         .enumerate()
         .map(|(client, log)| {
             let (api, request, log) = (node.api().clone(), request.clone(), log.clone());
-            let (acked_total, killed, unexpected) = (acked_total.clone(), killed.clone(), unexpected.clone());
+            let (acked_total, killed, unexpected) =
+                (acked_total.clone(), killed.clone(), unexpected.clone());
             thread::spawn(move || {
                 for seq in 1.. {
                     log.attempted.store(seq, Ordering::SeqCst);
@@ -62,11 +65,17 @@ fn run_and_kill9(
                         // connection drops; what matters is only what was acknowledged.
                         Ok(_) | Err(_) if killed.load(Ordering::SeqCst) => return,
                         Ok(reply) => {
-                            unexpected.lock().expect("not poisoned").push(format!("{} {}", reply.status, reply.text));
+                            unexpected
+                                .lock()
+                                .expect("not poisoned")
+                                .push(format!("{} {}", reply.status, reply.text));
                             return;
                         }
                         Err(e) => {
-                            unexpected.lock().expect("not poisoned").push(format!("transport error before the kill: {e}"));
+                            unexpected
+                                .lock()
+                                .expect("not poisoned")
+                                .push(format!("transport error before the kill: {e}"));
                             return;
                         }
                     }
@@ -75,9 +84,16 @@ fn run_and_kill9(
         })
         .collect();
 
-    let reached = || acked_total.load(Ordering::SeqCst) >= ACKED_BEFORE_KILL || !unexpected.lock().expect("not poisoned").is_empty();
+    let reached = || {
+        acked_total.load(Ordering::SeqCst) >= ACKED_BEFORE_KILL
+            || !unexpected.lock().expect("not poisoned").is_empty()
+    };
     let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("the workload's acknowledged commits", WORKLOAD_TIMEOUT, reached)
+        wait_until(
+            "the workload's acknowledged commits",
+            WORKLOAD_TIMEOUT,
+            reached,
+        )
     }));
     // Mark the kill first, so that the errors it causes are expected.
     killed.store(true, Ordering::SeqCst);
@@ -89,8 +105,14 @@ fn run_and_kill9(
         std::panic::resume_unwind(panic);
     }
     let unexpected = unexpected.lock().expect("not poisoned");
-    assert!(unexpected.is_empty(), "requests failed before the kill: {unexpected:?}");
-    let in_flight = logs.iter().filter(|l| l.attempted.load(Ordering::SeqCst) > l.acked.load(Ordering::SeqCst)).count();
+    assert!(
+        unexpected.is_empty(),
+        "requests failed before the kill: {unexpected:?}"
+    );
+    let in_flight = logs
+        .iter()
+        .filter(|l| l.attempted.load(Ordering::SeqCst) > l.acked.load(Ordering::SeqCst))
+        .count();
     eprintln!(
         "killed after {} acknowledged requests, with {in_flight} of {CLIENTS} clients waiting for an answer",
         acked_total.load(Ordering::SeqCst)
@@ -111,7 +133,10 @@ fn acknowledged_commits_survive_sigkill_during_checkpoints() {
         config_toml: Some(SMALL_CHECKPOINTS.into()),
         ..Default::default()
     });
-    assert!(!wal_snapshots(&node.wal_dir()).is_empty(), "the workload took no snapshot");
+    assert!(
+        !wal_snapshots(&node.wal_dir()).is_empty(),
+        "the workload took no snapshot"
+    );
 }
 
 /// Client i writes its request numbers, in order, to its own key `c<i>`; after the
@@ -128,11 +153,17 @@ fn check_acknowledged_commits_survive_sigkill(options: NodeOptions) -> NodeProce
     node.restart();
     let api = node.api();
     for (client, log) in logs.iter().enumerate() {
-        let (acked, attempted) = (log.acked.load(Ordering::SeqCst), log.attempted.load(Ordering::SeqCst));
+        let (acked, attempted) = (
+            log.acked.load(Ordering::SeqCst),
+            log.attempted.load(Ordering::SeqCst),
+        );
         let stored = &api.ok("h", "get", json!({ "key": format!("c{client}") }))["value"];
         let stored: u64 = match stored {
             Value::Null => 0,
-            v => v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("client {client} stored {v}")),
+            v => v
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("client {client} stored {v}")),
         };
         assert!(
             (acked..=attempted).contains(&stored),
@@ -141,8 +172,13 @@ fn check_acknowledged_commits_survive_sigkill(options: NodeOptions) -> NodeProce
         // The acknowledged answer itself is remembered with its commit.
         if acked > 0 {
             let input = json!({ "key": format!("c{client}"), "value": acked.to_string() });
-            let retry = api.invoke_keyed("h", "put", &input, &format!("c{client}-{acked}")).expect_status(200);
-            assert!(retry.replayed(), "client {client}: the answer to acknowledged request {acked} was lost");
+            let retry = api
+                .invoke_keyed("h", "put", &input, &format!("c{client}-{acked}"))
+                .expect_status(200);
+            assert!(
+                retry.replayed(),
+                "client {client}: the answer to acknowledged request {acked} was lost"
+            );
         }
     }
     let acked: u64 = logs.iter().map(|l| l.acked.load(Ordering::SeqCst)).sum();
@@ -153,29 +189,51 @@ fn check_acknowledged_commits_survive_sigkill(options: NodeOptions) -> NodeProce
 #[test]
 fn state_and_answers_survive_checkpoints_and_sigkill() {
     const PUTS: usize = 300;
-    let mut node = NodeProcess::start_with(NodeOptions { config_toml: Some(SMALL_CHECKPOINTS.into()), ..Default::default() });
+    let mut node = NodeProcess::start_with(NodeOptions {
+        config_toml: Some(SMALL_CHECKPOINTS.into()),
+        ..Default::default()
+    });
     let api = node.api().clone();
     api.deploy_component("h", "hostile");
     for i in 0..PUTS {
         let input = json!({ "key": format!("k/{i:07}"), "value": i.to_string() });
-        api.invoke_keyed("h", "put", &input, &format!("p{i}")).expect_status(200);
+        api.invoke_keyed("h", "put", &input, &format!("p{i}"))
+            .expect_status(200);
     }
     let wal_dir = node.wal_dir();
-    wait_until("a snapshot in the log directory", WORKLOAD_TIMEOUT, || !wal_snapshots(&wal_dir).is_empty());
+    wait_until("a snapshot in the log directory", WORKLOAD_TIMEOUT, || {
+        !wal_snapshots(&wal_dir).is_empty()
+    });
 
     node.kill9();
     node.restart();
     let api = node.api();
     assert_eq!(api.describe("h").expect_status(200).body["keys"], PUTS);
     let entries = api.ok("h", "scan", json!({ "prefix": "k/", "limit": 1000 }))["entries"].clone();
-    let expected: Vec<Value> = (0..PUTS).map(|i| json!([format!("k/{i:07}"), i.to_string()])).collect();
+    let expected: Vec<Value> = (0..PUTS)
+        .map(|i| json!([format!("k/{i:07}"), i.to_string()]))
+        .collect();
     assert_eq!(entries, Value::Array(expected));
     // Answers remembered in the snapshot, and in the log after it.
     for i in [0, PUTS / 2, PUTS - 1] {
         let input = json!({ "key": format!("k/{i:07}"), "value": i.to_string() });
-        let retry = api.invoke_keyed("h", "put", &input, &format!("p{i}")).expect_status(200);
+        let retry = api
+            .invoke_keyed("h", "put", &input, &format!("p{i}"))
+            .expect_status(200);
         assert!(retry.replayed(), "the answer for key p{i} was lost");
     }
+
+    // The log recovered on top of the snapshot takes new records, and a second crash
+    // keeps them (and everything before).
+    api.ok("h", "put", json!({ "key": "after", "value": "restart" }));
+    node.kill9();
+    node.restart();
+    let api = node.api();
+    assert_eq!(
+        api.ok("h", "get", json!({ "key": "after" })),
+        json!({ "value": "restart" })
+    );
+    assert_eq!(api.describe("h").expect_status(200).body["keys"], PUTS + 1);
 }
 
 #[test]
@@ -185,28 +243,52 @@ fn bank_total_is_conserved_across_sigkill() {
     let api = node.api().clone();
     api.deploy_component("bank", "bank");
     for client in 0..CLIENTS {
-        api.ok("bank", "open", json!({ "account": format!("a{client}"), "initial": INITIAL }));
+        api.ok(
+            "bank",
+            "open",
+            json!({ "account": format!("a{client}"), "initial": INITIAL }),
+        );
         api.ok("bank", "open", json!({ "account": format!("b{client}") }));
     }
 
     // Client i moves 1 from `a<i>` to `b<i>` per request: `b<i>` counts its commits.
     let logs = run_and_kill9(&mut node, |api, client, seq| {
-        let input = json!({ "from": format!("a{client}"), "to": format!("b{client}"), "amount": 1 });
-        api.try_invoke("bank", "transfer", &input, Some(&format!("t{client}-{seq}")))
+        let input =
+            json!({ "from": format!("a{client}"), "to": format!("b{client}"), "amount": 1 });
+        api.try_invoke(
+            "bank",
+            "transfer",
+            &input,
+            Some(&format!("t{client}-{seq}")),
+        )
     });
 
     node.restart();
     let api = node.api();
-    let balance = |account: String| api.ok("bank", "balance", json!({ "account": account }))["balance"].as_u64().expect("a number");
+    let balance = |account: String| {
+        api.ok("bank", "balance", json!({ "account": account }))["balance"]
+            .as_u64()
+            .expect("a number")
+    };
     for (client, log) in logs.iter().enumerate() {
-        let (acked, attempted) = (log.acked.load(Ordering::SeqCst), log.attempted.load(Ordering::SeqCst));
+        let (acked, attempted) = (
+            log.acked.load(Ordering::SeqCst),
+            log.attempted.load(Ordering::SeqCst),
+        );
         let (a, b) = (balance(format!("a{client}")), balance(format!("b{client}")));
-        assert_eq!(a + b, INITIAL, "client {client}: half a transfer survived (a{client} = {a}, b{client} = {b})");
+        assert_eq!(
+            a + b,
+            INITIAL,
+            "client {client}: half a transfer survived (a{client} = {a}, b{client} = {b})"
+        );
         assert!(
             (acked..=attempted).contains(&b),
             "client {client}: {b} transfers committed, but {acked} were acknowledged and {attempted} sent"
         );
     }
     let total = api.ok("bank", "total", Value::Null);
-    assert_eq!(total, json!({ "total": INITIAL * CLIENTS as u64, "accounts": 2 * CLIENTS }));
+    assert_eq!(
+        total,
+        json!({ "total": INITIAL * CLIENTS as u64, "accounts": 2 * CLIENTS })
+    );
 }

@@ -17,11 +17,23 @@ fn non_wasm_component_is_rejected() {
     let node = NodeProcess::start();
     let api = node.api();
     // Fixed "random" bytes: a test that fails must fail the same way again.
-    let junk: Vec<u8> = (0u32..4096).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let junk: Vec<u8> = (0u32..4096)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let reply = api.deploy("f", junk).expect_error(400, "invalid-component");
-    assert!(reply.message().contains("not a WebAssembly binary"), "{}", reply.text);
-    let reply = api.deploy("f", Vec::new()).expect_error(400, "invalid-component");
-    assert!(reply.message().contains("not a WebAssembly binary"), "{}", reply.text);
+    assert!(
+        reply.message().contains("not a WebAssembly binary"),
+        "{}",
+        reply.text
+    );
+    let reply = api
+        .deploy("f", Vec::new())
+        .expect_error(400, "invalid-component");
+    assert!(
+        reply.message().contains("not a WebAssembly binary"),
+        "{}",
+        reply.text
+    );
     api.describe("f").expect_error(404, "unknown-function");
 }
 
@@ -29,8 +41,14 @@ fn non_wasm_component_is_rejected() {
 fn core_module_is_rejected_as_not_a_component() {
     let node = NodeProcess::start();
     let api = node.api();
-    let reply = api.deploy("f", EMPTY_CORE_MODULE.to_vec()).expect_error(400, "invalid-component");
-    assert!(reply.message().contains("core WebAssembly module"), "{}", reply.text);
+    let reply = api
+        .deploy("f", EMPTY_CORE_MODULE.to_vec())
+        .expect_error(400, "invalid-component");
+    assert!(
+        reply.message().contains("core WebAssembly module"),
+        "{}",
+        reply.text
+    );
     api.describe("f").expect_error(404, "unknown-function");
 }
 
@@ -38,8 +56,14 @@ fn core_module_is_rejected_as_not_a_component() {
 fn component_outside_the_world_is_rejected() {
     let node = NodeProcess::start();
     let api = node.api();
-    let reply = api.deploy("f", EMPTY_COMPONENT.to_vec()).expect_error(400, "invalid-component");
-    assert!(reply.message().contains("understudy:function/handler"), "the message names the missing export: {}", reply.text);
+    let reply = api
+        .deploy("f", EMPTY_COMPONENT.to_vec())
+        .expect_error(400, "invalid-component");
+    assert!(
+        reply.message().contains("understudy:function/handler"),
+        "the message names the missing export: {}",
+        reply.text
+    );
     api.describe("f").expect_error(404, "unknown-function");
 
     // The same with a component made by the usual tool from a core module that exports nothing.
@@ -53,14 +77,38 @@ fn component_outside_the_world_is_rejected() {
     let made = dir.path().join("component.wasm");
     std::fs::write(&wat, "(module)").expect("write wat");
     let run = |args: &[&std::ffi::OsStr]| {
-        let out = Command::new(&wasm_tools).args(args).output().expect("run wasm-tools");
-        assert!(out.status.success(), "wasm-tools {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(&wasm_tools)
+            .args(args)
+            .output()
+            .expect("run wasm-tools");
+        assert!(
+            out.status.success(),
+            "wasm-tools {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["parse".as_ref(), wat.as_os_str(), "-o".as_ref(), core.as_os_str()]);
-    run(&["component".as_ref(), "new".as_ref(), core.as_os_str(), "-o".as_ref(), made.as_os_str()]);
+    run(&[
+        "parse".as_ref(),
+        wat.as_os_str(),
+        "-o".as_ref(),
+        core.as_os_str(),
+    ]);
+    run(&[
+        "component".as_ref(),
+        "new".as_ref(),
+        core.as_os_str(),
+        "-o".as_ref(),
+        made.as_os_str(),
+    ]);
     let bytes = std::fs::read(&made).expect("read the component");
-    let reply = api.deploy("f", bytes).expect_error(400, "invalid-component");
-    assert!(reply.message().contains("understudy:function/handler"), "{}", reply.text);
+    let reply = api
+        .deploy("f", bytes)
+        .expect_error(400, "invalid-component");
+    assert!(
+        reply.message().contains("understudy:function/handler"),
+        "{}",
+        reply.text
+    );
 }
 
 #[test]
@@ -68,10 +116,21 @@ fn malformed_json_is_rejected_with_bad_json() {
     let node = NodeProcess::start();
     let api = node.api();
     api.deploy_component("c", "counter");
-    for body in [&b"{"[..], b"{\"by\": }", b"not json", b"{\"by\": 1} trailing"] {
-        api.invoke_raw("c", "increment", body.to_vec(), None).expect("invoke").expect_error(400, "bad-json");
+    for body in [
+        &b"{"[..],
+        b"{\"by\": }",
+        b"not json",
+        b"{\"by\": 1} trailing",
+    ] {
+        api.invoke_raw("c", "increment", body.to_vec(), None)
+            .expect("invoke")
+            .expect_error(400, "bad-json");
     }
-    assert_eq!(api.ok("c", "get", Value::Null), json!({ "value": 0 }), "a rejected body ran the handler");
+    assert_eq!(
+        api.ok("c", "get", Value::Null),
+        json!({ "value": 0 }),
+        "a rejected body ran the handler"
+    );
 }
 
 #[test]
@@ -83,12 +142,17 @@ fn oversized_body_is_rejected_with_413() {
     let mut body = vec![b'"'];
     body.resize((1 << 20) + 16, b'a');
     body.push(b'"');
-    api.invoke_raw("h", "echo", body, None).expect("invoke").expect_error(413, "too-large");
+    api.invoke_raw("h", "echo", body, None)
+        .expect("invoke")
+        .expect_error(413, "too-large");
     // Just under the limit is fine.
     let mut body = vec![b'"'];
     body.resize((1 << 20) - 2, b'a');
     body.push(b'"');
-    let reply = api.invoke_raw("h", "echo", body.clone(), None).expect("invoke").expect_status(200);
+    let reply = api
+        .invoke_raw("h", "echo", body.clone(), None)
+        .expect("invoke")
+        .expect_status(200);
     assert_eq!(reply.text.len(), body.len());
 }
 
@@ -96,7 +160,8 @@ fn oversized_body_is_rejected_with_413() {
 fn unknown_function_is_404() {
     let node = NodeProcess::start();
     let api = node.api();
-    api.invoke("nope", "get", &Value::Null).expect_error(404, "unknown-function");
+    api.invoke("nope", "get", &Value::Null)
+        .expect_error(404, "unknown-function");
     api.describe("nope").expect_error(404, "unknown-function");
     api.delete("nope").expect_error(404, "unknown-function");
 }
@@ -107,12 +172,20 @@ fn handler_errors_map_to_422_and_bad_input_to_400() {
     let api = node.api();
     api.deploy_component("bank", "bank");
     api.ok("bank", "open", json!({ "account": "a", "initial": 1 }));
-    api.invoke("bank", "deposit", &json!({ "account": "a", "amount": 0 })).expect_error(400, "bad-input");
-    api.invoke("bank", "deposit", &json!({ "account": "a" })).expect_error(400, "bad-input");
-    api.invoke("bank", "deposit", &json!({ "account": "a", "amount": -1 })).expect_error(400, "bad-input");
-    api.invoke("bank", "balance", &json!({ "account": "zz" })).expect_error(422, "no-account");
-    api.invoke("bank", "no-such-method", &Value::Null).expect_error(422, "unknown-method");
-    assert_eq!(api.ok("bank", "total", Value::Null), json!({ "total": 1, "accounts": 1 }));
+    api.invoke("bank", "deposit", &json!({ "account": "a", "amount": 0 }))
+        .expect_error(400, "bad-input");
+    api.invoke("bank", "deposit", &json!({ "account": "a" }))
+        .expect_error(400, "bad-input");
+    api.invoke("bank", "deposit", &json!({ "account": "a", "amount": -1 }))
+        .expect_error(400, "bad-input");
+    api.invoke("bank", "balance", &json!({ "account": "zz" }))
+        .expect_error(422, "no-account");
+    api.invoke("bank", "no-such-method", &Value::Null)
+        .expect_error(422, "unknown-method");
+    assert_eq!(
+        api.ok("bank", "total", Value::Null),
+        json!({ "total": 1, "accounts": 1 })
+    );
 }
 
 #[test]
@@ -121,8 +194,17 @@ fn bad_function_name_is_rejected() {
     let api = node.api();
     for name in ["Upper", "1digit", "has.dot", &"x".repeat(200)] {
         let reply = api.deploy(name, crate::support::component("counter"));
-        assert_eq!((reply.status, reply.code()), (400, "bad-name"), "deploying {name:?}: {}", reply.text);
+        assert_eq!(
+            (reply.status, reply.code()),
+            (400, "bad-name"),
+            "deploying {name:?}: {}",
+            reply.text
+        );
     }
-    let listed = api.get("/v1/functions").expect("list").expect_status(200).body;
+    let listed = api
+        .get("/v1/functions")
+        .expect("list")
+        .expect_status(200)
+        .body;
     assert_eq!(listed["functions"], json!([]));
 }

@@ -14,18 +14,39 @@ fn idempotent_retry_returns_the_stored_answer_without_running_again() {
     let api = node.api();
     api.deploy_component("c", "counter");
 
-    let first = api.invoke_keyed("c", "increment", &Value::Null, "key-1").expect_status(200);
+    let first = api
+        .invoke_keyed("c", "increment", &Value::Null, "key-1")
+        .expect_status(200);
     assert_eq!(first.body, json!({ "value": 1 }));
     assert!(!first.replayed());
-    assert!(first.header("understudy-txn").is_some(), "{:?}", first.headers);
+    assert!(
+        first.header("understudy-txn").is_some(),
+        "{:?}",
+        first.headers
+    );
 
-    let retry = api.invoke_keyed("c", "increment", &Value::Null, "key-1").expect_status(200);
+    let retry = api
+        .invoke_keyed("c", "increment", &Value::Null, "key-1")
+        .expect_status(200);
     assert_eq!(retry.body, json!({ "value": 1 }));
-    assert!(retry.replayed(), "a repeat is marked as replayed: {:?}", retry.headers);
-    assert_eq!(api.ok("c", "get", Value::Null), json!({ "value": 1 }), "the retry ran the handler again");
+    assert!(
+        retry.replayed(),
+        "a repeat is marked as replayed: {:?}",
+        retry.headers
+    );
+    assert_eq!(
+        api.ok("c", "get", Value::Null),
+        json!({ "value": 1 }),
+        "the retry ran the handler again"
+    );
 
     // Another key is another request.
-    assert_eq!(api.invoke_keyed("c", "increment", &Value::Null, "key-2").expect_status(200).body, json!({ "value": 2 }));
+    assert_eq!(
+        api.invoke_keyed("c", "increment", &Value::Null, "key-2")
+            .expect_status(200)
+            .body,
+        json!({ "value": 2 })
+    );
     assert_eq!(api.ok("c", "get", Value::Null), json!({ "value": 2 }));
 }
 
@@ -37,14 +58,21 @@ fn function_error_answer_is_remembered_for_its_key() {
     api.ok("bank", "open", json!({ "account": "a", "initial": 10 }));
 
     let withdraw = json!({ "account": "a", "amount": 50 });
-    let first = api.invoke_keyed("bank", "withdraw", &withdraw, "w-1").expect_error(422, "overdraft");
+    let first = api
+        .invoke_keyed("bank", "withdraw", &withdraw, "w-1")
+        .expect_error(422, "overdraft");
     assert!(!first.replayed());
     // The withdrawal could succeed now; the key's answer is still the first one.
     api.ok("bank", "deposit", json!({ "account": "a", "amount": 100 }));
-    let retry = api.invoke_keyed("bank", "withdraw", &withdraw, "w-1").expect_error(422, "overdraft");
+    let retry = api
+        .invoke_keyed("bank", "withdraw", &withdraw, "w-1")
+        .expect_error(422, "overdraft");
     assert!(retry.replayed(), "{:?}", retry.headers);
     assert_eq!(retry.body, first.body);
-    assert_eq!(api.ok("bank", "balance", json!({ "account": "a" }))["balance"], 110);
+    assert_eq!(
+        api.ok("bank", "balance", json!({ "account": "a" }))["balance"],
+        110
+    );
 }
 
 #[test]
@@ -61,11 +89,15 @@ fn concurrent_duplicates_run_once() {
             let barrier = barrier.clone();
             thread::spawn(move || {
                 barrier.wait();
-                api.invoke_keyed("c", "increment", &json!({ "by": 7 }), "same-key").expect_status(200)
+                api.invoke_keyed("c", "increment", &json!({ "by": 7 }), "same-key")
+                    .expect_status(200)
             })
         })
         .collect();
-    let replies: Vec<_> = workers.into_iter().map(|w| w.join().expect("a client thread failed")).collect();
+    let replies: Vec<_> = workers
+        .into_iter()
+        .map(|w| w.join().expect("a client thread failed"))
+        .collect();
 
     for reply in &replies {
         assert_eq!(reply.body, json!({ "value": 7 }));
@@ -79,13 +111,19 @@ fn concurrent_duplicates_run_once() {
 fn idempotent_answer_survives_a_crash() {
     let mut node = NodeProcess::start();
     node.api().deploy_component("c", "counter");
-    node.api().invoke_keyed("c", "increment", &Value::Null, "before-crash").expect_status(200);
-    node.api().invoke_keyed("c", "increment", &Value::Null, "other").expect_status(200);
+    node.api()
+        .invoke_keyed("c", "increment", &Value::Null, "before-crash")
+        .expect_status(200);
+    node.api()
+        .invoke_keyed("c", "increment", &Value::Null, "other")
+        .expect_status(200);
 
     node.kill9();
     node.restart();
     let api = node.api();
-    let retry = api.invoke_keyed("c", "increment", &Value::Null, "before-crash").expect_status(200);
+    let retry = api
+        .invoke_keyed("c", "increment", &Value::Null, "before-crash")
+        .expect_status(200);
     assert!(retry.replayed(), "{:?}", retry.headers);
     assert_eq!(retry.body, json!({ "value": 1 }));
     assert_eq!(api.ok("c", "get", Value::Null), json!({ "value": 2 }));
@@ -97,7 +135,9 @@ fn bad_idempotency_key_is_rejected() {
     let api = node.api();
     api.deploy_component("c", "counter");
     let long = "k".repeat(257);
-    api.invoke_keyed("c", "increment", &Value::Null, &long).expect_error(400, "bad-idempotency-key");
-    api.invoke_keyed("c", "increment", &Value::Null, "has space").expect_error(400, "bad-idempotency-key");
+    api.invoke_keyed("c", "increment", &Value::Null, &long)
+        .expect_error(400, "bad-idempotency-key");
+    api.invoke_keyed("c", "increment", &Value::Null, "has space")
+        .expect_error(400, "bad-idempotency-key");
     assert_eq!(api.ok("c", "get", Value::Null), json!({ "value": 0 }));
 }

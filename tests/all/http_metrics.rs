@@ -16,7 +16,11 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 None => (series, ""),
             };
             let wanted = series_name == name
-                && labels.iter().all(|(k, v)| series_labels.split(',').any(|l| l == format!("{k}=\"{v}\"")));
+                && labels.iter().all(|(k, v)| {
+                    series_labels
+                        .split(',')
+                        .any(|l| l == format!("{k}=\"{v}\""))
+                });
             wanted.then(|| value.parse::<f64>().expect("a sample's value is a number"))
         })
         .next()
@@ -25,7 +29,11 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 fn scrape(api: &Api) -> String {
     let reply = api.get("/metrics").expect("metrics").expect_status(200);
-    assert!(reply.text.contains("understudy_"), "metric names are prefixed: {}", reply.text);
+    assert!(
+        reply.text.contains("understudy_"),
+        "metric names are prefixed: {}",
+        reply.text
+    );
     reply.text
 }
 
@@ -43,17 +51,33 @@ fn metrics_count_invocations_commits_and_aborts() {
     for _ in 0..3 {
         api.ok("counter", "increment", Value::Null);
     }
-    api.invoke("h", "put-then-fail", &json!({ "key": "k", "value": "v" })).expect_error(422, "deliberate");
-    api.invoke("h", "trap", &Value::Null).expect_error(500, "trap");
+    api.invoke("h", "put-then-fail", &json!({ "key": "k", "value": "v" }))
+        .expect_error(422, "deliberate");
+    api.invoke("h", "trap", &Value::Null)
+        .expect_error(500, "trap");
 
     let after = scrape(api);
-    let moved = |name: &str, labels: &[(&str, &str)]| sample(&after, name, labels) - sample(&before, name, labels);
-    assert_eq!(moved("understudy_invocations_total", &commit), 3.0, "{after}");
-    assert_eq!(moved("understudy_invocations_total", &abort), 1.0, "{after}");
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        sample(&after, name, labels) - sample(&before, name, labels)
+    };
+    assert_eq!(
+        moved("understudy_invocations_total", &commit),
+        3.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved("understudy_invocations_total", &abort),
+        1.0,
+        "{after}"
+    );
     assert_eq!(moved("understudy_invocations_total", &trap), 1.0, "{after}");
     assert_eq!(moved("understudy_commits_total", &[]), 3.0, "{after}");
     assert_eq!(moved("understudy_aborts_total", &[]), 1.0, "{after}");
     assert_eq!(moved("understudy_traps_total", &[]), 1.0, "{after}");
     assert!(moved("understudy_log_bytes_total", &[]) > 0.0, "{after}");
-    assert_eq!(sample(&after, "understudy_functions_deployed", &[]), 2.0, "{after}");
+    assert_eq!(
+        sample(&after, "understudy_functions_deployed", &[]),
+        2.0,
+        "{after}"
+    );
 }

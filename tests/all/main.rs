@@ -9,10 +9,14 @@ mod support;
 
 mod crash_recovery;
 mod http_admin;
+mod http_disconnect;
 mod http_errors;
 mod http_examples;
 mod http_idempotency;
 mod http_metrics;
+mod node_shutdown;
+mod storage_artifacts;
 mod txn_isolation;
 mod wal_damage;
+mod wasm_host;
 mod wasm_limits;

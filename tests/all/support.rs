@@ -58,7 +58,10 @@ pub fn wasm_tools() -> Option<PathBuf> {
 /// parallel test is very unlikely.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("a bound listener has an address").port()
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+        .port()
 }
 
 /// Flags for `understudy node`, beyond the data directory and the address.
@@ -119,9 +122,18 @@ impl NodeProcess {
     ///
     /// Panics (with the node's log) when it exits or is not ready within `START_TIMEOUT`.
     pub fn start_with(options: NodeOptions) -> NodeProcess {
-        let root = tempfile::Builder::new().prefix("understudy-test-").tempdir().expect("create a temp dir");
-        let mut node =
-            NodeProcess { root, options, child: None, port: 0, runs: 0, api: Api::new("http://127.0.0.1:1") };
+        let root = tempfile::Builder::new()
+            .prefix("understudy-test-")
+            .tempdir()
+            .expect("create a temp dir");
+        let mut node = NodeProcess {
+            root,
+            options,
+            child: None,
+            port: 0,
+            runs: 0,
+            api: Api::new("http://127.0.0.1:1"),
+        };
         node.spawn();
         node
     }
@@ -154,6 +166,33 @@ impl NodeProcess {
             // `Child::kill` is SIGKILL on Unix.
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Stop the node gracefully (SIGTERM) and wait for it to exit; returns its status.
+    ///
+    /// Panics when it is still running after `EXIT_TIMEOUT` (it is then killed on drop).
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.as_ref().expect("the node is running").id();
+        // std has no signal API and the crate avoids `unsafe`: use kill(1).
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let started = Instant::now();
+        loop {
+            let child = self.child.as_mut().expect("the node is running");
+            if let Some(status) = child.try_wait().expect("poll the node process") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                started.elapsed() < EXIT_TIMEOUT,
+                "the node still ran {EXIT_TIMEOUT:?} after SIGTERM; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(POLL_INTERVAL);
         }
     }
 
@@ -222,13 +261,19 @@ impl NodeProcess {
             let child = self.child.as_mut().expect("wait_ready follows a spawn");
             if let Some(status) = child.try_wait().expect("poll the node process") {
                 self.child = None;
-                panic!("the node exited with {status} before it was ready; its log:\n{}", self.log());
+                panic!(
+                    "the node exited with {status} before it was ready; its log:\n{}",
+                    self.log()
+                );
             }
             if matches!(self.api.get("/healthz"), Ok(reply) if reply.status == 200) {
                 return;
             }
             if started.elapsed() > START_TIMEOUT {
-                panic!("the node was not ready after {START_TIMEOUT:?}; its log:\n{}", self.log());
+                panic!(
+                    "the node was not ready after {START_TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(POLL_INTERVAL);
         }
@@ -239,14 +284,20 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
-            eprintln!("--- last {LOG_TAIL_LINES} lines of {} ---\n{}", self.log_path().display(), log_tail(&self.log_path()));
+            eprintln!(
+                "--- last {LOG_TAIL_LINES} lines of {} ---\n{}",
+                self.log_path().display(),
+                log_tail(&self.log_path())
+            );
         }
     }
 }
 
 /// The last `LOG_TAIL_LINES` lines of the file at `path` (reads at most its last 64 KiB).
 fn log_tail(path: &Path) -> String {
-    let Ok(mut file) = File::open(path) else { return String::new() };
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
     let mut text = String::new();
@@ -286,14 +337,24 @@ impl Reply {
     /// Panics, showing the answer, unless the status is `status`.
     #[track_caller]
     pub fn expect_status(self, status: u16) -> Reply {
-        assert_eq!(self.status, status, "unexpected answer: {} {}", self.status, self.text);
+        assert_eq!(
+            self.status, status,
+            "unexpected answer: {} {}",
+            self.status, self.text
+        );
         self
     }
 
     /// Panics, showing the answer, unless it is `status` with error code `code`.
     #[track_caller]
     pub fn expect_error(self, status: u16, code: &str) -> Reply {
-        assert_eq!((self.status, self.code()), (status, code), "unexpected answer: {} {}", self.status, self.text);
+        assert_eq!(
+            (self.status, self.code()),
+            (status, code),
+            "unexpected answer: {} {}",
+            self.status,
+            self.text
+        );
         self
     }
 }
@@ -308,13 +369,23 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: &str) -> Api {
-        let client = Client::builder().timeout(REQUEST_TIMEOUT).build().expect("build an HTTP client");
-        Api { base: base.to_owned(), client, token: None }
+        let client = Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .expect("build an HTTP client");
+        Api {
+            base: base.to_owned(),
+            client,
+            token: None,
+        }
     }
 
     /// The same client, sending `Authorization: Bearer <token>` on every request.
     pub fn with_token(&self, token: &str) -> Api {
-        Api { token: Some(token.to_owned()), ..self.clone() }
+        Api {
+            token: Some(token.to_owned()),
+            ..self.clone()
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -327,46 +398,75 @@ impl Api {
 
     /// `PUT /v1/functions/{name}` with the component `bytes`.
     pub fn deploy(&self, name: &str, bytes: Vec<u8>) -> Reply {
-        self.send(self.client.put(self.url(&format!("/v1/functions/{name}"))).body(bytes)).expect("deploy request")
+        self.send(
+            self.client
+                .put(self.url(&format!("/v1/functions/{name}")))
+                .body(bytes),
+        )
+        .expect("deploy request")
     }
 
     /// Deploy the prebuilt guest `component` as `name`; panics unless it is created.
     #[track_caller]
     pub fn deploy_component(&self, name: &str, component_name: &str) -> Reply {
-        self.deploy(name, component(component_name)).expect_status(201)
+        self.deploy(name, component(component_name))
+            .expect_status(201)
     }
 
     pub fn delete(&self, name: &str) -> Reply {
-        self.send(self.client.delete(self.url(&format!("/v1/functions/{name}")))).expect("delete request")
+        self.send(
+            self.client
+                .delete(self.url(&format!("/v1/functions/{name}"))),
+        )
+        .expect("delete request")
     }
 
     /// `POST /v1/functions/{name}/{action}` for `stop` or `start`.
     pub fn admin(&self, name: &str, action: &str) -> Reply {
-        self.send(self.client.post(self.url(&format!("/v1/functions/{name}/{action}")))).expect("admin request")
+        self.send(
+            self.client
+                .post(self.url(&format!("/v1/functions/{name}/{action}"))),
+        )
+        .expect("admin request")
     }
 
     pub fn describe(&self, name: &str) -> Reply {
-        self.get(&format!("/v1/functions/{name}")).expect("describe request")
+        self.get(&format!("/v1/functions/{name}"))
+            .expect("describe request")
     }
 
     /// Invoke `function.method` with `input` serialised as the body.
     pub fn invoke(&self, function: &str, method: &str, input: &Value) -> Reply {
-        self.try_invoke(function, method, input, None).expect("invoke request")
+        self.try_invoke(function, method, input, None)
+            .expect("invoke request")
     }
 
     /// Invoke with an `Idempotency-Key`.
     pub fn invoke_keyed(&self, function: &str, method: &str, input: &Value, key: &str) -> Reply {
-        self.try_invoke(function, method, input, Some(key)).expect("invoke request")
+        self.try_invoke(function, method, input, Some(key))
+            .expect("invoke request")
     }
 
     /// Invoke, returning transport errors (a node that was killed) instead of panicking.
-    pub fn try_invoke(&self, function: &str, method: &str, input: &Value, key: Option<&str>) -> reqwest::Result<Reply> {
+    pub fn try_invoke(
+        &self,
+        function: &str,
+        method: &str,
+        input: &Value,
+        key: Option<&str>,
+    ) -> reqwest::Result<Reply> {
         let body = serde_json::to_vec(input).expect("JSON values serialise");
         self.invoke_raw(function, method, body, key)
     }
 
     /// Invoke with `body` sent as is.
-    pub fn invoke_raw(&self, function: &str, method: &str, body: Vec<u8>, key: Option<&str>) -> reqwest::Result<Reply> {
+    pub fn invoke_raw(
+        &self,
+        function: &str,
+        method: &str,
+        body: Vec<u8>,
+        key: Option<&str>,
+    ) -> reqwest::Result<Reply> {
         let mut request = self
             .client
             .post(self.url(&format!("/v1/functions/{function}/{method}")))
@@ -381,7 +481,9 @@ impl Api {
     /// Invoke and return the output; panics, showing the answer, unless it is 200.
     #[track_caller]
     pub fn ok(&self, function: &str, method: &str, input: Value) -> Value {
-        self.invoke(function, method, &input).expect_status(200).body
+        self.invoke(function, method, &input)
+            .expect_status(200)
+            .body
     }
 
     fn send(&self, request: RequestBuilder) -> reqwest::Result<Reply> {
@@ -398,7 +500,12 @@ impl Api {
         } else {
             serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.clone()))
         };
-        Ok(Reply { status, headers, body, text })
+        Ok(Reply {
+            status,
+            headers,
+            body,
+            text,
+        })
     }
 }
 
@@ -431,7 +538,10 @@ fn wal_files(wal_dir: &Path, prefix: &str, suffix: &str) -> Vec<PathBuf> {
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let started = Instant::now();
     while !condition() {
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(POLL_INTERVAL);
     }
 }

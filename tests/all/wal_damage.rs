@@ -24,7 +24,11 @@ fn crashed_node_with_puts() -> (NodeProcess, PathBuf) {
     let mut node = NodeProcess::start();
     node.api().deploy_component("h", "hostile");
     for i in 0..PUTS {
-        node.api().ok("h", "put", json!({ "key": format!("k{i}"), "value": format!("v{i}") }));
+        node.api().ok(
+            "h",
+            "put",
+            json!({ "key": format!("k{i}"), "value": format!("v{i}") }),
+        );
     }
     node.kill9();
     let segments = wal_segments(&node.wal_dir());
@@ -41,24 +45,50 @@ fn stored(node: &NodeProcess, key: &str) -> Value {
 fn torn_tail_of_garbage_is_cut_and_every_commit_survives() {
     let (mut node, segment) = crashed_node_with_puts();
     let len = std::fs::metadata(&segment).expect("segment metadata").len();
-    let garbage: Vec<u8> = (0u32..100).map(|i| (i.wrapping_mul(0x9E37_79B9) >> 24) as u8 | 1).collect();
-    OpenOptions::new().append(true).open(&segment).expect("open segment").write_all(&garbage).expect("append garbage");
+    let garbage: Vec<u8> = (0u32..100)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9) >> 24) as u8 | 1)
+        .collect();
+    OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .expect("open segment")
+        .write_all(&garbage)
+        .expect("append garbage");
 
     node.restart();
     let log = node.log();
-    assert!(log.contains("torn tail"), "no warning about the torn tail in the log:\n{log}");
+    assert!(
+        log.contains("torn tail"),
+        "no warning about the torn tail in the log:\n{log}"
+    );
     assert!(log.contains("WARN"), "the torn tail is a warning:\n{log}");
     for i in 0..PUTS {
-        assert_eq!(stored(&node, &format!("k{i}")), json!(format!("v{i}")), "k{i} was lost");
+        assert_eq!(
+            stored(&node, &format!("k{i}")),
+            json!(format!("v{i}")),
+            "k{i} was lost"
+        );
     }
-    assert_eq!(std::fs::metadata(&segment).expect("segment metadata").len(), len, "the garbage was not cut");
+    assert_eq!(
+        std::fs::metadata(&segment).expect("segment metadata").len(),
+        len,
+        "the garbage was not cut"
+    );
 
     // The cut log takes new records, and they survive the next crash.
-    node.api().ok("h", "put", json!({ "key": "after", "value": "cut" }));
+    node.api()
+        .ok("h", "put", json!({ "key": "after", "value": "cut" }));
     node.restart();
-    assert!(!node.log().contains("torn tail"), "a clean log was reported torn:\n{}", node.log());
+    assert!(
+        !node.log().contains("torn tail"),
+        "a clean log was reported torn:\n{}",
+        node.log()
+    );
     assert_eq!(stored(&node, "after"), json!("cut"));
-    assert_eq!(stored(&node, &format!("k{}", PUTS - 1)), json!(format!("v{}", PUTS - 1)));
+    assert_eq!(
+        stored(&node, &format!("k{}", PUTS - 1)),
+        json!(format!("v{}", PUTS - 1))
+    );
 }
 
 #[test]
@@ -67,19 +97,40 @@ fn truncated_last_frame_is_cut_and_earlier_commits_survive() {
     let len = std::fs::metadata(&segment).expect("segment metadata").len();
     // Cut a few bytes off: the last frame (the last put) is incomplete, as when the
     // crash came half-way through writing it.
-    OpenOptions::new().write(true).open(&segment).expect("open segment").set_len(len - 3).expect("truncate");
+    OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .expect("open segment")
+        .set_len(len - 3)
+        .expect("truncate");
 
     node.restart();
     let log = node.log();
-    assert!(log.contains("torn tail"), "no warning about the torn tail in the log:\n{log}");
+    assert!(
+        log.contains("torn tail"),
+        "no warning about the torn tail in the log:\n{log}"
+    );
     for i in 0..PUTS - 1 {
-        assert_eq!(stored(&node, &format!("k{i}")), json!(format!("v{i}")), "k{i} was lost");
+        assert_eq!(
+            stored(&node, &format!("k{i}")),
+            json!(format!("v{i}")),
+            "k{i} was lost"
+        );
     }
-    assert_eq!(stored(&node, &format!("k{}", PUTS - 1)), Value::Null, "the torn record was applied");
+    assert_eq!(
+        stored(&node, &format!("k{}", PUTS - 1)),
+        Value::Null,
+        "the torn record was applied"
+    );
 
-    node.api().ok("h", "put", json!({ "key": "after", "value": "cut" }));
+    node.api()
+        .ok("h", "put", json!({ "key": "after", "value": "cut" }));
     node.restart();
-    assert!(!node.log().contains("torn tail"), "a clean log was reported torn:\n{}", node.log());
+    assert!(
+        !node.log().contains("torn tail"),
+        "a clean log was reported torn:\n{}",
+        node.log()
+    );
     assert_eq!(stored(&node, "after"), json!("cut"));
     assert_eq!(stored(&node, "k0"), json!("v0"));
 }
@@ -95,22 +146,46 @@ fn corruption_before_the_tail_refuses_to_start() {
     std::fs::write(&segment, &bytes).expect("write the damaged segment");
 
     let (status, log) = node.restart_expecting_exit();
-    assert!(!status.success(), "the node started on a corrupt log:\n{log}");
-    assert!(log.contains(&segment.display().to_string()), "the error does not name the file:\n{log}");
-    assert!(log.contains(&format!("offset {first_frame}")), "the error does not name the offset:\n{log}");
-    assert_eq!(std::fs::read(&segment).expect("read segment"), bytes, "a refused start changed the log");
+    assert!(
+        !status.success(),
+        "the node started on a corrupt log:\n{log}"
+    );
+    assert!(
+        log.contains(&segment.display().to_string()),
+        "the error does not name the file:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("offset {first_frame}")),
+        "the error does not name the offset:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read(&segment).expect("read segment"),
+        bytes,
+        "a refused start changed the log"
+    );
 }
 
 #[test]
 fn corrupt_snapshot_refuses_to_start() {
     let config = "checkpoint_log_bytes = 4096\n".to_owned();
-    let mut node = NodeProcess::start_with(NodeOptions { config_toml: Some(config), ..Default::default() });
+    let mut node = NodeProcess::start_with(NodeOptions {
+        config_toml: Some(config),
+        ..Default::default()
+    });
     node.api().deploy_component("h", "hostile");
     for i in 0..100 {
-        node.api().ok("h", "put", json!({ "key": format!("k{i}"), "value": "v".repeat(64) }));
+        node.api().ok(
+            "h",
+            "put",
+            json!({ "key": format!("k{i}"), "value": "v".repeat(64) }),
+        );
     }
     let wal_dir = node.wal_dir();
-    wait_until("a snapshot in the log directory", Duration::from_secs(60), || !wal_snapshots(&wal_dir).is_empty());
+    wait_until(
+        "a snapshot in the log directory",
+        Duration::from_secs(60),
+        || !wal_snapshots(&wal_dir).is_empty(),
+    );
     node.kill9();
 
     let snapshot = wal_snapshots(&wal_dir).pop().expect("a snapshot");
@@ -120,6 +195,12 @@ fn corrupt_snapshot_refuses_to_start() {
     std::fs::write(&snapshot, &bytes).expect("write the damaged snapshot");
 
     let (status, log) = node.restart_expecting_exit();
-    assert!(!status.success(), "the node started on a corrupt snapshot:\n{log}");
-    assert!(log.contains(&snapshot.display().to_string()), "the error does not name the file:\n{log}");
+    assert!(
+        !status.success(),
+        "the node started on a corrupt snapshot:\n{log}"
+    );
+    assert!(
+        log.contains(&snapshot.display().to_string()),
+        "the error does not name the file:\n{log}"
+    );
 }

@@ -6,7 +6,11 @@ use serde_json::{json, Value};
 use crate::support::{NodeOptions, NodeProcess};
 
 fn node_with_limits() -> NodeProcess {
-    let node = NodeProcess::start_with(NodeOptions { deadline_ms: Some(300), memory_max_mib: Some(32), ..Default::default() });
+    let node = NodeProcess::start_with(NodeOptions {
+        deadline_ms: Some(300),
+        memory_max_mib: Some(32),
+        ..Default::default()
+    });
     node.api().deploy_component("h", "hostile");
     node.api().deploy_component("counter", "counter");
     node
@@ -16,7 +20,10 @@ fn node_with_limits() -> NodeProcess {
 fn assert_still_serving(node: &NodeProcess) {
     let api = node.api();
     api.ok("h", "put", json!({ "key": "after", "value": "yes" }));
-    assert_eq!(api.ok("h", "get", json!({ "key": "after" })), json!({ "value": "yes" }));
+    assert_eq!(
+        api.ok("h", "get", json!({ "key": "after" })),
+        json!({ "value": "yes" })
+    );
     api.ok("counter", "increment", Value::Null);
     api.get("/healthz").expect("healthz").expect_status(200);
 }
@@ -25,10 +32,17 @@ fn assert_still_serving(node: &NodeProcess) {
 fn infinite_loop_is_stopped_at_the_deadline() {
     let node = node_with_limits();
     let api = node.api();
-    let reply = api.invoke("h", "loop", &Value::Null).expect_error(504, "deadline");
-    assert!(reply.message().contains("300 ms"), "the message names the deadline: {}", reply.text);
+    let reply = api
+        .invoke("h", "loop", &Value::Null)
+        .expect_error(504, "deadline");
+    assert!(
+        reply.message().contains("300 ms"),
+        "the message names the deadline: {}",
+        reply.text
+    );
     // The lock it held is released: the same function runs again at once.
-    api.invoke("h", "loop", &Value::Null).expect_error(504, "deadline");
+    api.invoke("h", "loop", &Value::Null)
+        .expect_error(504, "deadline");
     assert_still_serving(&node);
 }
 
@@ -36,9 +50,12 @@ fn infinite_loop_is_stopped_at_the_deadline() {
 fn memory_bomb_hits_the_cap() {
     let node = node_with_limits();
     let api = node.api();
-    let reply = api.invoke("h", "bomb", &Value::Null).expect_error(500, "resource-cap");
+    let reply = api
+        .invoke("h", "bomb", &Value::Null)
+        .expect_error(500, "resource-cap");
     assert!(reply.message().contains("cap"), "{}", reply.text);
-    api.invoke("h", "bomb", &Value::Null).expect_error(500, "resource-cap");
+    api.invoke("h", "bomb", &Value::Null)
+        .expect_error(500, "resource-cap");
     assert_still_serving(&node);
 }
 
@@ -46,7 +63,8 @@ fn memory_bomb_hits_the_cap() {
 fn stack_overflow_traps_and_node_keeps_serving() {
     let node = node_with_limits();
     let api = node.api();
-    api.invoke("h", "stack-overflow", &Value::Null).expect_error(500, "trap");
+    api.invoke("h", "stack-overflow", &Value::Null)
+        .expect_error(500, "trap");
     assert_still_serving(&node);
 }
 
@@ -56,15 +74,25 @@ fn write_flood_is_capped_and_leaves_no_writes() {
     let api = node.api();
     // `put-many` with a huge count writes until a limit (writes per transaction, or the
     // deadline) stops it: none of it may stay.
-    let reply = api.invoke("h", "put-many", &json!({ "count": 100_000_000u32, "value_len": 8 }));
+    let reply = api.invoke(
+        "h",
+        "put-many",
+        &json!({ "count": 100_000_000u32, "value_len": 8 }),
+    );
     assert!(
-        matches!((reply.status, reply.code()), (504, "deadline") | (500, "resource-cap") | (422 | 400, _)),
+        matches!(
+            (reply.status, reply.code()),
+            (504, "deadline") | (500, "resource-cap") | (422 | 400, _)
+        ),
         "unexpected answer: {} {}",
         reply.status,
         reply.text
     );
     assert_eq!(api.describe("h").expect_status(200).body["keys"], 0);
-    assert_eq!(api.ok("h", "scan", json!({ "prefix": "k/", "limit": 10 })), json!({ "entries": [] }));
+    assert_eq!(
+        api.ok("h", "scan", json!({ "prefix": "k/", "limit": 10 })),
+        json!({ "entries": [] })
+    );
     assert_still_serving(&node);
 }
 

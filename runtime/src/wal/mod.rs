@@ -43,9 +43,16 @@ const PENDING_BYTES_MAX: usize = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is corrupt at offset {offset}: {why}")]
-    Corrupt { path: PathBuf, offset: u64, why: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        why: String,
+    },
     #[error("the log writer has failed and the node must stop: {0}")]
     WriterFailed(String),
 }
@@ -109,8 +116,15 @@ impl Wal {
     ///
     /// Fails when a snapshot or a segment is corrupt anywhere but at the torn end of the
     /// newest segment, or on an I/O error; the error names the file and offset.
-    pub fn open(dir: &Path, durability: Durability, metrics: Arc<Metrics>) -> Result<(Wal, Recovered), Error> {
-        fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_owned(), source: e })?;
+    pub fn open(
+        dir: &Path,
+        durability: Durability,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Wal, Recovered), Error> {
+        fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: dir.to_owned(),
+            source: e,
+        })?;
         let (recovered, lsn_last, segment_path, segment_first) = recover(dir)?;
         let file = open_for_append(&segment_path, segment_first)?;
         let (durable_tx, durable_rx) = watch::channel(lsn_last);
@@ -135,7 +149,10 @@ impl Wal {
             thread::Builder::new()
                 .name("wal-writer".into())
                 .spawn(move || writer_loop(&shared, &dir_writer, file, segment_path, durability))
-                .map_err(|e| Error::Io { path: dir.to_owned(), source: e })?
+                .map_err(|e| Error::Io {
+                    path: dir.to_owned(),
+                    source: e,
+                })?
         };
         let wal = Wal {
             shared,
@@ -156,9 +173,14 @@ impl Wal {
     /// order: records are applied in exactly the order they are logged.
     ///
     /// Fails when the writer has failed (the node must stop).
-    pub fn append<R>(&self, record: &Record, apply: impl FnOnce(Lsn) -> R) -> Result<(Lsn, R), Error> {
+    pub fn append<R>(
+        &self,
+        record: &Record,
+        apply: impl FnOnce(Lsn) -> R,
+    ) -> Result<(Lsn, R), Error> {
         let payload = segment::encode_payload(record);
-        self.bytes_since_checkpoint.fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.bytes_since_checkpoint
+            .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut pending = self.shared.pending.lock();
         while pending.bytes.len() > PENDING_BYTES_MAX && pending.failed.is_none() {
             self.shared.wake_appenders.wait(&mut pending);
@@ -171,7 +193,8 @@ impl Wal {
         pending.lsn_last = lsn;
         pending.records += 1;
         let applied = apply(lsn);
-        let urgent = self.durability == Durability::Disk || pending.bytes.len() > PENDING_BYTES_MAX / 2;
+        let urgent =
+            self.durability == Durability::Disk || pending.bytes.len() > PENDING_BYTES_MAX / 2;
         drop(pending);
         if urgent {
             self.shared.wake_writer.notify_one();
@@ -199,7 +222,12 @@ impl Wal {
         match reached {
             true => Ok(()),
             false => Err(Error::WriterFailed(
-                self.shared.pending.lock().failed.clone().unwrap_or_else(|| "writer stopped".into()),
+                self.shared
+                    .pending
+                    .lock()
+                    .failed
+                    .clone()
+                    .unwrap_or_else(|| "writer stopped".into()),
             )),
         }
     }
@@ -218,7 +246,8 @@ impl Wal {
             let image = capture(lsn_cut);
             let at = pending.bytes.len();
             pending.rotations.push((at, lsn_cut.next()));
-            self.bytes_since_checkpoint.store(0, std::sync::atomic::Ordering::Relaxed);
+            self.bytes_since_checkpoint
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             (image, lsn_cut)
         };
         self.shared.wake_writer.notify_one();
@@ -238,7 +267,8 @@ impl Wal {
 
     /// Bytes of records appended since the last checkpoint began.
     pub fn bytes_since_checkpoint(&self) -> u64 {
-        self.bytes_since_checkpoint.load(std::sync::atomic::Ordering::Relaxed)
+        self.bytes_since_checkpoint
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The node's log directory.
@@ -260,7 +290,10 @@ impl Drop for Wal {
 /// Read the newest snapshot and every segment after it; cut a torn tail. Returns what
 /// was found, the last LSN, and the segment to append to (with its first LSN).
 fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
-    let io = |e| Error::Io { path: dir.to_owned(), source: e };
+    let io = |e| Error::Io {
+        path: dir.to_owned(),
+        source: e,
+    };
     let mut segments = Vec::new();
     let mut snapshots = Vec::new();
     for entry in fs::read_dir(dir).map_err(io)? {
@@ -303,11 +336,16 @@ fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
                 why: format!("log gap: segment starts at {lsn_first}, but the log before it ends at {lsn_last}"),
             });
         }
-        let bytes = fs::read(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+        let bytes = fs::read(path).map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
         let scan = segment::scan(path, &bytes, *lsn_first, is_last)?;
         if let Some(why) = scan.torn {
             truncate(path, scan.len_valid)?;
-            recovered.warnings.push(format!("{}: {why}", path.display()));
+            recovered
+                .warnings
+                .push(format!("{}: {why}", path.display()));
         }
         for (lsn, record) in scan.records {
             if lsn > lsn_snapshot {
@@ -318,13 +356,19 @@ fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
     }
     let (segment_path, segment_first) = match segments.last() {
         Some((first, path)) => (path.clone(), *first),
-        None => (dir.join(segment::file_name(lsn_last.next())), lsn_last.next()),
+        None => (
+            dir.join(segment::file_name(lsn_last.next())),
+            lsn_last.next(),
+        ),
     };
     Ok((recovered, lsn_last, segment_path, segment_first))
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), Error> {
-    let io = |e| Error::Io { path: path.to_owned(), source: e };
+    let io = |e| Error::Io {
+        path: path.to_owned(),
+        source: e,
+    };
     let file = OpenOptions::new().write(true).open(path).map_err(io)?;
     file.set_len(len).map_err(io)?;
     file.sync_all().map_err(io)
@@ -332,10 +376,18 @@ fn truncate(path: &Path, len: u64) -> Result<(), Error> {
 
 /// Open `path` for appending, writing its header first if it is new or was cut to nothing.
 fn open_for_append(path: &Path, lsn_first: Lsn) -> Result<File, Error> {
-    let io = |e| Error::Io { path: path.to_owned(), source: e };
-    let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+    let io = |e| Error::Io {
+        path: path.to_owned(),
+        source: e,
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
     if file.metadata().map_err(io)?.len() == 0 {
-        file.write_all(&segment::encode_header(lsn_first)).map_err(io)?;
+        file.write_all(&segment::encode_header(lsn_first))
+            .map_err(io)?;
         file.sync_all().map_err(io)?;
         if let Some(dir) = path.parent() {
             snapshot::sync_dir(dir)?;
@@ -346,17 +398,26 @@ fn open_for_append(path: &Path, lsn_first: Lsn) -> Result<File, Error> {
 
 /// Delete segments and snapshots made redundant by the snapshot at `lsn_cut`.
 fn remove_before(dir: &Path, lsn_cut: Lsn) -> Result<(), Error> {
-    let io = |e| Error::Io { path: dir.to_owned(), source: e };
+    let io = |e| Error::Io {
+        path: dir.to_owned(),
+        source: e,
+    };
     for entry in fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let redundant = match (segment::parse_file_name(&name), snapshot::parse_file_name(&name)) {
+        let redundant = match (
+            segment::parse_file_name(&name),
+            snapshot::parse_file_name(&name),
+        ) {
             (Some(first), _) => first <= lsn_cut,
             (_, Some(lsn)) => lsn < lsn_cut,
             _ => false,
         };
         if redundant {
-            fs::remove_file(entry.path()).map_err(|e| Error::Io { path: entry.path(), source: e })?;
+            fs::remove_file(entry.path()).map_err(|e| Error::Io {
+                path: entry.path(),
+                source: e,
+            })?;
         }
     }
     snapshot::sync_dir(dir)
@@ -365,7 +426,13 @@ fn remove_before(dir: &Path, lsn_cut: Lsn) -> Result<(), Error> {
 /// The writer thread: take what accumulated, write it, fsync, publish. Any I/O error
 /// is fatal: after a failed fsync the kernel may have dropped the dirty pages, so
 /// retrying could report lost data as durable.
-fn writer_loop(shared: &Shared, dir: &Path, mut file: File, mut path: PathBuf, durability: Durability) {
+fn writer_loop(
+    shared: &Shared,
+    dir: &Path,
+    mut file: File,
+    mut path: PathBuf,
+    durability: Durability,
+) {
     let mut dirty_since: Option<Instant> = None;
     loop {
         let (bytes, records, lsn_hi, rotations, shutdown) = {
@@ -378,7 +445,10 @@ fn writer_loop(shared: &Shared, dir: &Path, mut file: File, mut path: PathBuf, d
                     (Durability::Disk, _) => shared.wake_writer.wait(&mut pending),
                     (Durability::Memory, since) => {
                         let write_at = Instant::now() + MEMORY_WRITE_INTERVAL;
-                        let timed_out = shared.wake_writer.wait_until(&mut pending, write_at).timed_out();
+                        let timed_out = shared
+                            .wake_writer
+                            .wait_until(&mut pending, write_at)
+                            .timed_out();
                         if timed_out && since.is_some_and(|s| s.elapsed() >= MEMORY_SYNC_INTERVAL) {
                             break;
                         }
@@ -388,7 +458,13 @@ fn writer_loop(shared: &Shared, dir: &Path, mut file: File, mut path: PathBuf, d
             let bytes = std::mem::take(&mut pending.bytes);
             let records = std::mem::take(&mut pending.records);
             let rotations = std::mem::take(&mut pending.rotations);
-            (bytes, records, pending.lsn_last, rotations, pending.shutdown)
+            (
+                bytes,
+                records,
+                pending.lsn_last,
+                rotations,
+                pending.shutdown,
+            )
         };
         shared.wake_appenders.notify_all();
 
@@ -399,8 +475,14 @@ fn writer_loop(shared: &Shared, dir: &Path, mut file: File, mut path: PathBuf, d
                 || dirty_since.is_some_and(|since| since.elapsed() >= MEMORY_SYNC_INTERVAL);
             if sync_now && (!bytes.is_empty() || dirty_since.is_some()) {
                 let started = Instant::now();
-                file.sync_data().map_err(|e| Error::Io { path: path.clone(), source: e })?;
-                shared.metrics.fsync_latency_seconds.observe(started.elapsed().as_secs_f64());
+                file.sync_data().map_err(|e| Error::Io {
+                    path: path.clone(),
+                    source: e,
+                })?;
+                shared
+                    .metrics
+                    .fsync_latency_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 dirty_since = None;
             } else if !bytes.is_empty() && dirty_since.is_none() {
                 dirty_since = Some(Instant::now());
@@ -437,9 +519,15 @@ fn write_batch(
 ) -> Result<(), Error> {
     let mut written = 0;
     for &(at, lsn_first) in rotations {
-        file.write_all(&bytes[written..at]).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+        file.write_all(&bytes[written..at]).map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
         written = at;
-        file.sync_data().map_err(|e| Error::Io { path: path.clone(), source: e })?;
+        file.sync_data().map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
         let next = dir.join(segment::file_name(lsn_first));
         if next != *path {
             *file = open_for_append(&next, lsn_first)?;
@@ -448,7 +536,10 @@ fn write_batch(
         shared.pending.lock().segment_first = lsn_first;
         shared.wake_appenders.notify_all();
     }
-    file.write_all(&bytes[written..]).map_err(|e| Error::Io { path: path.clone(), source: e })
+    file.write_all(&bytes[written..]).map_err(|e| Error::Io {
+        path: path.clone(),
+        source: e,
+    })
 }
 
 #[cfg(test)]
@@ -462,7 +553,10 @@ mod tests {
             txn: TxnId(n),
             writes: vec![Writes {
                 function: FunctionName::new("f").expect("valid"),
-                ops: vec![Op { key: n.to_be_bytes().to_vec(), value: Some(vec![1; 10]) }],
+                ops: vec![Op {
+                    key: n.to_be_bytes().to_vec(),
+                    value: Some(vec![1; 10]),
+                }],
             }],
             idempotency: None,
         })
@@ -472,7 +566,8 @@ mod tests {
     async fn appended_records_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let (wal, recovered) = Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("open");
+            let (wal, recovered) =
+                Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("open");
             assert!(recovered.records.is_empty());
             let mut last = Lsn::ZERO;
             for n in 1..=100 {
@@ -480,7 +575,8 @@ mod tests {
             }
             wal.wait_durable(last).await.expect("durable");
         }
-        let (_wal, recovered) = Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("reopen");
+        let (_wal, recovered) =
+            Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("reopen");
         assert_eq!(recovered.records.len(), 100);
         assert_eq!(recovered.records[99], (Lsn(100), commit(100)));
     }
@@ -493,7 +589,12 @@ mod tests {
             for n in 1..=10 {
                 wal.append(&commit(n), |_| ()).expect("append");
             }
-            let cut = wal.checkpoint(|lsn| Image { lsn, functions: vec![] }).expect("checkpoint");
+            let cut = wal
+                .checkpoint(|lsn| Image {
+                    lsn,
+                    functions: vec![],
+                })
+                .expect("checkpoint");
             assert_eq!(cut, Lsn(10));
             let (last, ()) = wal.append(&commit(11), |_| ()).expect("append");
             wal.wait_durable(last).await.expect("durable");
@@ -502,8 +603,12 @@ mod tests {
             .expect("list")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(!names.contains(&segment::file_name(Lsn(1))), "old segment removed: {names:?}");
-        let (wal, recovered) = Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("reopen");
+        assert!(
+            !names.contains(&segment::file_name(Lsn(1))),
+            "old segment removed: {names:?}"
+        );
+        let (wal, recovered) =
+            Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("reopen");
         assert_eq!(recovered.snapshot.expect("snapshot").lsn, Lsn(10));
         assert_eq!(recovered.records, vec![(Lsn(11), commit(11))]);
         assert_eq!(wal.lsn_last(), Lsn(11));

@@ -16,7 +16,10 @@ pub enum Record {
     /// A function was deleted, with all of its state.
     Delete { function: FunctionName },
     /// A function was stopped (`running = false`) or started again.
-    SetRunning { function: FunctionName, running: bool },
+    SetRunning {
+        function: FunctionName,
+        running: bool,
+    },
     /// A transaction committed.
     Commit(Commit),
 }

@@ -38,7 +38,8 @@ pub fn encode_header(lsn_first: Lsn) -> [u8; HEADER_LEN] {
 }
 
 pub fn encode_payload(record: &Record) -> Vec<u8> {
-    rmp_serde::to_vec_named(record).expect("records always encode: plain data, no maps with non-string keys")
+    rmp_serde::to_vec_named(record)
+        .expect("records always encode: plain data, no maps with non-string keys")
 }
 
 /// Append one frame holding `payload` at `lsn` to `out`.
@@ -74,23 +75,42 @@ pub struct Scan {
 /// Fails when the header is wrong, when a frame in the middle is damaged, or when a
 /// frame with a good checksum does not decode.
 pub fn scan(path: &Path, bytes: &[u8], lsn_first: Lsn, is_last: bool) -> Result<Scan, Error> {
-    let corrupt = |offset: usize, why: String| Error::Corrupt { path: PathBuf::from(path), offset: offset as u64, why };
+    let corrupt = |offset: usize, why: String| Error::Corrupt {
+        path: PathBuf::from(path),
+        offset: offset as u64,
+        why,
+    };
     if bytes.len() < HEADER_LEN {
         if is_last {
-            return Ok(Scan { records: Vec::new(), len_valid: 0, torn: Some("segment header incomplete".into()) });
+            return Ok(Scan {
+                records: Vec::new(),
+                len_valid: 0,
+                torn: Some("segment header incomplete".into()),
+            });
         }
-        return Err(corrupt(0, format!("segment is {} bytes, shorter than its header", bytes.len())));
+        return Err(corrupt(
+            0,
+            format!("segment is {} bytes, shorter than its header", bytes.len()),
+        ));
     }
     if &bytes[..6] != MAGIC {
         return Err(corrupt(0, "not a log segment (bad magic)".into()));
     }
     let version = u16::from_le_bytes([bytes[6], bytes[7]]);
     if version != FORMAT_VERSION {
-        return Err(corrupt(6, format!("log format version {version}, this build reads {FORMAT_VERSION}")));
+        return Err(corrupt(
+            6,
+            format!("log format version {version}, this build reads {FORMAT_VERSION}"),
+        ));
     }
-    let header_lsn = Lsn(u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")));
+    let header_lsn = Lsn(u64::from_le_bytes(
+        bytes[8..16].try_into().expect("8 bytes"),
+    ));
     if header_lsn != lsn_first {
-        return Err(corrupt(8, format!("header says first LSN {header_lsn}, file name says {lsn_first}")));
+        return Err(corrupt(
+            8,
+            format!("header says first LSN {header_lsn}, file name says {lsn_first}"),
+        ));
     }
 
     let mut records = Vec::new();
@@ -99,8 +119,14 @@ pub fn scan(path: &Path, bytes: &[u8], lsn_first: Lsn, is_last: bool) -> Result<
     while offset < bytes.len() {
         match frame_at(bytes, offset, lsn_expected) {
             Ok((payload, next)) => {
-                let record: Record = rmp_serde::from_slice(payload)
-                    .map_err(|e| corrupt(offset, format!("record {lsn_expected} has a good checksum but does not decode: {e}")))?;
+                let record: Record = rmp_serde::from_slice(payload).map_err(|e| {
+                    corrupt(
+                        offset,
+                        format!(
+                            "record {lsn_expected} has a good checksum but does not decode: {e}"
+                        ),
+                    )
+                })?;
                 records.push((lsn_expected, record));
                 lsn_expected = lsn_expected.next();
                 offset = next;
@@ -112,28 +138,47 @@ pub fn scan(path: &Path, bytes: &[u8], lsn_first: Lsn, is_last: bool) -> Result<
                 if let Some(later) = find_valid_frame_after(bytes, offset + 1, lsn_expected) {
                     return Err(corrupt(offset, format!("{why}; a valid frame follows at offset {later}, so this is not a torn tail")));
                 }
-                let torn = format!("{why} at offset {offset}; cut {} bytes of torn tail", bytes.len() - offset);
-                return Ok(Scan { records, len_valid: offset as u64, torn: Some(torn) });
+                let torn = format!(
+                    "{why} at offset {offset}; cut {} bytes of torn tail",
+                    bytes.len() - offset
+                );
+                return Ok(Scan {
+                    records,
+                    len_valid: offset as u64,
+                    torn: Some(torn),
+                });
             }
         }
     }
-    Ok(Scan { records, len_valid: offset as u64, torn: None })
+    Ok(Scan {
+        records,
+        len_valid: offset as u64,
+        torn: None,
+    })
 }
 
 /// The payload of the frame at `offset` and the offset after it, or why it is bad.
 fn frame_at(bytes: &[u8], offset: usize, lsn_expected: Lsn) -> Result<(&[u8], usize), String> {
     let rest = &bytes[offset..];
     if rest.len() < FRAME_HEADER_LEN {
-        return Err(format!("frame header incomplete ({} of {FRAME_HEADER_LEN} bytes)", rest.len()));
+        return Err(format!(
+            "frame header incomplete ({} of {FRAME_HEADER_LEN} bytes)",
+            rest.len()
+        ));
     }
     let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
     let lsn = Lsn(u64::from_le_bytes(rest[8..16].try_into().expect("8 bytes")));
     if len > RECORD_LEN_MAX {
-        return Err(format!("frame length {len} exceeds the maximum {RECORD_LEN_MAX}"));
+        return Err(format!(
+            "frame length {len} exceeds the maximum {RECORD_LEN_MAX}"
+        ));
     }
     if rest.len() < FRAME_HEADER_LEN + len {
-        return Err(format!("frame payload incomplete ({} of {len} bytes)", rest.len() - FRAME_HEADER_LEN));
+        return Err(format!(
+            "frame payload incomplete ({} of {len} bytes)",
+            rest.len() - FRAME_HEADER_LEN
+        ));
     }
     let payload = &rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
     if checksum(lsn, payload) != crc {
@@ -169,7 +214,10 @@ mod tests {
             txn: TxnId(n),
             writes: vec![Writes {
                 function: FunctionName::new("f").expect("valid"),
-                ops: vec![Op { key: b"k".to_vec(), value: Some(n.to_le_bytes().to_vec()) }],
+                ops: vec![Op {
+                    key: b"k".to_vec(),
+                    value: Some(n.to_le_bytes().to_vec()),
+                }],
             }],
             idempotency: None,
         })
@@ -209,7 +257,9 @@ mod tests {
         let mut bytes = segment(5);
         bytes[HEADER_LEN + FRAME_HEADER_LEN + 3] ^= 0x40;
         let err = scan(Path::new("seg"), &bytes, Lsn(1), true).expect_err("corruption detected");
-        let Error::Corrupt { offset, .. } = err else { panic!("wrong error {err}") };
+        let Error::Corrupt { offset, .. } = err else {
+            panic!("wrong error {err}")
+        };
         assert_eq!(offset, HEADER_LEN as u64);
     }
 
@@ -218,5 +268,124 @@ mod tests {
         let bytes = segment(5);
         let err = scan(Path::new("seg"), &bytes[..bytes.len() - 2], Lsn(1), false);
         assert!(matches!(err, Err(Error::Corrupt { .. })));
+    }
+}
+
+/// Golden files: a log segment and a snapshot written by format version 1 must keep
+/// decoding to exactly these records. Regenerate only when adding a format version
+/// (keep the old files and their tests): `UNDERSTUDY_WRITE_GOLDEN=1 cargo test golden`.
+#[cfg(test)]
+mod golden {
+    use super::*;
+    use crate::ids::{Digest, FunctionName, TxnId};
+    use crate::wal::record::{Commit, Deploy, Idempotency, Op, Outcome, Writes};
+    use crate::wal::snapshot::{self, Entry, FunctionImage, Image};
+
+    const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/golden");
+
+    fn name(s: &str) -> FunctionName {
+        FunctionName::new(s).expect("valid name")
+    }
+
+    fn deploy() -> Deploy {
+        Deploy {
+            function: name("bank"),
+            digest: Digest([7; 32]),
+            version: 3,
+            at_ms: 1_790_000_000_000,
+        }
+    }
+
+    fn records() -> Vec<Record> {
+        vec![
+            Record::Deploy(deploy()),
+            Record::Commit(Commit {
+                txn: TxnId(42),
+                writes: vec![Writes {
+                    function: name("bank"),
+                    ops: vec![
+                        Op {
+                            key: b"acct/alice".to_vec(),
+                            value: Some(b"70".to_vec()),
+                        },
+                        Op {
+                            key: b"acct/bob".to_vec(),
+                            value: None,
+                        },
+                    ],
+                }],
+                idempotency: Some(Idempotency {
+                    function: name("bank"),
+                    key: "transfer-1".into(),
+                    outcome: Outcome::Ok(b"{\"ok\":true}".to_vec()),
+                    at_ms: 1_790_000_000_001,
+                }),
+            }),
+            Record::Commit(Commit {
+                txn: TxnId(43),
+                writes: vec![],
+                idempotency: Some(Idempotency {
+                    function: name("bank"),
+                    key: "transfer-2".into(),
+                    outcome: Outcome::Err {
+                        code: "overdraft".into(),
+                        message: "no".into(),
+                    },
+                    at_ms: 1_790_000_000_002,
+                }),
+            }),
+            Record::SetRunning {
+                function: name("bank"),
+                running: false,
+            },
+            Record::Delete {
+                function: name("bank"),
+            },
+        ]
+    }
+
+    fn image() -> Image {
+        Image {
+            lsn: Lsn(5),
+            functions: vec![FunctionImage {
+                deploy: deploy(),
+                running: true,
+                entries: vec![Entry {
+                    key: b"acct/alice".to_vec(),
+                    value: b"70".to_vec(),
+                }],
+                idempotency: vec![],
+            }],
+        }
+    }
+
+    #[test]
+    fn golden_log_segment_v1_decodes() {
+        let path = Path::new(DIR).join(file_name(Lsn(1)));
+        if std::env::var_os("UNDERSTUDY_WRITE_GOLDEN").is_some() {
+            let mut bytes = encode_header(Lsn(1)).to_vec();
+            for (i, record) in records().iter().enumerate() {
+                encode_frame(&mut bytes, Lsn(i as u64 + 1), &encode_payload(record));
+            }
+            std::fs::create_dir_all(DIR).expect("golden dir");
+            std::fs::write(&path, bytes).expect("write golden");
+        }
+        let bytes = std::fs::read(&path).expect("golden segment present");
+        let scan = scan(&path, &bytes, Lsn(1), false).expect("golden segment decodes");
+        let decoded: Vec<Record> = scan.records.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(decoded, records());
+    }
+
+    #[test]
+    fn golden_snapshot_v1_decodes() {
+        let path = Path::new(DIR).join(snapshot::file_name(Lsn(5)));
+        if std::env::var_os("UNDERSTUDY_WRITE_GOLDEN").is_some() {
+            std::fs::create_dir_all(DIR).expect("golden dir");
+            snapshot::write(Path::new(DIR), &image()).expect("write golden");
+        }
+        assert_eq!(
+            snapshot::read(&path).expect("golden snapshot decodes"),
+            image()
+        );
     }
 }

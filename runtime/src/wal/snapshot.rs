@@ -65,7 +65,10 @@ pub fn write(dir: &Path, image: &Image) -> Result<PathBuf, Error> {
 
     let path = dir.join(file_name(image.lsn));
     let tmp = dir.join(format!("{}.tmp", file_name(image.lsn)));
-    let io = |e| Error::Io { path: tmp.clone(), source: e };
+    let io = |e| Error::Io {
+        path: tmp.clone(),
+        source: e,
+    };
     let mut file = fs::File::create(&tmp).map_err(io)?;
     file.write_all(&bytes).map_err(io)?;
     // Sync before renaming: a rename that reaches the disk before the data would
@@ -79,30 +82,50 @@ pub fn write(dir: &Path, image: &Image) -> Result<PathBuf, Error> {
 /// Read and verify the snapshot at `path`. Fails with `Error::Corrupt` naming the
 /// file when its header, length or checksum is wrong.
 pub fn read(path: &Path) -> Result<Image, Error> {
-    let bytes = fs::read(path).map_err(|e| Error::Io { path: path.to_owned(), source: e })?;
-    let corrupt = |offset: u64, why: String| Error::Corrupt { path: path.to_owned(), offset, why };
+    let bytes = fs::read(path).map_err(|e| Error::Io {
+        path: path.to_owned(),
+        source: e,
+    })?;
+    let corrupt = |offset: u64, why: String| Error::Corrupt {
+        path: path.to_owned(),
+        offset,
+        why,
+    };
     if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
         return Err(corrupt(0, "not a snapshot (bad magic or too short)".into()));
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
     if version != FORMAT_VERSION {
-        return Err(corrupt(8, format!("snapshot format version {version}, this build reads {FORMAT_VERSION}")));
+        return Err(corrupt(
+            8,
+            format!("snapshot format version {version}, this build reads {FORMAT_VERSION}"),
+        ));
     }
     let crc = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
     let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     let payload = &bytes[HEADER_LEN..];
     if payload.len() as u64 != len {
-        return Err(corrupt(16, format!("payload is {} bytes, header says {len}", payload.len())));
+        return Err(corrupt(
+            16,
+            format!("payload is {} bytes, header says {len}", payload.len()),
+        ));
     }
     if crc32fast::hash(payload) != crc {
-        return Err(corrupt(HEADER_LEN as u64, "snapshot checksum mismatch".into()));
+        return Err(corrupt(
+            HEADER_LEN as u64,
+            "snapshot checksum mismatch".into(),
+        ));
     }
-    rmp_serde::from_slice(payload).map_err(|e| corrupt(HEADER_LEN as u64, format!("snapshot does not decode: {e}")))
+    rmp_serde::from_slice(payload)
+        .map_err(|e| corrupt(HEADER_LEN as u64, format!("snapshot does not decode: {e}")))
 }
 
 /// Make a directory's entries (created, renamed, removed files) durable.
 pub fn sync_dir(dir: &Path) -> Result<(), Error> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| Error::Io { path: dir.to_owned(), source: e })
+        .map_err(|e| Error::Io {
+            path: dir.to_owned(),
+            source: e,
+        })
 }

@@ -29,29 +29,46 @@ pub struct GuestError {
 
 impl GuestError {
     pub fn new(code: &str, message: impl Into<String>) -> GuestError {
-        GuestError { code: code.to_owned(), message: message.into() }
+        GuestError {
+            code: code.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
 impl From<types::Error> for GuestError {
     fn from(e: types::Error) -> GuestError {
-        GuestError { code: e.code, message: e.message }
+        GuestError {
+            code: e.code,
+            message: e.message,
+        }
     }
 }
 
 impl From<GuestError> for types::Error {
     fn from(e: GuestError) -> types::Error {
-        types::Error { code: e.code, message: e.message }
+        types::Error {
+            code: e.code,
+            message: e.message,
+        }
     }
 }
 
-pub type CallFuture = Pin<Box<dyn Future<Output = wasmtime::Result<Result<Vec<u8>, GuestError>>> + Send>>;
+pub type CallFuture =
+    Pin<Box<dyn Future<Output = wasmtime::Result<Result<Vec<u8>, GuestError>>> + Send>>;
 
 /// Runs a call from one function to another inside the caller's transaction. The
 /// outer error aborts the whole transaction (the callee trapped, or lost a lock
 /// conflict); the inner one is handed to the caller.
 pub trait Calls: Send + Sync {
-    fn call(self: Arc<Self>, txn: Arc<Mutex<Txn>>, depth: u32, function: String, method: String, input: Vec<u8>) -> CallFuture;
+    fn call(
+        self: Arc<Self>,
+        txn: Arc<Mutex<Txn>>,
+        depth: u32,
+        function: String,
+        method: String,
+        input: Vec<u8>,
+    ) -> CallFuture;
 }
 
 /// The data of one instance's store.
@@ -80,7 +97,10 @@ impl Ctx {
             function,
             depth,
             calls,
-            limiter: Limiter { memory_max: options.memory_max_bytes, table_elements_max: options.table_elements_max },
+            limiter: Limiter {
+                memory_max: options.memory_max_bytes,
+                table_elements_max: options.table_elements_max,
+            },
             wasi: None,
             table: ResourceTable::new(),
             output: MemoryOutputPipe::new(OUTPUT_MAX),
@@ -121,7 +141,10 @@ impl WasiView for Ctx {
                 .allow_ip_name_lookup(false)
                 .build()
         });
-        WasiCtxView { ctx: wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -132,38 +155,69 @@ pub(super) struct Limiter {
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_max {
-            return Err(wasmtime::Error::new(Abort::MemoryCap { desired, cap: self.memory_max }));
+            return Err(wasmtime::Error::new(Abort::MemoryCap {
+                desired,
+                cap: self.memory_max,
+            }));
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.table_elements_max {
-            return Err(wasmtime::Error::new(Abort::TableCap { desired, cap: self.table_elements_max }));
+            return Err(wasmtime::Error::new(Abort::TableCap {
+                desired,
+                cap: self.table_elements_max,
+            }));
         }
         Ok(true)
     }
 }
 
 fn limit_error(e: crate::txn::LimitExceeded) -> types::Error {
-    types::Error { code: "limit".into(), message: e.0 }
+    types::Error {
+        code: "limit".into(),
+        message: e.0,
+    }
 }
 
 impl types::Host for Ctx {}
 
 impl state::Host for Ctx {
     fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<Option<Vec<u8>>, types::Error>> {
-        Ok(Ok(self.txn.lock().get(&self.function, &key).map(|v| v.to_vec())))
+        Ok(Ok(self
+            .txn
+            .lock()
+            .get(&self.function, &key)
+            .map(|v| v.to_vec())))
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<Result<(), types::Error>> {
-        Ok(self.txn.lock().put(&self.function, &key, &value).map_err(limit_error))
+        Ok(self
+            .txn
+            .lock()
+            .put(&self.function, &key, &value)
+            .map_err(limit_error))
     }
 
     fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<(), types::Error>> {
-        Ok(self.txn.lock().delete(&self.function, &key).map_err(limit_error))
+        Ok(self
+            .txn
+            .lock()
+            .delete(&self.function, &key)
+            .map_err(limit_error))
     }
 
     fn scan(
@@ -172,8 +226,17 @@ impl state::Host for Ctx {
         end: Option<Vec<u8>>,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<types::Entry>, types::Error>> {
-        let entries = self.txn.lock().scan(&self.function, &start, end.as_deref(), limit);
-        Ok(Ok(entries.into_iter().map(|(k, v)| types::Entry { key: k.to_vec(), value: v.to_vec() }).collect()))
+        let entries = self
+            .txn
+            .lock()
+            .scan(&self.function, &start, end.as_deref(), limit);
+        Ok(Ok(entries
+            .into_iter()
+            .map(|(k, v)| types::Entry {
+                key: k.to_vec(),
+                value: v.to_vec(),
+            })
+            .collect()))
     }
 }
 
@@ -184,7 +247,11 @@ impl call::Host for Ctx {
         method: String,
         input: Vec<u8>,
     ) -> wasmtime::Result<Result<Vec<u8>, types::Error>> {
-        let result = self.calls.clone().call(self.txn.clone(), self.depth + 1, function, method, input).await?;
+        let result = self
+            .calls
+            .clone()
+            .call(self.txn.clone(), self.depth + 1, function, method, input)
+            .await?;
         Ok(result.map_err(types::Error::from))
     }
 }

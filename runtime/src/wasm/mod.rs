@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
+};
 
 use crate::ids::Digest;
 pub use host::{CallFuture, Calls, Ctx, GuestError};
@@ -78,7 +80,10 @@ pub enum Error {
     #[error("the wasm engine could not start: {0}")]
     Engine(String),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What stopped an instance, when it did not return.
@@ -100,7 +105,9 @@ pub struct Loaded {
 
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("digest", &self.digest).finish_non_exhaustive()
+        f.debug_struct("Loaded")
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,7 +122,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("options", &self.options).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
     }
 }
 
@@ -125,33 +134,19 @@ impl Runtime {
     /// Fails when the engine configuration is rejected (for example, a pool larger than
     /// the address space allows) or the cache directory cannot be created.
     pub fn new(options: Options, cache_dir: &Path) -> Result<Runtime, Error> {
-        std::fs::create_dir_all(cache_dir).map_err(|e| Error::Io { path: cache_dir.to_owned(), source: e })?;
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(options.instances_max)
-            .total_core_instances(options.instances_max * 2)
-            .total_memories(options.instances_max * 2)
-            .total_tables(options.instances_max * 2)
-            .total_stacks(options.instances_max)
-            .max_memory_size(options.memory_max_bytes)
-            .table_elements(options.table_elements_max)
-            // Keeping a little memory resident between uses of a slot saves the page
-            // faults that dominate instantiation (see TOOLCHAIN.md).
-            .linear_memory_keep_resident(256 << 10)
-            .table_keep_resident(16 << 10);
-        let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .epoch_interruption(true)
-            .max_wasm_stack(options.stack_max_bytes)
-            .async_stack_size(options.stack_max_bytes + (1 << 20))
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        std::fs::create_dir_all(cache_dir).map_err(|e| Error::Io {
+            path: cache_dir.to_owned(),
+            source: e,
+        })?;
+        let engine =
+            Engine::new(&engine_config(&options)).map_err(|e| Error::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         bindings::Function::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |ctx| ctx)
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
         // Clocks, random and stdio for guests built against WASI; `Ctx` grants no
         // filesystem, sockets or environment.
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| Error::Engine(format!("{e:#}")))?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -172,7 +167,14 @@ impl Runtime {
                 })
                 .map_err(|e| Error::Engine(format!("cannot start the epoch thread: {e}")))?;
         }
-        Ok(Runtime { engine, linker, cache_dir: cache_dir.to_owned(), engine_hash, options, ticking })
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir: cache_dir.to_owned(),
+            engine_hash,
+            options,
+            ticking,
+        })
     }
 
     /// Check that `bytes` is a component of the world and compile it, or load the
@@ -187,18 +189,27 @@ impl Runtime {
         let component = match self.load_cached(digest) {
             Some(component) => component,
             None => {
-                let component = Component::new(&self.engine, bytes).map_err(|e| Error::Invalid(format!("{e:#}")))?;
+                let component = Component::new(&self.engine, bytes)
+                    .map_err(|e| Error::Invalid(format!("{e:#}")))?;
                 self.store_cached(digest, &component);
                 component
             }
         };
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| Error::UnknownImport(format!("{e:#}")))?;
-        let pre = bindings::FunctionPre::new(pre).map_err(|e| Error::MissingExport(format!("{e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| Error::UnknownImport(format!("{e:#}")))?;
+        let pre =
+            bindings::FunctionPre::new(pre).map_err(|e| Error::MissingExport(format!("{e:#}")))?;
         Ok(Arc::new(Loaded { digest, pre }))
     }
 
     fn cache_path(&self, digest: Digest) -> PathBuf {
-        self.cache_dir.join(format!("{}-{:016x}.cwasm", digest.to_hex(), self.engine_hash))
+        self.cache_dir.join(format!(
+            "{}-{:016x}.cwasm",
+            digest.to_hex(),
+            self.engine_hash
+        ))
     }
 
     /// The compiled component from the cache, if a verified copy is there.
@@ -219,12 +230,17 @@ impl Runtime {
 
     /// Best effort: a failure to cache only costs a recompile after restart.
     fn store_cached(&self, digest: Digest, component: &Component) {
-        let Ok(serialized) = component.serialize() else { return };
+        let Ok(serialized) = component.serialize() else {
+            return;
+        };
         let path = self.cache_path(digest);
         let tmp = path.with_extension("tmp");
         let mut file = Digest::of(&serialized).0.to_vec();
         file.extend_from_slice(&serialized);
-        if std::fs::write(&tmp, &file).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+        if std::fs::write(&tmp, &file)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
             tracing::warn!(path = %path.display(), "could not cache the compiled component");
         }
     }
@@ -255,7 +271,10 @@ impl Runtime {
             }
         });
         let instance = loaded.pre.instantiate_async(&mut store).await?;
-        let result = instance.understudy_function_handler().call_handle(&mut store, method, input).await;
+        let result = instance
+            .understudy_function_handler()
+            .call_handle(&mut store, method, input)
+            .await;
         store.data_mut().flush_output();
         Ok(result?.map_err(GuestError::from))
     }
@@ -265,6 +284,31 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticking.store(false, Ordering::Relaxed);
     }
+}
+
+/// The engine configuration every node uses: pooled instances, epoch interruption for
+/// deadlines, and the stack, memory and table bounds of `options`.
+pub fn engine_config(options: &Options) -> Config {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(options.instances_max)
+        .total_core_instances(options.instances_max * 2)
+        .total_memories(options.instances_max * 2)
+        .total_tables(options.instances_max * 2)
+        .total_stacks(options.instances_max)
+        .max_memory_size(options.memory_max_bytes)
+        .table_elements(options.table_elements_max)
+        // Keeping a little memory resident between uses of a slot saves the page
+        // faults that dominate instantiation (see TOOLCHAIN.md).
+        .linear_memory_keep_resident(256 << 10)
+        .table_keep_resident(16 << 10);
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(options.stack_max_bytes)
+        .async_stack_size(options.stack_max_bytes + (1 << 20))
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
 }
 
 /// Tell apart the common mistakes before handing the bytes to the compiler, whose
