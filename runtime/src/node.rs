@@ -268,6 +268,9 @@ impl Node {
             .ok()
             .and_then(|name| inner.store.get(&name))
             .ok_or_else(|| InvokeError::UnknownFunction(function.to_owned()))?;
+        if !f.meta().running {
+            return Err(InvokeError::Stopped(f.name.clone()));
+        }
         if let Some(key) = idempotency_key {
             check_idempotency_key(key)?;
             if let Some(answer) = self.replay(&f, key).await? {
@@ -276,12 +279,11 @@ impl Node {
             }
         }
         let id = TxnId(inner.txn_next.fetch_add(1, Ordering::Relaxed));
-        let deadline = started + Duration::from_millis(inner.config.wasm.deadline_ms);
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
             match self
-                .attempt(&f, id, started, deadline, method, input, idempotency_key)
+                .attempt(&f, id, started, method, input, idempotency_key)
                 .await
             {
                 Err(InvokeError::Conflict(_)) if attempt <= inner.config.conflict_retries_max => {
@@ -345,19 +347,19 @@ impl Node {
         }))
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         f: &Arc<Function>,
         id: TxnId,
         started: Instant,
-        deadline: Instant,
         method: &str,
         input: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<Answer, InvokeError> {
         let inner = &self.inner;
         f.lock.acquire(id, Mode::First).await.map_err(lock_error)?;
+        // The deadline bounds running, not queueing: it starts once the lock is ours.
+        let deadline = Instant::now() + Duration::from_millis(inner.config.wasm.deadline_ms);
         let txn = Arc::new(Mutex::new(Txn::new(
             id,
             started,
@@ -564,8 +566,12 @@ impl Node {
     /// Drop compiled components no function uses any more (after an upgrade or delete).
     /// A transaction still running an old one holds its own reference.
     fn prune_loaded(&self) {
-        let used: std::collections::HashSet<Digest> = self.inner.store.list().iter().map(|f| f.digest()).collect();
-        self.inner.loaded.write().retain(|digest, _| used.contains(digest));
+        let used: std::collections::HashSet<Digest> =
+            self.inner.store.list().iter().map(|f| f.digest()).collect();
+        self.inner
+            .loaded
+            .write()
+            .retain(|digest, _| used.contains(digest));
     }
 
     fn save_artifact(&self, digest: Digest, bytes: &[u8]) -> Result<(), AdminError> {

@@ -34,7 +34,7 @@ struct ClientLog {
 /// 1, 2, 3..., until `ACKED_BEFORE_KILL` are acknowledged in all; then `kill -9` the node
 /// while they are still sending, and return what each client saw.
 ///
-/// Panics when a request gets an answer other than 200 before the kill.
+/// Panics when a request gets an answer other than 200, or fails before the kill.
 fn run_and_kill9(
     node: &mut NodeProcess,
     request: impl Fn(&Api, usize, u64) -> reqwest::Result<Reply> + Send + Sync + 'static,
@@ -61,9 +61,9 @@ fn run_and_kill9(
                             log.acked.store(seq, Ordering::SeqCst);
                             acked_total.fetch_add(1, Ordering::SeqCst);
                         }
-                        // After the kill, a request may still be answered before the
-                        // connection drops; what matters is only what was acknowledged.
-                        Ok(_) | Err(_) if killed.load(Ordering::SeqCst) => return,
+                        // The kill breaks connections; it never produces an answer,
+                        // so any answer but 200 is a failure, before the kill or after.
+                        Err(_) if killed.load(Ordering::SeqCst) => return,
                         Ok(reply) => {
                             unexpected
                                 .lock()

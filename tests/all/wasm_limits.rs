@@ -72,8 +72,9 @@ fn stack_overflow_traps_and_node_keeps_serving() {
 fn write_flood_is_capped_and_leaves_no_writes() {
     let node = node_with_limits();
     let api = node.api();
-    // `put-many` with a huge count writes until a limit (writes per transaction, or the
-    // deadline) stops it: none of it may stay.
+    // `put-many` with a huge count writes until the writes-per-transaction limit (10000)
+    // fails it, as an error the guest passes on; on a very slow machine the deadline
+    // may come first. Either way none of its writes may stay.
     let reply = api.invoke(
         "h",
         "put-many",
@@ -82,7 +83,7 @@ fn write_flood_is_capped_and_leaves_no_writes() {
     assert!(
         matches!(
             (reply.status, reply.code()),
-            (504, "deadline") | (500, "resource-cap") | (422 | 400, _)
+            (422, "limit") | (504, "deadline")
         ),
         "unexpected answer: {} {}",
         reply.status,
