@@ -8,6 +8,7 @@ pub mod ids;
 pub mod lock;
 pub mod metrics;
 pub mod node;
+pub mod replication;
 pub mod store;
 pub mod txn;
 pub mod wal;
