@@ -26,6 +26,7 @@ cargo build --release --bin understudy 2>&1 | tail -n 1
 start_node() {
   "$BIN" node --data-dir "$DATA" --listen "127.0.0.1:$PORT" >>"$DATA/node.log" 2>&1 &
   NODE_PID=$!
+  disown "$NODE_PID"
   for _ in $(seq 1 100); do
     curl -fs "$UNDERSTUDY_NODE/healthz" >/dev/null 2>&1 && return 0
     sleep 0.1
@@ -61,21 +62,26 @@ run "$BIN" invoke counter increment --idempotency-key demo-1
 run "$BIN" invoke counter increment --idempotency-key demo-1
 run "$BIN" invoke counter get
 
-step "5/6 Killing the node with SIGKILL in the middle of 400 transfers"
+step "5/6 Killing the node with SIGKILL in the middle of 2000 transfers from 4 clients"
 ACKED="$DATA/acked"
 : >"$ACKED"
-(
-  for i in $(seq 1 400); do
-    if [ $((i % 2)) = 0 ]; then from=alice; to=bob; else from=bob; to=alice; fi
-    if "$BIN" invoke bank transfer "{\"from\": \"$from\", \"to\": \"$to\", \"amount\": 1}" \
-        --idempotency-key "t-$i" >/dev/null 2>&1; then echo "$i" >>"$ACKED"; fi
-  done
-) &
-WORKLOAD=$!
-sleep 1.5
-kill -9 "$NODE_PID"; wait "$NODE_PID" 2>/dev/null || true
-echo "killed node pid $NODE_PID after $(wc -l <"$ACKED") acknowledged transfers"
-wait "$WORKLOAD" || true
+WORKERS=()
+for w in 0 1 2 3; do
+  (
+    for j in $(seq 1 500); do
+      i=$((w * 500 + j))
+      if [ $((i % 2)) = 0 ]; then from=alice; to=bob; else from=bob; to=alice; fi
+      if "$BIN" invoke bank transfer "{\"from\": \"$from\", \"to\": \"$to\", \"amount\": 1}" \
+          --idempotency-key "t-$i" >/dev/null 2>&1; then echo "$i" >>"$ACKED"; fi
+    done
+  ) &
+  WORKERS+=($!)
+done
+sleep 1
+kill -9 "$NODE_PID"
+while kill -0 "$NODE_PID" 2>/dev/null; do sleep 0.01; done
+echo "killed node pid $NODE_PID after $(wc -l <"$ACKED") acknowledged transfers (the clients now get errors)"
+wait "${WORKERS[@]}" || true
 
 step "6/6 Restarting on the same data directory"
 start_node

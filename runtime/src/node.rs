@@ -145,6 +145,7 @@ impl Node {
     /// Fails when the log or a snapshot is corrupt (the error names the file and
     /// offset), when a deployed component's file is missing, or on I/O errors.
     pub fn open(config: Config) -> Result<Node, OpenError> {
+        let started = Instant::now();
         let metrics = Arc::new(Metrics::new());
         let data = &config.data_dir;
         let artifacts_dir = data.join("artifacts");
@@ -198,6 +199,7 @@ impl Node {
             functions = loaded.len(),
             records = replayed,
             lsn = %wal.lsn_last(),
+            ms = started.elapsed().as_millis() as u64,
             "recovered {}",
             config.data_dir.display()
         );
