@@ -117,6 +117,44 @@ enum Command {
     },
     /// Measure invocation and commit throughput in-process and print a table.
     Bench(understudy::bench::Args),
+    /// Cluster certificates: a CA, and a certificate per node for QUIC with mutual TLS.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Create the cluster CA and a certificate for each node.
+    Init {
+        /// Where to write `ca.pem`, `ca-key.pem` and `node-<id>.pem` / `node-<id>-key.pem`.
+        #[arg(long, default_value = "cluster-certs")]
+        dir: PathBuf,
+        /// A node as `ID=HOST[,HOST...]` (the addresses peers reach it at); repeat per node.
+        #[arg(long = "node", required = true, value_parser = parse_node_spec)]
+        nodes: Vec<understudy_net::NodeSpec>,
+        /// Replace an existing CA (every node then needs its new certificate).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a certificate for a node joining later, with the existing CA.
+    AddNode {
+        #[arg(long, default_value = "cluster-certs")]
+        dir: PathBuf,
+        #[arg(long = "node", value_parser = parse_node_spec)]
+        node: understudy_net::NodeSpec,
+    },
+}
+
+fn parse_node_spec(text: &str) -> Result<understudy_net::NodeSpec, String> {
+    let (id, hosts) = text.split_once('=').ok_or_else(|| format!("expected ID=HOST[,HOST...], got {text:?}"))?;
+    let id = id.trim().parse::<u64>().map_err(|e| format!("node id {id:?}: {e}"))?;
+    let hosts: Vec<String> = hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from).collect();
+    if hosts.is_empty() {
+        return Err(format!("node {id} needs at least one host"));
+    }
+    Ok(understudy_net::NodeSpec { id, hosts })
 }
 
 fn main() -> ExitCode {
@@ -237,6 +275,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 remote.authorized(client()?.delete(format!("{}/v1/functions/{name}", remote.node))),
             )?;
             println!("deleted {name}");
+            Ok(())
+        }
+        Command::Cluster { command: ClusterCommand::Init { dir, nodes, force } } => {
+            if force {
+                understudy_net::certs::init_replacing(&dir, &nodes)?;
+            } else {
+                understudy_net::certs::init(&dir, &nodes)?;
+            }
+            let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
+            println!("wrote the cluster CA and certificates for nodes {} to {}", ids.join(", "), dir.display());
+            println!("keep ca-key.pem safe: it signs new nodes (understudy cluster add-node)");
+            Ok(())
+        }
+        Command::Cluster { command: ClusterCommand::AddNode { dir, node } } => {
+            understudy_net::certs::add_node(&dir, &node)?;
+            println!("wrote the certificate for node {} to {}", node.id, dir.display());
             Ok(())
         }
         Command::Bench(args) => {
