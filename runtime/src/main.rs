@@ -148,9 +148,19 @@ enum ClusterCommand {
 }
 
 fn parse_node_spec(text: &str) -> Result<understudy_net::NodeSpec, String> {
-    let (id, hosts) = text.split_once('=').ok_or_else(|| format!("expected ID=HOST[,HOST...], got {text:?}"))?;
-    let id = id.trim().parse::<u64>().map_err(|e| format!("node id {id:?}: {e}"))?;
-    let hosts: Vec<String> = hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from).collect();
+    let (id, hosts) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=HOST[,HOST...], got {text:?}"))?;
+    let id = id
+        .trim()
+        .parse::<u64>()
+        .map_err(|e| format!("node id {id:?}: {e}"))?;
+    let hosts: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(String::from)
+        .collect();
     if hosts.is_empty() {
         return Err(format!("node {id} needs at least one host"));
     }
@@ -277,20 +287,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("deleted {name}");
             Ok(())
         }
-        Command::Cluster { command: ClusterCommand::Init { dir, nodes, force } } => {
+        Command::Cluster {
+            command: ClusterCommand::Init { dir, nodes, force },
+        } => {
             if force {
                 understudy_net::certs::init_replacing(&dir, &nodes)?;
             } else {
                 understudy_net::certs::init(&dir, &nodes)?;
             }
             let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
-            println!("wrote the cluster CA and certificates for nodes {} to {}", ids.join(", "), dir.display());
+            println!(
+                "wrote the cluster CA and certificates for nodes {} to {}",
+                ids.join(", "),
+                dir.display()
+            );
             println!("keep ca-key.pem safe: it signs new nodes (understudy cluster add-node)");
             Ok(())
         }
-        Command::Cluster { command: ClusterCommand::AddNode { dir, node } } => {
+        Command::Cluster {
+            command: ClusterCommand::AddNode { dir, node },
+        } => {
             understudy_net::certs::add_node(&dir, &node)?;
-            println!("wrote the certificate for node {} to {}", node.id, dir.display());
+            println!(
+                "wrote the certificate for node {} to {}",
+                node.id,
+                dir.display()
+            );
             Ok(())
         }
         Command::Bench(args) => {

@@ -102,6 +102,8 @@ pub struct FunctionInfo {
     pub keys: usize,
     pub idempotency_keys: usize,
     pub lsn_last_write: u64,
+    /// Commits in the function's own log (its replication position).
+    pub seq: u64,
     pub state_digest: String,
 }
 
@@ -627,6 +629,7 @@ impl Node {
             keys: f.len(),
             idempotency_keys: f.idempotency_keys(),
             lsn_last_write: f.lsn_last_write().0,
+            seq: f.seq(),
             state_digest: self
                 .inner
                 .store

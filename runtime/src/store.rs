@@ -41,6 +41,9 @@ pub struct Function {
     /// The LSN of the last commit that wrote this function: a transaction that read
     /// this state is acknowledged only once that LSN is durable.
     lsn_last_write: AtomicU64,
+    /// How many commits have touched this function (writes or a remembered answer):
+    /// the position in its own replicated log (`replication::Seq`).
+    seq: AtomicU64,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +74,7 @@ impl Function {
             kv: RwLock::new(Map::new()),
             idempotency: Mutex::new(HashMap::new()),
             lsn_last_write: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
         }
     }
 
@@ -97,6 +101,11 @@ impl Function {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The last position of this function's own log (see `seq`).
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
     }
 
     pub fn lsn_last_write(&self) -> Lsn {
@@ -202,6 +211,22 @@ impl Store {
                         .lock()
                         .insert(idem.key.clone(), (lsn, idem.clone()));
                 }
+                // Each function touched gets one more entry in its own log.
+                let touched = commit
+                    .writes
+                    .iter()
+                    .map(|w| &w.function)
+                    .chain(commit.idempotency.as_ref().map(|i| &i.function));
+                let mut counted: Vec<&FunctionName> = Vec::with_capacity(commit.writes.len() + 1);
+                for name in touched {
+                    if counted.contains(&name) {
+                        continue;
+                    }
+                    counted.push(name);
+                    if let Some(f) = self.get(name) {
+                        f.seq.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
             }
         }
         Ok(())
@@ -216,6 +241,7 @@ impl Store {
             .map(|f| {
                 let meta = f.meta();
                 let view = f.view();
+                let seq = f.seq();
                 let idempotency = f
                     .idempotency
                     .lock()
@@ -223,14 +249,14 @@ impl Store {
                     .filter(|(_, entry)| entry.at_ms >= expiry_ms)
                     .map(|(_, entry)| entry.clone())
                     .collect();
-                (meta, view, idempotency)
+                (meta, view, idempotency, seq)
             })
             .collect::<Vec<_>>();
         Image {
             lsn,
             functions: functions
                 .into_iter()
-                .map(|(meta, view, idempotency)| FunctionImage {
+                .map(|(meta, view, idempotency, seq)| FunctionImage {
                     deploy: meta.deploy,
                     running: meta.running,
                     entries: view
@@ -241,6 +267,7 @@ impl Store {
                         })
                         .collect(),
                     idempotency,
+                    seq,
                 })
                 .collect(),
         }
@@ -262,6 +289,7 @@ impl Store {
                 .map(|entry| (entry.key.clone(), (image.lsn, entry)))
                 .collect();
             f.lsn_last_write.store(image.lsn.0, Ordering::Release);
+            *f.seq.get_mut() = fi.seq;
             store.functions.write().insert(f.name.clone(), Arc::new(f));
         }
         store
@@ -279,5 +307,87 @@ impl Store {
             hasher.update(v);
         }
         Some(Digest(hasher.finalize().into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::TxnId;
+    use crate::wal::record::{Commit, Idempotency, Op, Outcome, Writes};
+
+    fn name(s: &str) -> FunctionName {
+        FunctionName::new(s).expect("valid")
+    }
+
+    fn deploy(s: &str) -> Record {
+        Record::Deploy(Deploy {
+            function: name(s),
+            digest: Digest([1; 32]),
+            version: 1,
+            at_ms: 0,
+        })
+    }
+
+    fn writes(f: &str, key: &[u8]) -> Writes {
+        Writes {
+            function: name(f),
+            ops: vec![Op {
+                key: key.to_vec(),
+                value: Some(b"v".to_vec()),
+            }],
+        }
+    }
+
+    #[test]
+    fn each_commit_advances_the_seq_of_every_function_it_touches_once() {
+        let store = Store::default();
+        store.apply(Lsn(1), &deploy("a")).expect("deploy");
+        store.apply(Lsn(2), &deploy("b")).expect("deploy");
+        let both = Record::Commit(Commit {
+            txn: TxnId(1),
+            writes: vec![writes("a", b"x"), writes("b", b"y")],
+            idempotency: None,
+        });
+        store.apply(Lsn(3), &both).expect("commit");
+        let answer_only = Record::Commit(Commit {
+            txn: TxnId(2),
+            writes: vec![],
+            idempotency: Some(Idempotency {
+                function: name("a"),
+                key: "k".into(),
+                outcome: Outcome::Ok(vec![]),
+                at_ms: 0,
+            }),
+        });
+        store.apply(Lsn(4), &answer_only).expect("commit");
+        let a = store.get(&name("a")).expect("a");
+        let b = store.get(&name("b")).expect("b");
+        assert_eq!((a.seq(), b.seq()), (2, 1));
+
+        let restored = Store::from_image(store.image(Lsn(4), 0));
+        assert_eq!(
+            restored.get(&name("a")).expect("a").seq(),
+            2,
+            "the seq survives a snapshot"
+        );
+        assert_eq!(
+            restored.state_digest(&name("b")),
+            store.state_digest(&name("b"))
+        );
+    }
+
+    #[test]
+    fn a_commit_for_an_unknown_function_is_an_error_not_a_panic() {
+        let store = Store::default();
+        let record = Record::Commit(Commit {
+            txn: TxnId(1),
+            writes: vec![writes("ghost", b"x")],
+            idempotency: None,
+        });
+        assert!(matches!(
+            store.apply(Lsn(1), &record),
+            Err(Error::UnknownFunction { .. })
+        ));
     }
 }

@@ -355,6 +355,7 @@ mod golden {
                     value: b"70".to_vec(),
                 }],
                 idempotency: vec![],
+                seq: 0,
             }],
         }
     }

@@ -32,6 +32,10 @@ pub struct FunctionImage {
     pub running: bool,
     pub entries: Vec<Entry>,
     pub idempotency: Vec<Idempotency>,
+    /// The function's own log position (see `store::Function::seq`). Added after format
+    /// version 1's first files: absent means 0.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
