@@ -245,6 +245,11 @@ impl Node {
         }
     }
 
+    /// The log writer's counters (fsyncs, their total time, records written).
+    pub fn wal_stats(&self) -> wal::Stats {
+        self.inner.wal.stats()
+    }
+
     pub fn lsn_durable(&self) -> Lsn {
         self.inner.wal.lsn_durable()
     }

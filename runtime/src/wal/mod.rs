@@ -97,6 +97,22 @@ struct Shared {
     wake_appenders: Condvar,
     durable_tx: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
+    stats: StatsCounters,
+}
+
+#[derive(Default)]
+struct StatsCounters {
+    fsyncs: std::sync::atomic::AtomicU64,
+    fsync_ns: std::sync::atomic::AtomicU64,
+    records: std::sync::atomic::AtomicU64,
+}
+
+/// Counters of the log writer since the log was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub fsyncs: u64,
+    pub fsync_ns: u64,
+    pub records: u64,
 }
 
 struct Pending {
@@ -142,6 +158,7 @@ impl Wal {
             wake_appenders: Condvar::new(),
             durable_tx,
             metrics,
+            stats: StatsCounters::default(),
         });
         let writer = {
             let shared = shared.clone();
@@ -263,6 +280,16 @@ impl Wal {
         }
         remove_before(&self.dir, lsn_cut)?;
         Ok(lsn_cut)
+    }
+
+    pub fn stats(&self) -> Stats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.shared.stats;
+        Stats {
+            fsyncs: s.fsyncs.load(Relaxed),
+            fsync_ns: s.fsync_ns.load(Relaxed),
+            records: s.records.load(Relaxed),
+        }
     }
 
     /// Bytes of records appended since the last checkpoint began.
@@ -479,10 +506,18 @@ fn writer_loop(
                     path: path.clone(),
                     source: e,
                 })?;
+                let took = started.elapsed();
                 shared
                     .metrics
                     .fsync_latency_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(took.as_secs_f64());
+                let stats = &shared.stats;
+                stats
+                    .fsyncs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .fsync_ns
+                    .fetch_add(took.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                 dirty_since = None;
             } else if !bytes.is_empty() && dirty_since.is_none() {
                 dirty_since = Some(Instant::now());
@@ -498,6 +533,10 @@ fn writer_loop(
         }
         if records > 0 {
             shared.metrics.fsync_batch_records.observe(records as f64);
+            shared
+                .stats
+                .records
+                .fetch_add(records, std::sync::atomic::Ordering::Relaxed);
             shared.metrics.log_bytes.inc_by(bytes.len() as u64);
         }
         shared.durable_tx.send_replace(lsn_hi);
