@@ -34,6 +34,8 @@ pub struct Config {
     pub checkpoint_log_bytes: u64,
     pub wasm: crate::wasm::Options,
     pub limits: Limits,
+    /// Present when the node is part of a cluster.
+    pub cluster: Option<crate::cluster::Config>,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             checkpoint_log_bytes: 64 << 20,
             wasm: Default::default(),
             limits: Default::default(),
+            cluster: None,
         }
     }
 }

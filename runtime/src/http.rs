@@ -105,6 +105,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/functions/{name}/{method}", post(invoke))
         // Unambiguous for methods named `stop` or `start`.
         .route("/v1/functions/{name}/invoke/{method}", post(invoke))
+        .route("/v1/cluster", get(cluster))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_max));
@@ -264,6 +265,17 @@ fn answer_response(answer: Answer) -> Response {
         response.headers_mut().insert(TXN_HEADER, v);
     }
     response
+}
+
+async fn cluster(State(node): State<Node>) -> Result<Response, ApiError> {
+    match node.cluster() {
+        Some(cluster) => Ok(Json(cluster.status()).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-clustered",
+            "this node runs alone (no [cluster] in its config)",
+        )),
+    }
 }
 
 async fn healthz(State(node): State<Node>) -> Response {

@@ -2,6 +2,7 @@
 //! transaction on the function's own key-value state. See ARCHITECTURE.md for the map.
 
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod ids;

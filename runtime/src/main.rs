@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -92,6 +93,13 @@ enum Command {
     },
     /// List deployed functions.
     Functions {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The cluster as the node sees it: nodes, the master, Raft's view.
+    Status {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -278,6 +286,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Status { json, remote } => {
+            let body = send(client()?.get(format!("{}/v1/cluster", remote.node)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            let raft = &body["raft"];
+            println!(
+                "node {} ({}), raft {} in term {}, master: {}",
+                body["node"],
+                body["role"].as_str().unwrap_or("?"),
+                raft["state"].as_str().unwrap_or("?"),
+                raft["term"],
+                raft["leader"]
+                    .as_u64()
+                    .map_or("none".to_owned(), |l| format!("node {l}")),
+            );
+            println!(
+                "{:<6} {:<8} {:<7} {:<8} {:<8} {:<22} HTTP",
+                "NODE", "ROLE", "MASTER", "STATUS", "HEALTH", "PEER"
+            );
+            for n in body["nodes"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<6} {:<8} {:<7} {:<8} {:<8} {:<22} {}",
+                    n["id"].to_string(),
+                    n["role"].as_str().unwrap_or("?"),
+                    if n["master"] == true { "yes" } else { "" },
+                    n["status"].as_str().unwrap_or("?"),
+                    n["health"].as_str().unwrap_or("?"),
+                    n["peer_addr"].as_str().unwrap_or("?"),
+                    n["http_addr"].as_str().unwrap_or(""),
+                );
+            }
+            Ok(())
+        }
         Command::Stop { name, remote } => admin_post(&remote, &name, "stop"),
         Command::Start { name, remote } => admin_post(&remote, &name, "start"),
         Command::Delete { name, remote } => {
@@ -332,11 +375,24 @@ fn run_node(cfg: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        tracing::info!(address = %listener.local_addr()?, "understudy node listening");
+        let http_addr = listener.local_addr()?;
+        if let Some(cluster_config) = node.config().cluster.clone() {
+            let cluster = understudy::cluster::Cluster::start(
+                &cluster_config,
+                &node.config().data_dir,
+                http_addr,
+            )
+            .await?;
+            node.set_cluster(Arc::new(cluster));
+        }
+        tracing::info!(address = %http_addr, "understudy node listening");
         let fatal = node.clone();
         tokio::select! {
             served = understudy::http::serve(node, listener, shutdown_signal()) => served?,
             why = fatal.fatal() => bail!("fatal: {why}"),
+        }
+        if let Some(cluster) = fatal.cluster() {
+            cluster.shutdown().await;
         }
         tracing::info!("stopped");
         Ok(())

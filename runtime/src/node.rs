@@ -123,6 +123,7 @@ struct Inner {
     txn_next: AtomicU64,
     admin: tokio::sync::Mutex<()>,
     checkpointing: AtomicBool,
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -219,8 +220,18 @@ impl Node {
                 txn_next: AtomicU64::new(txn_next),
                 admin: tokio::sync::Mutex::new(()),
                 checkpointing: AtomicBool::new(false),
+                cluster: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Attach this node's cluster membership (once, at start).
+    pub fn set_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.inner.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.inner.cluster.get()
     }
 
     pub fn config(&self) -> &Config {

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod cluster_form;
 mod crash_recovery;
 mod http_admin;
 mod http_disconnect;

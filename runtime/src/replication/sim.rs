@@ -152,7 +152,7 @@ impl Sim {
     /// Run until `until_ms`, appending one entry every `append_every_ms` up to `entries`.
     fn run(&mut self, until_ms: u64, entries: u64, append_every_ms: u64) {
         while self.now_ms < until_ms {
-            if self.now_ms % append_every_ms == 0 && self.primary.seq_last().0 < entries {
+            if self.now_ms.is_multiple_of(append_every_ms) && self.primary.seq_last().0 < entries {
                 let seq = self.primary.seq_last().next();
                 let now = self.now();
                 let commands = self.primary.step(
@@ -199,7 +199,7 @@ impl Sim {
                     }
                 }
             }
-            if self.now_ms % 10 == 0 {
+            if self.now_ms.is_multiple_of(10) {
                 let now = self.now();
                 let commands = self.primary.step(now, primary::Event::Tick);
                 self.primary_commands(commands);

@@ -1,0 +1,165 @@
+//! The fast-election watchdog: starts an election as soon as the leader's lease has run
+//! out, instead of openraft's lease plus a random election timeout.
+//!
+//! openraft 0.9 lets a follower campaign only after `election_timeout_max` (the leader
+//! lease, during which the other voters refuse to vote) plus its own random timeout in
+//! `[min, max)`. The random part is there to keep two followers from splitting the vote;
+//! here a deterministic order does that instead: the voters are ranked by id, the lost
+//! leader last, and rank `r` campaigns at `lease + margin + r * stagger` (stagger: half a
+//! heartbeat interval) after it last heard from a leader or granted a vote. The first one
+//! wins before the next one's turn, and its first append resets everyone else's clock.
+//! Before campaigning it asks the Raft core when the vote was last refreshed: the core
+//! handles messages in order, so a node that was only slow (a long fsync) sees the
+//! heartbeats that queued meanwhile and stays quiet. The watchdog fires once per loss of
+//! contact; openraft's own timer still retries if that election fails. It never makes an
+//! election unsafe (any voter may campaign at any time in Raft), only earlier; the driver
+//! here is the only part of the crate that reads the clock for elections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::ids::NodeId;
+use crate::types::Raft;
+
+/// Added to the lease so that the other voters' leases have surely run out too (they
+/// heard the last heartbeat at about the same moment).
+pub const LEASE_MARGIN: Duration = Duration::from_millis(5);
+
+/// When this node last heard from a leader or granted a vote: a cheap first check, before
+/// asking the Raft core.
+#[derive(Debug)]
+pub(crate) struct Contact {
+    last: Mutex<Instant>,
+}
+
+impl Contact {
+    pub(crate) fn new() -> Contact {
+        Contact {
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        *self.last.lock() = Instant::now();
+    }
+
+    fn last(&self) -> Instant {
+        *self.last.lock()
+    }
+}
+
+/// This node's turn among the voters that may replace `leader`: how many of the others
+/// have a smaller id. The lost leader itself goes last (after a whole-cluster restart it
+/// still names itself, and should not race the others).
+pub fn rank(me: NodeId, voters: impl IntoIterator<Item = NodeId>, leader: Option<NodeId>) -> u32 {
+    let voters: Vec<NodeId> = voters.into_iter().collect();
+    let before = if Some(me) == leader {
+        voters.len().saturating_sub(1)
+    } else {
+        voters
+            .iter()
+            .filter(|v| **v < me && Some(**v) != leader)
+            .count()
+    };
+    u32::try_from(before).unwrap_or(u32::MAX)
+}
+
+/// How long after the last contact a voter of rank `rank` campaigns.
+pub fn delay(lease: Duration, stagger: Duration, rank: u32) -> Duration {
+    lease + LEASE_MARGIN + stagger.saturating_mul(rank)
+}
+
+pub(crate) struct Watchdog {
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft,
+    pub(crate) contact: Arc<Contact>,
+    pub(crate) lease: Duration,
+    pub(crate) stagger: Duration,
+    pub(crate) poll: Duration,
+}
+
+impl Watchdog {
+    /// Watch until the Raft member shuts down.
+    pub(crate) async fn run(self) {
+        let metrics = self.raft.metrics();
+        let mut seen = self.contact.last();
+        let mut fired = false;
+        loop {
+            tokio::time::sleep(self.poll).await;
+            if metrics.has_changed().is_err() {
+                return;
+            }
+            let (state, is_voter, rank) = {
+                let m = metrics.borrow();
+                let membership = m.membership_config.membership();
+                let is_voter = membership.voter_ids().any(|v| v == self.id);
+                (
+                    m.state,
+                    is_voter,
+                    rank(self.id, membership.voter_ids(), m.current_leader),
+                )
+            };
+            if state == ServerState::Shutdown {
+                return;
+            }
+            let last = self.contact.last();
+            if last != seen {
+                seen = last;
+                fired = false;
+            }
+            if fired || !is_voter || state == ServerState::Leader {
+                continue;
+            }
+            let wait = delay(self.lease, self.stagger, rank);
+            if last.elapsed() <= wait {
+                continue;
+            }
+            // Confirm with the Raft core, which handles messages in order: when this node
+            // is merely slow (a long fsync), the heartbeats queued before this question
+            // refresh the vote's time, and no needless election disrupts a live leader.
+            let lost = self
+                .raft
+                .with_raft_state(move |st| {
+                    st.vote_last_modified().is_none_or(|t| t.elapsed() > wait)
+                })
+                .await;
+            match lost {
+                Err(_) => return,
+                Ok(false) => continue,
+                Ok(true) => {}
+            }
+            fired = true;
+            tracing::info!(id = %self.id, rank, "leader lease ran out: starting an election");
+            if self.raft.trigger().elect().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_skip_the_lost_leader_and_are_unique() {
+        let voters = [NodeId(1), NodeId(2), NodeId(3)];
+        let ranks = |leader| voters.map(|me| rank(me, voters, leader));
+        assert_eq!(ranks(Some(NodeId(1))), [2, 0, 1]);
+        assert_eq!(ranks(Some(NodeId(2))), [0, 2, 1]);
+        assert_eq!(ranks(Some(NodeId(3))), [0, 1, 2]);
+        assert_eq!(ranks(None), [0, 1, 2]);
+    }
+
+    #[test]
+    fn later_ranks_wait_a_stagger_longer() {
+        let lease = Duration::from_millis(100);
+        let stagger = Duration::from_millis(10);
+        assert_eq!(delay(lease, stagger, 0), Duration::from_millis(105));
+        assert_eq!(delay(lease, stagger, 2), Duration::from_millis(125));
+    }
+}
