@@ -58,6 +58,9 @@ impl Default for Config {
     }
 }
 
+/// Room in a commit record for the remembered answer beside the writes.
+const OUTPUT_MARGIN_BYTES: usize = crate::node::OUTPUT_LEN_MAX;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read config file {path}: {source}")]
@@ -94,8 +97,28 @@ impl Config {
                 self.listen
             )));
         }
-        if self.wasm.deadline_ms == 0 {
-            return Err(Error::Invalid("wasm.deadline_ms must be above 0".into()));
+        if self.wasm.deadline_ms == 0 || self.wasm.deadline_ms > 3_600_000 {
+            return Err(Error::Invalid(
+                "wasm.deadline_ms must be between 1 and 3600000 (an hour)".into(),
+            ));
+        }
+        if self.idempotency_window_s > 365 * 24 * 3600 {
+            return Err(Error::Invalid(
+                "idempotency_window_s must be at most a year".into(),
+            ));
+        }
+        if self.wasm.instances_max == 0 || self.wasm.instances_max > 100_000 {
+            return Err(Error::Invalid(
+                "wasm.instances_max must be between 1 and 100000".into(),
+            ));
+        }
+        if self.limits.write_bytes_max + OUTPUT_MARGIN_BYTES
+            > crate::wal::segment::RECORD_LEN_MAX / 2
+        {
+            return Err(Error::Invalid(format!(
+                "limits.write_bytes_max must stay well below the log's record limit of {} bytes",
+                crate::wal::segment::RECORD_LEN_MAX
+            )));
         }
         if self.wasm.memory_max_bytes < (1 << 16) {
             return Err(Error::Invalid(

@@ -112,6 +112,19 @@ pub fn router(node: Node) -> Router {
     admin.merge(public).with_state(node)
 }
 
+/// Run `work` on its own task: a client that hangs up must not cancel it half-way.
+async fn run_to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("task failed: {e}"),
+        )
+    })
+}
+
 fn authorize(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = node
         .config()
@@ -144,7 +157,7 @@ async fn deploy(
     authorize(&node, &headers)?;
     let body = body.map_err(|r| body_error(r, node.config().component_max_bytes))?;
     let existed = node.describe(&name).is_ok();
-    let info = node.deploy(&name, body.to_vec()).await?;
+    let info = run_to_completion(async move { node.deploy(&name, body.to_vec()).await }).await??;
     let status = if existed {
         StatusCode::OK
     } else {
@@ -159,7 +172,7 @@ async fn delete(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
-    node.delete(&name).await?;
+    run_to_completion(async move { node.delete(&name).await }).await??;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -169,7 +182,8 @@ async fn stop(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
-    Ok(Json(node.set_running(&name, false).await?).into_response())
+    let info = run_to_completion(async move { node.set_running(&name, false).await }).await??;
+    Ok(Json(info).into_response())
 }
 
 async fn start(
@@ -178,7 +192,8 @@ async fn start(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
-    Ok(Json(node.set_running(&name, true).await?).into_response())
+    let info = run_to_completion(async move { node.set_running(&name, true).await }).await??;
+    Ok(Json(info).into_response())
 }
 
 async fn list(State(node): State<Node>) -> Response {

@@ -526,21 +526,27 @@ impl Node {
 
     /// Delete `function` and all of its state, after the transaction running on it.
     pub async fn delete(&self, function: &str) -> Result<(), AdminError> {
-        let f = self.function(function)?;
+        // Resolved under the admin lock: a record is logged only if applying it will
+        // succeed (a concurrent delete must not leave an unreplayable record behind).
         let _admin = self.inner.admin.lock().await;
+        let f = self.function(function)?;
         // Take the function's lock so no transaction is half-way through it.
         let id = TxnId(self.inner.txn_next.fetch_add(1, Ordering::Relaxed));
         f.lock
             .acquire(id, Mode::First)
             .await
             .map_err(|e| AdminError::Storage(e.to_string()))?;
-        let result = self
-            .log_admin(&Record::Delete {
-                function: f.name.clone(),
-            })
-            .await;
-        f.lock.release(id);
-        result?;
+        let _locked = FunctionLock {
+            function: f.clone(),
+            txn: id,
+        };
+        if f.meta().deleted {
+            return Err(AdminError::UnknownFunction(function.to_owned()));
+        }
+        self.log_admin(&Record::Delete {
+            function: f.name.clone(),
+        })
+        .await?;
         self.inner
             .metrics
             .functions_deployed
@@ -557,8 +563,8 @@ impl Node {
         function: &str,
         running: bool,
     ) -> Result<FunctionInfo, AdminError> {
-        let f = self.function(function)?;
         let _admin = self.inner.admin.lock().await;
+        let f = self.function(function)?;
         self.log_admin(&Record::SetRunning {
             function: f.name.clone(),
             running,
@@ -602,7 +608,9 @@ impl Node {
         if path.exists() {
             return Ok(());
         }
-        let tmp = path.with_extension("tmp");
+        // A name of its own: two deploys of the same component may race here.
+        static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = path.with_extension(format!("{}.tmp", TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
         let io = |e: std::io::Error| AdminError::Storage(format!("{}: {e}", tmp.display()));
         let mut file = std::fs::File::create(&tmp).map_err(io)?;
         std::io::Write::write_all(&mut file, bytes).map_err(io)?;
@@ -679,12 +687,42 @@ impl Node {
         let inner = &self.inner;
         let expiry = now_ms().saturating_sub(inner.config.idempotency_window_s * 1000);
         let started = Instant::now();
-        let lsn = inner.wal.checkpoint(|lsn| inner.store.image(lsn, expiry))?;
+        let lsn = inner.wal.checkpoint(
+            |lsn| (lsn, inner.store.capture()),
+            |(lsn, captured)| captured.into_image(lsn, expiry),
+        )?;
         for f in inner.store.list() {
             f.expire_idempotency(expiry);
         }
         tracing::info!(%lsn, ms = started.elapsed().as_millis() as u64, "checkpoint written");
         Ok(lsn)
+    }
+}
+
+/// A callee's task, aborted if the caller stops waiting for it (the caller was cut off).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Releases one function's lock when dropped (an admin operation holding it).
+struct FunctionLock {
+    function: Arc<Function>,
+    txn: TxnId,
+}
+
+impl Drop for FunctionLock {
+    fn drop(&mut self) {
+        self.function.lock.release(self.txn);
     }
 }
 
@@ -789,11 +827,28 @@ impl Calls for Inner {
                 (t.id, t.holds(&f.name), t.deadline)
             };
             if !holds {
-                f.lock
-                    .acquire(id, Mode::Nested)
-                    .await
-                    .map_err(wasmtime::Error::new)?;
-                txn.lock().add_held(f.clone());
+                // Waiting for a lock counts against the transaction's deadline.
+                let acquired = tokio::time::timeout_at(
+                    tokio::time::Instant::from_std(deadline),
+                    f.lock.acquire(id, Mode::Nested),
+                )
+                .await;
+                match acquired {
+                    Err(_) => {
+                        return Err(wasmtime::Error::new(Abort::Deadline(
+                            self.config.wasm.deadline_ms,
+                        )))
+                    }
+                    Ok(acquired) => acquired.map_err(wasmtime::Error::new)?,
+                }
+                let mut t = txn.lock();
+                if t.is_finished() {
+                    // The transaction ended while we waited (its caller was cut off).
+                    drop(t);
+                    f.lock.release(id);
+                    return Err(wasmtime::Error::msg("the transaction has already ended"));
+                }
+                t.add_held(f.clone());
             }
             let meta = f.meta();
             if meta.deleted {
@@ -820,13 +875,14 @@ impl Calls for Inner {
             let ctx = Ctx::new(txn.clone(), f, depth, self.clone(), &self.config.wasm);
             // The callee runs on its own task, so it gets its own fiber and stack.
             let inner = self.clone();
-            let run = tokio::spawn(async move {
+            let run = AbortOnDrop(tokio::spawn(async move {
                 inner
                     .runtime
                     .run(&loaded, ctx, deadline, &method, &input)
                     .await
-            });
+            }));
             let result = run
+                .join()
                 .await
                 .map_err(|e| wasmtime::Error::msg(format!("callee task failed: {e}")))?;
             match result {

@@ -6,7 +6,7 @@
 //! **Invariant:** `store` never touches the disk or the network; it applies records
 //! and hands out consistent images for snapshots.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -37,7 +37,8 @@ pub struct Function {
     pub lock: TxnLock,
     meta: Mutex<Meta>,
     kv: RwLock<Map>,
-    idempotency: Mutex<HashMap<String, (Lsn, Idempotency)>>,
+    /// Persistent, so that a checkpoint's capture is a cheap clone.
+    idempotency: Mutex<imbl::HashMap<String, (Lsn, Idempotency)>>,
     /// The LSN of the last commit that wrote this function: a transaction that read
     /// this state is acknowledged only once that LSN is durable.
     lsn_last_write: AtomicU64,
@@ -72,7 +73,7 @@ impl Function {
                 deleted: false,
             }),
             kv: RwLock::new(Map::new()),
-            idempotency: Mutex::new(HashMap::new()),
+            idempotency: Mutex::new(imbl::HashMap::new()),
             lsn_last_write: AtomicU64::new(0),
             seq: AtomicU64::new(0),
         }
@@ -131,6 +132,42 @@ impl Function {
         self.idempotency
             .lock()
             .retain(|_, (_, entry)| entry.at_ms >= expiry_ms);
+    }
+}
+
+/// A consistent capture of the store (see `Store::capture`).
+pub struct Captured {
+    functions: Vec<(Meta, Map, imbl::HashMap<String, (Lsn, Idempotency)>, u64)>,
+}
+
+impl Captured {
+    /// The snapshot image of what was captured at `lsn` (copies everything: call it
+    /// outside the log's lock).
+    pub fn into_image(self, lsn: Lsn, expiry_ms: u64) -> Image {
+        Image {
+            lsn,
+            functions: self
+                .functions
+                .into_iter()
+                .map(|(meta, view, idempotency, seq)| FunctionImage {
+                    deploy: meta.deploy,
+                    running: meta.running,
+                    entries: view
+                        .iter()
+                        .map(|(k, v)| Entry {
+                            key: k.to_vec(),
+                            value: v.to_vec(),
+                        })
+                        .collect(),
+                    idempotency: idempotency
+                        .values()
+                        .filter(|(_, entry)| entry.at_ms >= expiry_ms)
+                        .map(|(_, entry)| entry.clone())
+                        .collect(),
+                    seq,
+                })
+                .collect(),
+        }
     }
 }
 
@@ -232,45 +269,21 @@ impl Store {
         Ok(())
     }
 
-    /// Everything, as of `lsn`, leaving out answers older than `expiry_ms`. Called
-    /// while the log holds appends off, so it only clones persistent maps.
-    pub fn image(&self, lsn: Lsn, expiry_ms: u64) -> Image {
+    /// What a snapshot needs, captured while the log holds appends off: only clones of
+    /// persistent maps, so it takes microseconds whatever the size of the state.
+    pub fn capture(&self) -> Captured {
         let functions = self.functions.read();
-        let functions = functions
-            .values()
-            .map(|f| {
-                let meta = f.meta();
-                let view = f.view();
-                let seq = f.seq();
-                let idempotency = f
-                    .idempotency
-                    .lock()
-                    .values()
-                    .filter(|(_, entry)| entry.at_ms >= expiry_ms)
-                    .map(|(_, entry)| entry.clone())
-                    .collect();
-                (meta, view, idempotency, seq)
-            })
-            .collect::<Vec<_>>();
-        Image {
-            lsn,
+        Captured {
             functions: functions
-                .into_iter()
-                .map(|(meta, view, idempotency, seq)| FunctionImage {
-                    deploy: meta.deploy,
-                    running: meta.running,
-                    entries: view
-                        .iter()
-                        .map(|(k, v)| Entry {
-                            key: k.to_vec(),
-                            value: v.to_vec(),
-                        })
-                        .collect(),
-                    idempotency,
-                    seq,
-                })
+                .values()
+                .map(|f| (f.meta(), f.view(), f.idempotency.lock().clone(), f.seq()))
                 .collect(),
         }
+    }
+
+    /// Everything, as of `lsn`, leaving out answers older than `expiry_ms`.
+    pub fn image(&self, lsn: Lsn, expiry_ms: u64) -> Image {
+        self.capture().into_image(lsn, expiry_ms)
     }
 
     /// A store holding what `image` holds.

@@ -65,6 +65,9 @@ pub struct Txn {
     writes: BTreeMap<FunctionName, WriteSet>,
     write_count: usize,
     write_bytes: usize,
+    /// Set when the transaction has ended (its locks released): a straggling callee must
+    /// not take new locks in its name.
+    finished: bool,
 }
 
 impl std::fmt::Debug for Txn {
@@ -87,7 +90,12 @@ impl Txn {
             writes: BTreeMap::new(),
             write_count: 0,
             write_bytes: 0,
+            finished: false,
         }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
     }
 
     pub fn holds(&self, name: &FunctionName) -> bool {
@@ -103,6 +111,7 @@ impl Txn {
 
     /// The functions whose locks must be released when the transaction ends.
     pub fn take_held(&mut self) -> Vec<Arc<Function>> {
+        self.finished = true;
         std::mem::take(&mut self.held)
     }
 

@@ -16,6 +16,7 @@ mod http_examples;
 mod http_idempotency;
 mod http_metrics;
 mod node_shutdown;
+mod regressions;
 mod storage_artifacts;
 mod txn_isolation;
 mod wal_damage;

@@ -95,7 +95,8 @@ struct Shared {
     /// or rotated.
     wake_writer: Condvar,
     wake_appenders: Condvar,
-    durable_tx: watch::Sender<Lsn>,
+    /// Taken (dropped) when the writer fails, which wakes every waiter with an error.
+    durable_tx: Mutex<Option<watch::Sender<Lsn>>>,
     metrics: Arc<Metrics>,
     stats: StatsCounters,
 }
@@ -156,7 +157,7 @@ impl Wal {
             }),
             wake_writer: Condvar::new(),
             wake_appenders: Condvar::new(),
-            durable_tx,
+            durable_tx: Mutex::new(Some(durable_tx)),
             metrics,
             stats: StatsCounters::default(),
         });
@@ -251,24 +252,30 @@ impl Wal {
 
     /// Write a snapshot of the state as of the current end of the log, then delete the
     /// segments and snapshots it makes redundant. `capture` runs while appends are held
-    /// off, so it must be quick (clone persistent maps, not copy them). Blocking: call it
-    /// from a thread that may block.
+    /// off, so it must be quick (clone persistent maps, not copy them); `build` turns what
+    /// it captured into the image afterwards. Blocking: call it from a thread that may block.
     ///
     /// Fails on I/O errors; the log stays valid (old segments are only deleted after the
     /// snapshot is durable).
-    pub fn checkpoint(&self, capture: impl FnOnce(Lsn) -> Image) -> Result<Lsn, Error> {
-        let (image, lsn_cut) = {
+    pub fn checkpoint<C>(
+        &self,
+        capture: impl FnOnce(Lsn) -> C,
+        build: impl FnOnce(C) -> Image,
+    ) -> Result<Lsn, Error> {
+        let (captured, lsn_cut) = {
             let mut pending = self.shared.pending.lock();
             let lsn_cut = pending.lsn_last;
-            let image = capture(lsn_cut);
+            let captured = capture(lsn_cut);
             let at = pending.bytes.len();
             pending.rotations.push((at, lsn_cut.next()));
             self.bytes_since_checkpoint
                 .store(0, std::sync::atomic::Ordering::Relaxed);
-            (image, lsn_cut)
+            (captured, lsn_cut)
         };
         self.shared.wake_writer.notify_one();
-        snapshot::write(&self.dir, &image)?;
+        // Wait for the rotation first: it fsyncs every record up to the cut. A snapshot
+        // must never be ahead of the log, or a crash would leave a log that resumes
+        // after a gap.
         {
             let mut pending = self.shared.pending.lock();
             while pending.segment_first < lsn_cut.next() && pending.failed.is_none() {
@@ -278,6 +285,7 @@ impl Wal {
                 return Err(Error::WriterFailed(why.clone()));
             }
         }
+        snapshot::write(&self.dir, &build(captured))?;
         remove_before(&self.dir, lsn_cut)?;
         Ok(lsn_cut)
     }
@@ -354,6 +362,7 @@ fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
         .rposition(|(first, _)| *first <= lsn_snapshot.next())
         .unwrap_or(0);
     let segments = &segments[first_needed..];
+    let mut last_segment_end = None;
     for (i, (lsn_first, path)) in segments.iter().enumerate() {
         let is_last = i + 1 == segments.len();
         if *lsn_first > lsn_last.next() {
@@ -374,16 +383,24 @@ fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
                 .warnings
                 .push(format!("{}: {why}", path.display()));
         }
+        let mut lsn_segment_end = Lsn(lsn_first.0.saturating_sub(1));
         for (lsn, record) in scan.records {
             if lsn > lsn_snapshot {
                 recovered.records.push((lsn, record));
             }
             lsn_last = lsn_last.max(lsn);
+            lsn_segment_end = lsn;
+        }
+        if is_last {
+            last_segment_end = Some(lsn_segment_end);
         }
     }
+    // Append to the last segment only if it ends where the log ends; a snapshot ahead of
+    // it (written by an older build that did not wait for the rotation) must not leave
+    // a gap inside a segment.
     let (segment_path, segment_first) = match segments.last() {
-        Some((first, path)) => (path.clone(), *first),
-        None => (
+        Some((first, path)) if last_segment_end == Some(lsn_last) => (path.clone(), *first),
+        _ => (
             dir.join(segment::file_name(lsn_last.next())),
             lsn_last.next(),
         ),
@@ -528,6 +545,7 @@ fn writer_loop(
             tracing::error!(error = %e, "log writer failed; the node must stop");
             shared.pending.lock().failed = Some(e.to_string());
             shared.wake_appenders.notify_all();
+            shared.durable_tx.lock().take();
             // Dropping the sender wakes every waiter with an error.
             return;
         }
@@ -539,7 +557,9 @@ fn writer_loop(
                 .fetch_add(records, std::sync::atomic::Ordering::Relaxed);
             shared.metrics.log_bytes.inc_by(bytes.len() as u64);
         }
-        shared.durable_tx.send_replace(lsn_hi);
+        if let Some(tx) = shared.durable_tx.lock().as_ref() {
+            tx.send_replace(lsn_hi);
+        }
         if shutdown {
             return;
         }
@@ -629,10 +649,13 @@ mod tests {
                 wal.append(&commit(n), |_| ()).expect("append");
             }
             let cut = wal
-                .checkpoint(|lsn| Image {
-                    lsn,
-                    functions: vec![],
-                })
+                .checkpoint(
+                    |lsn| lsn,
+                    |lsn| Image {
+                        lsn,
+                        functions: vec![],
+                    },
+                )
                 .expect("checkpoint");
             assert_eq!(cut, Lsn(10));
             let (last, ()) = wal.append(&commit(11), |_| ()).expect("append");
@@ -651,5 +674,50 @@ mod tests {
         assert_eq!(recovered.snapshot.expect("snapshot").lsn, Lsn(10));
         assert_eq!(recovered.records, vec![(Lsn(11), commit(11))]);
         assert_eq!(wal.lsn_last(), Lsn(11));
+    }
+
+    /// Regression: a snapshot ahead of the log's last segment (what an older build's
+    /// checkpoint could leave after a crash) made recovery append after a gap, and the
+    /// next recovery refused the log or cut acknowledged records as a torn tail.
+    #[tokio::test]
+    async fn snapshot_ahead_of_the_log_does_not_leave_a_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (wal, _) = Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("open");
+            let mut last = Lsn::ZERO;
+            for n in 1..=5 {
+                last = wal.append(&commit(n), |_| ()).expect("append").0;
+            }
+            wal.wait_durable(last).await.expect("durable");
+        }
+        snapshot::write(
+            dir.path(),
+            &Image {
+                lsn: Lsn(8),
+                functions: vec![],
+            },
+        )
+        .expect("snapshot");
+        {
+            let (wal, recovered) =
+                Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("reopen");
+            assert!(recovered.records.is_empty());
+            assert_eq!(wal.lsn_last(), Lsn(8));
+            let (lsn, ()) = wal.append(&commit(9), |_| ()).expect("append");
+            assert_eq!(lsn, Lsn(9));
+            wal.wait_durable(lsn).await.expect("durable");
+        }
+        let (_wal, recovered) =
+            Wal::open(dir.path(), Durability::Disk, Arc::default()).expect("second reopen");
+        assert_eq!(
+            recovered.records,
+            vec![(Lsn(9), commit(9))],
+            "the record after the snapshot survives"
+        );
+        assert!(
+            recovered.warnings.is_empty(),
+            "nothing was cut: {:?}",
+            recovered.warnings
+        );
     }
 }

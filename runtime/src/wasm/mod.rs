@@ -34,6 +34,10 @@ pub mod bindings {
     });
 }
 
+/// How long past its deadline a transaction blocked outside wasm code (in a host
+/// call) may take before it is cut off.
+const DEADLINE_GRACE: Duration = Duration::from_millis(20);
+
 /// How often the engine's epoch advances: the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -270,11 +274,20 @@ impl Runtime {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        let instance = loaded.pre.instantiate_async(&mut store).await?;
-        let result = instance
-            .understudy_function_handler()
-            .call_handle(&mut store, method, input)
-            .await;
+        // The epoch callback stops wasm code at the deadline; this stops a guest that
+        // waits inside a host call (a WASI sleep, say) instead of running.
+        let overall = tokio::time::Instant::from_std(deadline + DEADLINE_GRACE);
+        let run = async {
+            let instance = loaded.pre.instantiate_async(&mut store).await?;
+            instance
+                .understudy_function_handler()
+                .call_handle(&mut store, method, input)
+                .await
+        };
+        let result = match tokio::time::timeout_at(overall, run).await {
+            Ok(result) => result,
+            Err(_) => Err(wasmtime::Error::new(Abort::Deadline(deadline_ms))),
+        };
         store.data_mut().flush_output();
         Ok(result?.map_err(GuestError::from))
     }
