@@ -110,7 +110,7 @@ impl Backup {
             .entries
             .iter()
             .enumerate()
-            .all(|(i, (seq, _))| seq.0 == append.seq_prev.0 + 1 + i as u64);
+            .all(|(i, (seq, _))| append.seq_prev.0.checked_add(1 + i as u64) == Some(seq.0));
         if !contiguous {
             tracing::warn!(%from, "ignoring a replication message whose entries are not contiguous");
             return Vec::new();

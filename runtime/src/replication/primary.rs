@@ -21,7 +21,8 @@ pub const LOG_RETAINED_MAX: usize = 65_536;
 pub enum PeerState {
     /// Counts for commits.
     Live,
-    /// Being brought up to date; joins the live set once it holds everything.
+    /// Being brought up to date; joins the live set once it holds every released commit
+    /// (from then on, later commits wait for it).
     CatchingUp,
 }
 
@@ -245,9 +246,9 @@ impl<P: Clone> Primary<P> {
                 if epoch != self.epoch => {}
             Reply::Diverged { .. } => {
                 if let Some(peer) = self.peers.get_mut(&from) {
-                    // Until it is resynchronised it cannot count: commits wait for it, or
-                    // for the control plane to replace it.
-                    peer.state = PeerState::CatchingUp;
+                    // It keeps its place and its (old) acknowledged position: commits wait
+                    // for it until it is resynchronised or the control plane replaces it,
+                    // so nothing is released that it lacks while it could still be promoted.
                     peer.known = true;
                     commands.push(Command::NeedSnapshot { to: from });
                 }
@@ -257,8 +258,8 @@ impl<P: Clone> Primary<P> {
                     return;
                 };
                 if seq > self.seq_last {
-                    // The backup claims entries this primary never had: it diverged.
-                    peer.state = PeerState::CatchingUp;
+                    // The backup claims entries this primary never had: it diverged. As
+                    // above, it keeps holding back commits until it is resynchronised.
                     peer.known = true;
                     commands.push(Command::NeedSnapshot { to: from });
                     return;
@@ -279,7 +280,7 @@ impl<P: Clone> Primary<P> {
 
     fn check_live(&mut self, node: NodeId, commands: &mut Vec<Command<P>>) {
         if let Some(peer) = self.peers.get_mut(&node) {
-            if peer.state == PeerState::CatchingUp && peer.seq_acked == self.seq_last {
+            if peer.state == PeerState::CatchingUp && peer.seq_acked >= self.seq_released {
                 peer.state = PeerState::Live;
                 commands.push(Command::PeerLive { node });
             }
