@@ -22,6 +22,9 @@ use crate::wal::snapshot::{Entry, FunctionImage, Image};
 /// transaction's view is a cheap clone.
 pub type Map = imbl::OrdMap<Bytes, Bytes>;
 
+/// Remembered answers by idempotency key, with the LSN of the commit that stored each.
+pub type Answers = imbl::HashMap<String, (Lsn, Idempotency)>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -38,7 +41,7 @@ pub struct Function {
     meta: Mutex<Meta>,
     kv: RwLock<Map>,
     /// Persistent, so that a checkpoint's capture is a cheap clone.
-    idempotency: Mutex<imbl::HashMap<String, (Lsn, Idempotency)>>,
+    idempotency: Mutex<Answers>,
     /// The LSN of the last commit that wrote this function: a transaction that read
     /// this state is acknowledged only once that LSN is durable.
     lsn_last_write: AtomicU64,
@@ -137,7 +140,7 @@ impl Function {
 
 /// A consistent capture of the store (see `Store::capture`).
 pub struct Captured {
-    functions: Vec<(Meta, Map, imbl::HashMap<String, (Lsn, Idempotency)>, u64)>,
+    functions: Vec<(Meta, Map, Answers, u64)>,
 }
 
 impl Captured {
