@@ -35,19 +35,26 @@ pub enum Command<P> {
 pub struct Backup {
     epoch: Epoch,
     primary: Option<NodeId>,
+    /// The epoch and primary whose log this backup's log was checked to match: entries
+    /// from them may overlap what it holds.
+    matched: Option<(Epoch, NodeId)>,
     seq_applied: Seq,
+    /// The epoch of the entry at `seq_applied`.
+    epoch_applied: Epoch,
     seq_durable: Seq,
     /// Waiting for a snapshot: entries are refused until `reset`.
     resyncing: bool,
 }
 
 impl Backup {
-    /// A backup whose log ends at `seq` (durable), knowing `epoch`.
-    pub fn new(epoch: Epoch, seq: Seq) -> Backup {
+    /// A backup whose log ends at `seq` (durable), an entry of `epoch_last`, knowing `epoch`.
+    pub fn new(epoch: Epoch, seq: Seq, epoch_last: Epoch) -> Backup {
         Backup {
             epoch,
             primary: None,
+            matched: None,
             seq_applied: seq,
+            epoch_applied: epoch_last,
             seq_durable: seq,
             resyncing: false,
         }
@@ -65,11 +72,14 @@ impl Backup {
         self.seq_durable
     }
 
-    /// The state was replaced by a snapshot at `seq` (after `Resync`, or to join).
-    pub fn reset(&mut self, epoch: Epoch, seq: Seq) {
+    /// The state was replaced by a snapshot at `seq`, whose last entry is of `epoch_last`
+    /// (after `Resync`, or to join).
+    pub fn reset(&mut self, epoch: Epoch, seq: Seq, epoch_last: Epoch) {
         self.epoch = self.epoch.max(epoch);
         self.seq_applied = seq;
+        self.epoch_applied = epoch_last;
         self.seq_durable = seq;
+        self.matched = None;
         self.resyncing = false;
     }
 
@@ -97,6 +107,7 @@ impl Backup {
                 if epoch > self.epoch {
                     self.epoch = epoch;
                     self.primary = None;
+                    self.matched = None;
                 }
                 Vec::new()
             }
@@ -118,36 +129,50 @@ impl Backup {
         if append.epoch < self.epoch {
             return reply(Reply::Stale { epoch: self.epoch });
         }
-        if self.resyncing {
-            return Vec::new();
-        }
+        // An epoch is only ever sent by the node the control plane made primary in it,
+        // so adopting a newer one is safe; keeping entries it does not have is not.
         if append.epoch > self.epoch || self.primary != Some(from) {
-            // A new primary. An epoch is only ever sent by the node the control plane
-            // made primary in it, so adopting it is safe; what is not safe is keeping
-            // entries it does not have.
-            let diverged = append.seq_prev < self.seq_applied;
             self.epoch = append.epoch;
             self.primary = Some(from);
-            if diverged {
-                self.resyncing = true;
-                return vec![
-                    Command::Reply {
-                        to: from,
-                        reply: Reply::Diverged {
-                            epoch: self.epoch,
-                            seq_applied: self.seq_applied,
-                        },
-                    },
-                    Command::Resync { from },
-                ];
+            self.matched = None;
+        }
+        let diverged = vec![
+            Command::Reply {
+                to: from,
+                reply: Reply::Diverged {
+                    epoch: self.epoch,
+                    seq_applied: self.seq_applied,
+                },
+            },
+            Command::Resync { from },
+        ];
+        if self.resyncing {
+            // Still waiting for a snapshot. A new primary must learn that it owes one
+            // (`matched` then records that it was told, until `reset`).
+            if self.matched.is_none() {
+                self.matched = Some((append.epoch, from));
+                return diverged;
             }
+            return Vec::new();
         }
         if append.seq_prev > self.seq_applied {
             return reply(Reply::Gap {
                 epoch: self.epoch,
-                seq: self.seq_durable.min(self.seq_applied),
+                seq: self.seq_applied,
+                epoch_last: self.epoch_applied,
             });
         }
+        let overlap_ok = self.matched == Some((append.epoch, from));
+        let matches =
+            append.seq_prev == self.seq_applied && append.epoch_prev == self.epoch_applied;
+        if !matches && !overlap_ok {
+            // Entries here that the primary's log does not have (or cannot be checked):
+            // only a snapshot of the primary's state can make this backup follow it.
+            self.resyncing = true;
+            self.matched = Some((append.epoch, from));
+            return diverged;
+        }
+        self.matched = Some((append.epoch, from));
         let fresh: Vec<(Seq, P)> = append
             .entries
             .into_iter()
@@ -156,6 +181,7 @@ impl Backup {
         let mut commands = Vec::new();
         if let Some((last, _)) = fresh.last() {
             self.seq_applied = *last;
+            self.epoch_applied = append.epoch;
             commands.push(Command::Apply { entries: fresh });
         } else {
             // Nothing new (a probe or a resend): say where we stand.

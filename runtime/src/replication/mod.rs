@@ -68,11 +68,14 @@ impl fmt::Display for NodeId {
 }
 
 /// Primary to backup: entries after `seq_prev`, in order (possibly none: a probe that
-/// establishes the epoch).
+/// establishes the epoch). Every entry in it was appended by the primary of `epoch`;
+/// `epoch_prev` is the epoch of the entry at `seq_prev`, so that the backup can check
+/// that its log matches the primary's up to there (Raft's log-matching check).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Append<P> {
     pub epoch: Epoch,
     pub seq_prev: Seq,
+    pub epoch_prev: Epoch,
     pub entries: Vec<(Seq, P)>,
 }
 
@@ -81,8 +84,13 @@ pub struct Append<P> {
 pub enum Reply {
     /// Everything up to `seq` is durable here.
     Ack { epoch: Epoch, seq: Seq },
-    /// The message left a gap: this backup has only up to `seq`; resume after it.
-    Gap { epoch: Epoch, seq: Seq },
+    /// The message left a gap: this backup's log ends at `seq`, an entry of
+    /// `epoch_last`; resume after it if that is the primary's entry too.
+    Gap {
+        epoch: Epoch,
+        seq: Seq,
+        epoch_last: Epoch,
+    },
     /// The message's epoch is stale: this backup knows `epoch`.
     Stale { epoch: Epoch },
     /// This backup holds entries the new primary does not: it needs a snapshot.

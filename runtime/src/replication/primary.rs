@@ -88,6 +88,10 @@ pub struct Primary<P> {
     seq_last: Seq,
     seq_durable: Seq,
     seq_released: Seq,
+    /// Where this primary's log stood when its epoch began, and the epoch of that entry:
+    /// everything after it was appended by this primary, in `epoch`.
+    seq_start: Seq,
+    epoch_start: Epoch,
     fenced: Option<Epoch>,
 }
 
@@ -100,6 +104,7 @@ impl<P: Clone> Primary<P> {
         now: Instant,
         epoch: Epoch,
         seq_last: Seq,
+        epoch_last: Epoch,
         backups: &[NodeId],
     ) -> (Primary<P>, Vec<Command<P>>) {
         let mut primary = Primary {
@@ -109,6 +114,8 @@ impl<P: Clone> Primary<P> {
             seq_last,
             seq_durable: seq_last,
             seq_released: seq_last,
+            seq_start: seq_last,
+            epoch_start: epoch_last,
             fenced: None,
         };
         let mut commands = Vec::new();
@@ -134,8 +141,22 @@ impl<P: Clone> Primary<P> {
             append: Append {
                 epoch: self.epoch,
                 seq_prev: self.seq_last,
+                // Known by construction: the last entry is the start or this primary's own.
+                epoch_prev: self.epoch_of(self.seq_last).unwrap_or(self.epoch),
                 entries: Vec::new(),
             },
+        }
+    }
+
+    /// The epoch of this primary's entry at `seq`, where it knows it: its starting point
+    /// and everything it appended since (all in its own epoch).
+    fn epoch_of(&self, seq: Seq) -> Option<Epoch> {
+        if seq == self.seq_start {
+            Some(self.epoch_start)
+        } else if seq > self.seq_start && seq <= self.seq_last {
+            Some(self.epoch)
+        } else {
+            None
         }
     }
 
@@ -253,7 +274,7 @@ impl<P: Clone> Primary<P> {
                     commands.push(Command::NeedSnapshot { to: from });
                 }
             }
-            Reply::Ack { seq, .. } | Reply::Gap { seq, .. } => {
+            Reply::Ack { seq, .. } => {
                 let Some(peer) = self.peers.get_mut(&from) else {
                     return;
                 };
@@ -264,8 +285,8 @@ impl<P: Clone> Primary<P> {
                     commands.push(Command::NeedSnapshot { to: from });
                     return;
                 }
-                if !peer.known || matches!(reply, Reply::Gap { .. }) {
-                    // First answer, or the backup lacks what was sent after `seq`: resume there.
+                if !peer.known {
+                    // The answer to a probe that matched: the backup is where we are.
                     peer.known = true;
                     peer.seq_sent = seq.max(peer.seq_acked);
                 }
@@ -273,6 +294,24 @@ impl<P: Clone> Primary<P> {
                 peer.seq_acked = peer.seq_acked.max(seq);
                 peer.seq_sent = peer.seq_sent.max(peer.seq_acked);
                 self.check_live(from, commands);
+                self.send_to(now, from, commands);
+            }
+            Reply::Gap {
+                seq, epoch_last, ..
+            } => {
+                let matches = self.epoch_of(seq) == Some(epoch_last);
+                let Some(peer) = self.peers.get_mut(&from) else {
+                    return;
+                };
+                peer.known = true;
+                if !matches {
+                    // Its log ends in an entry this primary does not have (or cannot
+                    // check): only a snapshot can bring it back.
+                    commands.push(Command::NeedSnapshot { to: from });
+                    return;
+                }
+                // Its log matches ours up to `seq`: resume after it.
+                peer.seq_sent = seq.max(peer.seq_acked);
                 self.send_to(now, from, commands);
             }
         }
@@ -315,12 +354,17 @@ impl<P: Clone> Primary<P> {
             let end = ((window_end.0 + 1 - seq_front.0) as usize).min(start + BATCH_ENTRIES_MAX);
             let entries: Vec<(Seq, P)> = self.log.range(start..end).cloned().collect();
             let seq_prev = seq_sent;
+            let Some(epoch_prev) = self.epoch_of(seq_prev) else {
+                commands.push(Command::NeedSnapshot { to: node });
+                return;
+            };
             seq_sent = entries.last().map_or(seq_sent, |(s, _)| *s);
             commands.push(Command::Send {
                 to: node,
                 append: Append {
                     epoch: self.epoch,
                     seq_prev,
+                    epoch_prev,
                     entries,
                 },
             });

@@ -59,7 +59,7 @@ struct Sim {
 impl Sim {
     fn new(seed: u64, backups: &[NodeId], faults: Faults) -> Sim {
         let start = Instant::now();
-        let (primary, commands) = Primary::new(start, Epoch(1), Seq(0), backups);
+        let (primary, commands) = Primary::new(start, Epoch(1), Seq(0), Epoch(0), backups);
         let mut sim = Sim {
             rng: Rng(seed.max(1)),
             start,
@@ -69,7 +69,7 @@ impl Sim {
             primary,
             backups: backups
                 .iter()
-                .map(|&n| (n, Backup::new(Epoch(1), Seq(0))))
+                .map(|&n| (n, Backup::new(Epoch(1), Seq(0), Epoch(0))))
                 .collect(),
             applied: backups.iter().map(|&n| (n, Vec::new())).collect(),
             released: Seq(0),
@@ -252,8 +252,8 @@ fn every_entry_is_released_once_durable_on_all_backups_despite_faults() {
 #[test]
 fn stale_epoch_fences_the_primary() {
     let now = Instant::now();
-    let (mut primary, _) = Primary::<u64>::new(now, Epoch(1), Seq(0), &[NodeId(1)]);
-    let mut backup = Backup::new(Epoch(1), Seq(0));
+    let (mut primary, _) = Primary::<u64>::new(now, Epoch(1), Seq(0), Epoch(0), &[NodeId(1)]);
+    let mut backup = Backup::new(Epoch(1), Seq(0), Epoch(0));
     // The control plane promoted someone else: the backup knows epoch 2.
     backup.step::<u64>(backup::Event::EpochCommitted { epoch: Epoch(2) });
     let sent = primary.step(
@@ -311,10 +311,11 @@ fn stale_epoch_fences_the_primary() {
 
 #[test]
 fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
-    let mut backup = Backup::new(Epoch(1), Seq(5));
+    let mut backup = Backup::new(Epoch(1), Seq(5), Epoch(1));
     let probe = Append::<u64> {
         epoch: Epoch(2),
         seq_prev: Seq(4),
+        epoch_prev: Epoch(1),
         entries: vec![],
     };
     let commands = backup.step(backup::Event::Received {
@@ -338,6 +339,7 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
     let append = Append {
         epoch: Epoch(2),
         seq_prev: Seq(4),
+        epoch_prev: Epoch(1),
         entries: vec![(Seq(5), 50)],
     };
     assert!(backup
@@ -346,10 +348,11 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
             append
         })
         .is_empty());
-    backup.reset(Epoch(2), Seq(4));
+    backup.reset(Epoch(2), Seq(4), Epoch(1));
     let append = Append {
         epoch: Epoch(2),
         seq_prev: Seq(4),
+        epoch_prev: Epoch(1),
         entries: vec![(Seq(5), 50)],
     };
     assert_eq!(
@@ -365,10 +368,11 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
 
 #[test]
 fn non_contiguous_entries_from_the_network_are_ignored() {
-    let mut backup = Backup::new(Epoch(1), Seq(0));
+    let mut backup = Backup::new(Epoch(1), Seq(0), Epoch(0));
     let append = Append {
         epoch: Epoch(1),
         seq_prev: Seq(0),
+        epoch_prev: Epoch(0),
         entries: vec![(Seq(1), 1u64), (Seq(3), 3)],
     };
     assert!(backup
@@ -383,7 +387,7 @@ fn non_contiguous_entries_from_the_network_are_ignored() {
 #[test]
 fn catching_up_backup_joins_the_live_set_when_it_holds_everything() {
     let now = Instant::now();
-    let (mut primary, _) = Primary::<u64>::new(now, Epoch(1), Seq(0), &[]);
+    let (mut primary, _) = Primary::<u64>::new(now, Epoch(1), Seq(0), Epoch(0), &[]);
     for seq in 1..=3 {
         primary.step(
             now,
@@ -417,5 +421,135 @@ fn catching_up_backup_joins_the_live_set_when_it_holds_everything() {
     assert_eq!(
         primary.peer_state(NodeId(9)),
         Some(primary::PeerState::CatchingUp)
+    );
+}
+
+/// Regression: a new primary whose first probe was lost re-probed at its later end; a
+/// backup holding the old primary's unreleased entries answered with a gap, and the
+/// primary counted it and sent its own entries on top: a mixed history, released.
+#[test]
+fn backup_with_the_old_primarys_unreleased_entries_is_resynchronised_not_extended() {
+    let now = Instant::now();
+    // The backup holds #1..#10 from the primary of epoch 1; #9 and #10 were never released.
+    let mut backup = Backup::new(Epoch(1), Seq(10), Epoch(1));
+    // The new primary of epoch 2 had only #1..#8.
+    let (mut primary, _lost_probe) =
+        Primary::<u64>::new(now, Epoch(2), Seq(8), Epoch(1), &[NodeId(1)]);
+    let mut released = Vec::new();
+    for seq in 9..=11 {
+        for c in primary.step(
+            now,
+            primary::Event::Appended {
+                seq: Seq(seq),
+                payload: 100 + seq,
+            },
+        ) {
+            if let primary::Command::Release { seq } = c {
+                released.push(seq);
+            }
+        }
+        primary.step(now, primary::Event::LocalDurable { seq: Seq(seq) });
+    }
+    // Silence: the primary probes again, now at its end (#11, epoch 2).
+    let later = now + primary::RESEND_AFTER;
+    let probes = primary.step(later, primary::Event::Tick);
+    let Some(primary::Command::Send { append, .. }) = probes.first() else {
+        panic!("expected a probe, got {probes:?}")
+    };
+    let replies = backup.step(backup::Event::Received {
+        from: NodeId(0),
+        append: append.clone(),
+    });
+    let [backup::Command::Reply { reply, .. }] = replies.as_slice() else {
+        panic!("expected one reply, got {replies:?}")
+    };
+    assert!(
+        matches!(
+            reply,
+            Reply::Gap {
+                seq: Seq(10),
+                epoch_last: Epoch(1),
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    let commands = primary.step(
+        later,
+        primary::Event::Replied {
+            from: NodeId(1),
+            reply: *reply,
+        },
+    );
+    assert_eq!(
+        commands,
+        vec![primary::Command::NeedSnapshot { to: NodeId(1) }],
+        "its #10 is not ours: resync"
+    );
+    assert!(
+        released.is_empty(),
+        "nothing is released while the backup lacks it: {released:?}"
+    );
+    assert_eq!(primary.seq_released(), Seq(8));
+}
+
+/// A backup that restarted and lost its place answers a probe with where its log ends;
+/// a primary whose log holds that entry resumes from there without a snapshot.
+#[test]
+fn lagging_backup_with_a_matching_log_resumes_without_a_snapshot() {
+    let now = Instant::now();
+    let (mut primary, probes) = Primary::<u64>::new(now, Epoch(1), Seq(0), Epoch(0), &[NodeId(1)]);
+    let mut backup = Backup::new(Epoch(1), Seq(0), Epoch(0));
+    for seq in 1..=5 {
+        primary.step(
+            now,
+            primary::Event::Appended {
+                seq: Seq(seq),
+                payload: seq,
+            },
+        );
+        primary.step(now, primary::Event::LocalDurable { seq: Seq(seq) });
+    }
+    // The backup answers the (empty, #0) probe: it matches, and the primary sends #1..#5.
+    let primary::Command::Send { append, .. } = &probes[0] else {
+        panic!("expected a probe")
+    };
+    let replies = backup.step(backup::Event::Received {
+        from: NodeId(0),
+        append: append.clone(),
+    });
+    let backup::Command::Reply { reply, .. } = replies[0] else {
+        panic!("expected a reply, got {replies:?}")
+    };
+    let sends = primary.step(
+        now,
+        primary::Event::Replied {
+            from: NodeId(1),
+            reply,
+        },
+    );
+    let primary::Command::Send { append, .. } = &sends[0] else {
+        panic!("expected entries, got {sends:?}")
+    };
+    assert_eq!(append.entries.len(), 5);
+    let applied = backup.step(backup::Event::Received {
+        from: NodeId(0),
+        append: append.clone(),
+    });
+    assert_eq!(applied.len(), 1);
+    let acks = backup.step::<u64>(backup::Event::Durable { seq: Seq(5) });
+    let backup::Command::Reply { reply, .. } = acks[0] else {
+        panic!("expected an ack")
+    };
+    let released = primary.step(
+        now,
+        primary::Event::Replied {
+            from: NodeId(1),
+            reply,
+        },
+    );
+    assert!(
+        released.contains(&primary::Command::Release { seq: Seq(5) }),
+        "{released:?}"
     );
 }
