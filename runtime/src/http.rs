@@ -156,7 +156,7 @@ async fn deploy(
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
     let body = body.map_err(|r| body_error(r, node.config().component_max_bytes))?;
-    let existed = node.describe(&name).is_ok();
+    let existed = node.is_deployed(&name);
     let info = run_to_completion(async move { node.deploy(&name, body.to_vec()).await }).await??;
     let status = if existed {
         StatusCode::OK

@@ -302,10 +302,7 @@ impl Node {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match self
-                .attempt(&f, id, started, method, input, idempotency_key)
-                .await
-            {
+            match self.attempt(&f, id, method, input, idempotency_key).await {
                 Err(InvokeError::Conflict(_)) if attempt <= inner.config.conflict_retries_max => {
                     // Back off a little, more each time, staggered by transaction so that
                     // two conflicting transactions do not retry in lockstep.
@@ -371,7 +368,6 @@ impl Node {
         &self,
         f: &Arc<Function>,
         id: TxnId,
-        started: Instant,
         method: &str,
         input: &[u8],
         idempotency_key: Option<&str>,
@@ -380,12 +376,7 @@ impl Node {
         f.lock.acquire(id, Mode::First).await.map_err(lock_error)?;
         // The deadline bounds running, not queueing: it starts once the lock is ours.
         let deadline = Instant::now() + Duration::from_millis(inner.config.wasm.deadline_ms);
-        let txn = Arc::new(Mutex::new(Txn::new(
-            id,
-            started,
-            deadline,
-            inner.config.limits,
-        )));
+        let txn = Arc::new(Mutex::new(Txn::new(id, deadline, inner.config.limits)));
         txn.lock().add_held(f.clone());
         let held = HeldLocks { txn: txn.clone() };
 
@@ -626,6 +617,11 @@ impl Node {
             .ok()
             .and_then(|name| self.inner.store.get(&name))
             .ok_or_else(|| AdminError::UnknownFunction(function.to_owned()))
+    }
+
+    /// Whether `function` is deployed (a lookup; unlike `describe`, it does not hash the state).
+    pub fn is_deployed(&self, function: &str) -> bool {
+        self.function(function).is_ok()
     }
 
     pub fn describe(&self, function: &str) -> Result<FunctionInfo, AdminError> {

@@ -57,7 +57,6 @@ pub struct Savepoint {
 
 pub struct Txn {
     pub id: TxnId,
-    pub started: Instant,
     pub deadline: Instant,
     limits: Limits,
     /// Functions locked by this transaction, in the order they were locked.
@@ -80,10 +79,9 @@ impl std::fmt::Debug for Txn {
 }
 
 impl Txn {
-    pub fn new(id: TxnId, started: Instant, deadline: Instant, limits: Limits) -> Txn {
+    pub fn new(id: TxnId, deadline: Instant, limits: Limits) -> Txn {
         Txn {
             id,
-            started,
             deadline,
             limits,
             held: Vec::new(),
@@ -242,10 +240,6 @@ impl Txn {
         self.writes = savepoint.writes;
         self.write_count = savepoint.write_count;
         self.write_bytes = savepoint.write_bytes;
-    }
-
-    pub fn is_read_only(&self) -> bool {
-        self.writes.is_empty()
     }
 
     /// The write sets as log records, one per function, in key order.

@@ -305,11 +305,6 @@ impl Wal {
         self.bytes_since_checkpoint
             .load(std::sync::atomic::Ordering::Relaxed)
     }
-
-    /// The node's log directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 impl Drop for Wal {
