@@ -7,7 +7,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -47,21 +47,22 @@ impl IntoResponse for ApiError {
 
 impl From<InvokeError> for ApiError {
     fn from(e: InvokeError) -> ApiError {
-        let (status, code) = match &e {
-            InvokeError::UnknownFunction(_) => (StatusCode::NOT_FOUND, "unknown-function"),
-            InvokeError::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "stopped"),
-            InvokeError::BadIdempotencyKey(_) => (StatusCode::BAD_REQUEST, "bad-idempotency-key"),
-            InvokeError::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "trap"),
-            InvokeError::Deadline(_) => (StatusCode::GATEWAY_TIMEOUT, "deadline"),
-            InvokeError::ResourceCap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "resource-cap"),
-            InvokeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            InvokeError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-            InvokeError::OutputTooLarge(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "output-too-large")
+        let status = match &e {
+            InvokeError::UnknownFunction(_) => StatusCode::NOT_FOUND,
+            InvokeError::Stopped(_) => StatusCode::SERVICE_UNAVAILABLE,
+            InvokeError::BadIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+            InvokeError::Trap(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            InvokeError::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
+            InvokeError::ResourceCap(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            InvokeError::Conflict(_) => StatusCode::CONFLICT,
+            InvokeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            InvokeError::OutputTooLarge(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            InvokeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            InvokeError::NotPrimary(_) | InvokeError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
             }
-            InvokeError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
         };
-        ApiError::new(status, code, e.to_string())
+        ApiError::new(status, e.code(), e.to_string())
     }
 }
 
@@ -75,6 +76,8 @@ impl From<AdminError> for ApiError {
             ) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             AdminError::Component(_) => (StatusCode::BAD_REQUEST, "invalid-component"),
             AdminError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
+            AdminError::Rejected(_) => (StatusCode::CONFLICT, "rejected"),
+            AdminError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -148,14 +151,40 @@ fn authorize(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
     ))
 }
 
+#[derive(serde::Deserialize)]
+struct DeployQuery {
+    replicas: Option<u8>,
+}
+
 async fn deploy(
     State(node): State<Node>,
     Path(name): Path<String>,
+    Query(query): Query<DeployQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
     let body = body.map_err(|r| body_error(r, node.config().component_max_bytes))?;
+    if let Some(cluster) = node.cluster().cloned() {
+        let replicas = query.replicas.unwrap_or(crate::cluster::REPLICAS_DEFAULT);
+        if replicas == 0 {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-replicas",
+                "replicas must be at least 1",
+            ));
+        }
+        let existed = cluster.is_deployed(&name);
+        let info =
+            run_to_completion(async move { cluster.deploy(&name, body.to_vec(), replicas).await })
+                .await??;
+        let status = if existed {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        return Ok((status, Json(info)).into_response());
+    }
     let existed = node.is_deployed(&name);
     let info = run_to_completion(async move { node.deploy(&name, body.to_vec()).await }).await??;
     let status = if existed {
@@ -172,7 +201,10 @@ async fn delete(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
-    run_to_completion(async move { node.delete(&name).await }).await??;
+    match node.cluster().cloned() {
+        Some(cluster) => run_to_completion(async move { cluster.delete(&name).await }).await??,
+        None => run_to_completion(async move { node.delete(&name).await }).await??,
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -182,8 +214,7 @@ async fn stop(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
-    let info = run_to_completion(async move { node.set_running(&name, false).await }).await??;
-    Ok(Json(info).into_response())
+    set_running(node, name, false).await
 }
 
 async fn start(
@@ -192,7 +223,16 @@ async fn start(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
-    let info = run_to_completion(async move { node.set_running(&name, true).await }).await??;
+    set_running(node, name, true).await
+}
+
+async fn set_running(node: Node, name: String, running: bool) -> Result<Response, ApiError> {
+    if let Some(cluster) = node.cluster().cloned() {
+        let info =
+            run_to_completion(async move { cluster.set_running(&name, running).await }).await??;
+        return Ok(Json(info).into_response());
+    }
+    let info = run_to_completion(async move { node.set_running(&name, running).await }).await??;
     Ok(Json(info).into_response())
 }
 
@@ -240,8 +280,12 @@ async fn invoke(
         ),
         None => None,
     };
-    let task =
-        tokio::spawn(async move { node.invoke(&name, &method, &input, key.as_deref()).await });
+    let task = tokio::spawn(async move {
+        match node.cluster() {
+            Some(cluster) => cluster.invoke(&name, &method, &input, key.as_deref()).await,
+            None => node.invoke(&name, &method, &input, key.as_deref()).await,
+        }
+    });
     let answer = task.await.map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -77,6 +76,9 @@ enum Command {
     Deploy {
         name: String,
         file: PathBuf,
+        /// In a cluster: copies of the function, the primary included (default 2).
+        #[arg(long)]
+        replicas: Option<u8>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -224,16 +226,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.validate()?;
             run_node(cfg)
         }
-        Command::Deploy { name, file, remote } => {
+        Command::Deploy {
+            name,
+            file,
+            replicas,
+            remote,
+        } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let url = format!("{}/v1/functions/{name}", remote.node);
+            let mut url = format!("{}/v1/functions/{name}", remote.node);
+            if let Some(replicas) = replicas {
+                url.push_str(&format!("?replicas={replicas}"));
+            }
             let body = send(remote.authorized(client()?.put(url)).body(bytes))?;
             println!(
                 "deployed {name} version {} ({})",
                 body["version"].as_u64().unwrap_or(0),
                 body["digest"].as_str().unwrap_or("?")
             );
+            if let Some(primary) = body["primary"].as_u64() {
+                println!(
+                    "epoch {}, primary node {primary}, backups {}{}",
+                    body["epoch"],
+                    body["backups"],
+                    if body["ready"] == false {
+                        format!(" (not installed yet on {})", body["not_ready"])
+                    } else {
+                        String::new()
+                    }
+                );
+            }
             Ok(())
         }
         Command::Invoke {
@@ -319,6 +341,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     n["http_addr"].as_str().unwrap_or(""),
                 );
             }
+            let functions = body["functions"].as_array().cloned().unwrap_or_default();
+            if !functions.is_empty() {
+                println!();
+                println!(
+                    "{:<20} {:<8} {:<6} {:<8} {:<10} {:<12} HERE",
+                    "FUNCTION", "VERSION", "EPOCH", "PRIMARY", "BACKUPS", "RUNNING"
+                );
+                for f in &functions {
+                    let list = |v: &serde_json::Value| {
+                        v.as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    let here = &f["here"];
+                    let here = match here["role"].as_str() {
+                        Some("primary") => format!(
+                            "primary at #{} (released #{}), lag {}",
+                            here["seq"], here["seq_released"], here["lag"]
+                        ),
+                        Some(role) => format!("{role} at #{}", here["seq"]),
+                        None => String::new(),
+                    };
+                    println!(
+                        "{:<20} {:<8} {:<6} {:<8} {:<10} {:<12} {}",
+                        f["name"].as_str().unwrap_or("?"),
+                        f["version"].to_string(),
+                        f["epoch"].to_string(),
+                        f["primary"].to_string(),
+                        list(&f["backups"]),
+                        if f["running"] == true { "yes" } else { "no" },
+                        here,
+                    );
+                }
+            }
             Ok(())
         }
         Command::Stop { name, remote } => admin_post(&remote, &name, "stop"),
@@ -377,13 +436,7 @@ fn run_node(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {listen}"))?;
         let http_addr = listener.local_addr()?;
         if let Some(cluster_config) = node.config().cluster.clone() {
-            let cluster = understudy::cluster::Cluster::start(
-                &cluster_config,
-                &node.config().data_dir,
-                http_addr,
-            )
-            .await?;
-            node.set_cluster(Arc::new(cluster));
+            understudy::cluster::Cluster::start(&cluster_config, &node, http_addr).await?;
         }
         tracing::info!(address = %http_addr, "understudy node listening");
         let fatal = node.clone();

@@ -25,7 +25,7 @@ use crate::lock::{self, Mode};
 use crate::metrics::Metrics;
 use crate::store::{Function, Store};
 use crate::txn::Txn;
-use crate::wal::record::{Commit, Deploy, Idempotency, Outcome, Record};
+use crate::wal::record::{Commit, Deploy, FunctionEpoch, Idempotency, Outcome, Record, Writes};
 use crate::wal::{self, Durability, Wal};
 use crate::wasm::{self, Abort, CallFuture, Calls, Ctx, GuestError, Loaded, Runtime};
 
@@ -57,6 +57,13 @@ pub enum InvokeError {
     OutputTooLarge(usize),
     #[error("storage failure: {0}")]
     Storage(String),
+    /// This node is not (or no longer) the function's primary: route elsewhere.
+    #[error("this node is not the primary of {0}")]
+    NotPrimary(FunctionName),
+    /// The cluster could not serve the function now (no primary reachable, or the
+    /// commit's replication outcome is unknown).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Errors of deploy, delete, stop and start.
@@ -70,6 +77,51 @@ pub enum AdminError {
     Component(#[from] wasm::Error),
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The master refused the change.
+    #[error("the master refused: {0}")]
+    Rejected(String),
+    /// The master could not be reached or did not answer in time.
+    #[error("the cluster is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl InvokeError {
+    /// The HTTP API's error code for it (also how a forwarded failure travels).
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvokeError::UnknownFunction(_) => "unknown-function",
+            InvokeError::Stopped(_) => "stopped",
+            InvokeError::BadIdempotencyKey(_) => "bad-idempotency-key",
+            InvokeError::Trap(_) => "trap",
+            InvokeError::Deadline(_) => "deadline",
+            InvokeError::ResourceCap(_) => "resource-cap",
+            InvokeError::Conflict(_) => "conflict",
+            InvokeError::Busy(_) => "busy",
+            InvokeError::OutputTooLarge(_) => "output-too-large",
+            InvokeError::Storage(_) => "storage",
+            InvokeError::NotPrimary(_) => "not-primary",
+            InvokeError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The error a peer reported with `code` (see `code`), for `function`. The message
+    /// is the peer's, kept whole.
+    pub fn from_code(code: &str, message: String, function: &str) -> InvokeError {
+        let name = || FunctionName::new(function).ok();
+        match code {
+            "unknown-function" => InvokeError::UnknownFunction(function.to_owned()),
+            "stopped" if name().is_some() => InvokeError::Stopped(name().expect("checked")),
+            "not-primary" if name().is_some() => InvokeError::NotPrimary(name().expect("checked")),
+            "bad-idempotency-key" => InvokeError::BadIdempotencyKey(message),
+            "trap" => InvokeError::Trap(message),
+            "deadline" => InvokeError::Deadline(message),
+            "resource-cap" => InvokeError::ResourceCap(message),
+            "conflict" => InvokeError::Conflict(0),
+            "busy" => InvokeError::Busy(message),
+            "storage" => InvokeError::Storage(message),
+            _ => InvokeError::Unavailable(message),
+        }
+    }
 }
 
 /// Errors that stop a node from opening.
@@ -92,7 +144,7 @@ pub struct Answer {
     pub replayed: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct FunctionInfo {
     pub name: String,
     pub digest: String,
@@ -353,6 +405,16 @@ impl Node {
             return Ok(None);
         };
         self.wait_durable(lsn).await?;
+        if let Some(cluster) = self.inner.cluster.get() {
+            // The commit that stored it may still be on its way to the backups.
+            let copy = cluster
+                .replicas()
+                .primary(&f.name)
+                .ok_or_else(|| InvokeError::NotPrimary(f.name.clone()))?;
+            copy.released(f.seq())
+                .await
+                .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+        }
         let outcome = match entry.outcome {
             Outcome::Ok(output) => Ok(output),
             Outcome::Err { code, message } => Err(GuestError { code, message }),
@@ -389,6 +451,17 @@ impl Node {
         if !meta.running {
             return Err(InvokeError::Stopped(f.name.clone()));
         }
+        // In a cluster, only the primary runs transactions (checked under the lock: a
+        // change of role takes it).
+        let copy = match inner.cluster.get() {
+            Some(cluster) => Some(
+                cluster
+                    .replicas()
+                    .primary(&f.name)
+                    .ok_or_else(|| InvokeError::NotPrimary(f.name.clone()))?,
+            ),
+            None => None,
+        };
         if let Some(key) = idempotency_key {
             if let Some(answer) = self.replay(f, key).await? {
                 return Ok(answer);
@@ -433,11 +506,41 @@ impl Node {
             .map(|f| f.lsn_last_write())
             .max()
             .unwrap_or(Lsn::ZERO);
+        // In a cluster, the primary copies of the functions it touched, each with the
+        // position in its log this answer waits for.
+        let copies: Vec<(Arc<crate::cluster::replica::PrimaryCopy>, Arc<Function>)> =
+            match inner.cluster.get() {
+                Some(cluster) => {
+                    let held = txn.lock().held().to_vec();
+                    let mut copies = Vec::with_capacity(held.len());
+                    for g in held {
+                        let c = if Arc::ptr_eq(&g, f) {
+                            copy.clone()
+                        } else {
+                            cluster.replicas().primary(&g.name)
+                        };
+                        match c {
+                            Some(c) => copies.push((c, g)),
+                            None => return Err(InvokeError::NotPrimary(g.name.clone())),
+                        }
+                    }
+                    copies
+                }
+                None => Vec::new(),
+            };
         if !writes.is_empty() || idempotency.is_some() {
+            let epochs = copies
+                .iter()
+                .map(|(c, g)| FunctionEpoch {
+                    function: g.name.clone(),
+                    epoch: c.epoch.0,
+                })
+                .collect();
             let record = Record::Commit(Commit {
                 txn: id,
                 writes,
                 idempotency,
+                epochs,
             });
             let (lsn, applied) = inner
                 .wal
@@ -445,9 +548,20 @@ impl Node {
                 .map_err(|e| InvokeError::Storage(e.to_string()))?;
             applied.map_err(|e| InvokeError::Storage(e.to_string()))?;
             lsn_wait = lsn;
+            if let Record::Commit(commit) = record {
+                feed_copies(&copies, commit);
+            }
         }
+        // Still under the locks: each function's position includes this commit.
+        let seqs: Vec<(Arc<crate::cluster::replica::PrimaryCopy>, u64)> =
+            copies.into_iter().map(|(c, g)| (c, g.seq())).collect();
         drop(held);
         self.wait_durable(lsn_wait).await?;
+        for (copy, seq) in seqs {
+            copy.released(seq)
+                .await
+                .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+        }
         Ok(Answer {
             outcome,
             txn: id,
@@ -464,6 +578,159 @@ impl Node {
             .wait_durable(lsn)
             .await
             .map_err(|e| InvokeError::Storage(e.to_string()))
+    }
+
+    pub fn wal_durability(&self) -> Durability {
+        self.inner.wal.durability()
+    }
+
+    /// Resolves once the log is durable up to `lsn` (whatever the durability setting).
+    pub async fn wait_lsn_durable(&self, lsn: Lsn) -> Result<(), String> {
+        self.inner
+            .wal
+            .wait_durable(lsn)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// On a backup: append `entries` of `function`'s replicated log (from the primary of
+    /// `epoch`) to this node's log and apply them. Returns the last position written.
+    ///
+    /// Fails when the function is not here or an entry's position is not the next one
+    /// of the function's log (the copy no longer matches the primary's).
+    pub fn apply_replicated(
+        &self,
+        function: &FunctionName,
+        epoch: u64,
+        entries: Vec<(crate::replication::Seq, crate::cluster::wire::Entry)>,
+    ) -> Result<Lsn, String> {
+        let inner = &self.inner;
+        let f = inner
+            .store
+            .get(function)
+            .ok_or_else(|| format!("function {function} is not deployed here"))?;
+        let mut lsn_last = Lsn::ZERO;
+        for (seq, entry) in entries {
+            if seq.0 != f.seq() + 1 {
+                return Err(format!(
+                    "entry {seq} does not follow this copy's position #{}",
+                    f.seq()
+                ));
+            }
+            if entry
+                .idempotency
+                .as_ref()
+                .is_some_and(|i| &i.function != function)
+            {
+                return Err(format!("entry {seq} carries another function's answer"));
+            }
+            let record = Record::Commit(Commit {
+                txn: entry.txn,
+                writes: vec![Writes {
+                    function: function.clone(),
+                    ops: entry.ops,
+                }],
+                idempotency: entry.idempotency,
+                epochs: vec![FunctionEpoch {
+                    function: function.clone(),
+                    epoch,
+                }],
+            });
+            let (lsn, applied) = inner
+                .wal
+                .append(&record, |lsn| inner.store.apply(lsn, &record))
+                .map_err(|e| e.to_string())?;
+            applied.map_err(|e| e.to_string())?;
+            lsn_last = lsn;
+        }
+        Ok(lsn_last)
+    }
+
+    /// Take `function`'s transaction lock (after the transaction running on it), for a
+    /// change of role. Released when the guard drops.
+    pub async fn lock_function(&self, function: &FunctionName) -> Option<impl Drop> {
+        let f = self.inner.store.get(function)?;
+        let id = TxnId(self.inner.txn_next.fetch_add(1, Ordering::Relaxed));
+        f.lock.acquire(id, Mode::First).await.ok()?;
+        Some(FunctionLock {
+            function: f,
+            txn: id,
+        })
+    }
+
+    /// The component with `digest`, if this node has it.
+    pub fn artifact(&self, digest: Digest) -> Option<Vec<u8>> {
+        let path = self
+            .inner
+            .artifacts_dir
+            .join(format!("{}.wasm", digest.to_hex()));
+        let bytes = std::fs::read(path).ok()?;
+        (Digest::of(&bytes) == digest).then_some(bytes)
+    }
+
+    /// Check and compile `bytes` and keep the file, without deploying anything: what a
+    /// node does before it asks the master to deploy a component.
+    pub async fn prepare(&self, bytes: Vec<u8>) -> Result<Digest, AdminError> {
+        let node = self.clone();
+        let (loaded, bytes) = tokio::task::spawn_blocking(move || {
+            let loaded = node.inner.runtime.load(&bytes);
+            (loaded, bytes)
+        })
+        .await
+        .map_err(|e| AdminError::Storage(format!("compilation task failed: {e}")))?;
+        let loaded = loaded?;
+        self.save_artifact(loaded.digest, &bytes)?;
+        Ok(loaded.digest)
+    }
+
+    /// Deploy `bytes` as `function` at `version`, as the master decided (in a cluster).
+    /// Does nothing when that version is already deployed here.
+    pub async fn install(
+        &self,
+        function: &FunctionName,
+        bytes: Vec<u8>,
+        version: u64,
+        running: bool,
+    ) -> Result<(), AdminError> {
+        let inner = &self.inner;
+        let node = self.clone();
+        let (loaded, bytes) = tokio::task::spawn_blocking(move || {
+            let loaded = node.inner.runtime.load(&bytes);
+            (loaded, bytes)
+        })
+        .await
+        .map_err(|e| AdminError::Storage(format!("compilation task failed: {e}")))?;
+        let loaded = loaded?;
+        self.save_artifact(loaded.digest, &bytes)?;
+        let _admin = inner.admin.lock().await;
+        if let Some(f) = inner.store.get(function) {
+            let meta = f.meta();
+            if meta.deploy.digest == loaded.digest && meta.deploy.version == version {
+                return Ok(());
+            }
+        }
+        inner.loaded.write().insert(loaded.digest, loaded.clone());
+        let record = Record::Deploy(Deploy {
+            function: function.clone(),
+            digest: loaded.digest,
+            version,
+            at_ms: now_ms(),
+        });
+        self.log_admin(&record).await?;
+        if !running {
+            self.log_admin(&Record::SetRunning {
+                function: function.clone(),
+                running,
+            })
+            .await?;
+        }
+        inner
+            .metrics
+            .functions_deployed
+            .set(inner.store.list().len() as i64);
+        self.prune_loaded();
+        tracing::info!(function = %function, digest = %loaded.digest, version, "installed");
+        Ok(())
     }
 
     fn loaded(&self, digest: Digest) -> Result<Arc<Loaded>, InvokeError> {
@@ -695,6 +962,44 @@ impl Node {
     }
 }
 
+fn remote_call(function: &str) -> GuestError {
+    GuestError::new(
+        "remote-call",
+        format!("function {function} has its primary on another node; calls across nodes need two-phase commit, which this version does not have yet"),
+    )
+}
+
+/// Give each primary copy its function's part of `commit` (under the locks, in order).
+fn feed_copies(
+    copies: &[(Arc<crate::cluster::replica::PrimaryCopy>, Arc<Function>)],
+    commit: Commit,
+) {
+    let Commit {
+        txn,
+        writes,
+        mut idempotency,
+        ..
+    } = commit;
+    let mut writes: HashMap<FunctionName, Vec<crate::wal::record::Op>> =
+        writes.into_iter().map(|w| (w.function, w.ops)).collect();
+    for (copy, g) in copies {
+        let ops = writes.remove(&g.name);
+        let answer = idempotency.take_if(|i| i.function == g.name);
+        if ops.is_none() && answer.is_none() {
+            // Read only: nothing of this commit enters its log.
+            continue;
+        }
+        copy.appended(
+            g.seq(),
+            crate::cluster::wire::Entry {
+                txn,
+                ops: ops.unwrap_or_default(),
+                idempotency: answer,
+            },
+        );
+    }
+}
+
 /// A callee's task, aborted if the caller stops waiting for it (the caller was cut off).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
@@ -813,11 +1118,21 @@ impl Calls for Inner {
                 .ok()
                 .and_then(|name| self.store.get(&name))
             else {
+                if let Some(cluster) = self.cluster.get() {
+                    if cluster.is_deployed(&function) {
+                        return Ok(Err(remote_call(&function)));
+                    }
+                }
                 return Ok(Err(GuestError::new(
                     "unknown-function",
                     format!("no function named {function:?}"),
                 )));
             };
+            if let Some(cluster) = self.cluster.get() {
+                if cluster.replicas().primary(&f.name).is_none() {
+                    return Ok(Err(remote_call(&function)));
+                }
+            }
             let (id, holds, deadline) = {
                 let t = txn.lock();
                 (t.id, t.holds(&f.name), t.deadline)
@@ -853,6 +1168,7 @@ impl Calls for Inner {
                     format!("no function named {function:?}"),
                 )));
             }
+
             if !meta.running {
                 return Ok(Err(GuestError::new(
                     "stopped",

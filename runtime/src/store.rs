@@ -48,6 +48,9 @@ pub struct Function {
     /// How many commits have touched this function (writes or a remembered answer):
     /// the position in its own replicated log (`replication::Seq`).
     seq: AtomicU64,
+    /// In a cluster: the epoch of the configuration its last entry was committed in
+    /// (`replication::Epoch`); 0 on a single node.
+    epoch_last: AtomicU64,
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +82,7 @@ impl Function {
             idempotency: Mutex::new(imbl::HashMap::new()),
             lsn_last_write: AtomicU64::new(0),
             seq: AtomicU64::new(0),
+            epoch_last: AtomicU64::new(0),
         }
     }
 
@@ -112,6 +116,11 @@ impl Function {
         self.seq.load(Ordering::Acquire)
     }
 
+    /// The epoch of the entry at `seq` (see `epoch_last`).
+    pub fn epoch_last(&self) -> u64 {
+        self.epoch_last.load(Ordering::Acquire)
+    }
+
     pub fn lsn_last_write(&self) -> Lsn {
         Lsn(self.lsn_last_write.load(Ordering::Acquire))
     }
@@ -140,7 +149,7 @@ impl Function {
 
 /// A consistent capture of the store (see `Store::capture`).
 pub struct Captured {
-    functions: Vec<(Meta, Map, Answers, u64)>,
+    functions: Vec<(Meta, Map, Answers, u64, u64)>,
 }
 
 impl Captured {
@@ -152,7 +161,7 @@ impl Captured {
             functions: self
                 .functions
                 .into_iter()
-                .map(|(meta, view, idempotency, seq)| FunctionImage {
+                .map(|(meta, view, idempotency, seq, epoch_last)| FunctionImage {
                     deploy: meta.deploy,
                     running: meta.running,
                     entries: view
@@ -168,6 +177,7 @@ impl Captured {
                         .map(|(_, entry)| entry.clone())
                         .collect(),
                     seq,
+                    epoch_last,
                 })
                 .collect(),
         }
@@ -267,6 +277,11 @@ impl Store {
                         f.seq.fetch_add(1, Ordering::AcqRel);
                     }
                 }
+                for e in &commit.epochs {
+                    if let Some(f) = self.get(&e.function) {
+                        f.epoch_last.store(e.epoch, Ordering::Release);
+                    }
+                }
             }
         }
         Ok(())
@@ -279,7 +294,15 @@ impl Store {
         Captured {
             functions: functions
                 .values()
-                .map(|f| (f.meta(), f.view(), f.idempotency.lock().clone(), f.seq()))
+                .map(|f| {
+                    (
+                        f.meta(),
+                        f.view(),
+                        f.idempotency.lock().clone(),
+                        f.seq(),
+                        f.epoch_last(),
+                    )
+                })
                 .collect(),
         }
     }
@@ -306,6 +329,7 @@ impl Store {
                 .collect();
             f.lsn_last_write.store(image.lsn.0, Ordering::Release);
             *f.seq.get_mut() = fi.seq;
+            *f.epoch_last.get_mut() = fi.epoch_last;
             store.functions.write().insert(f.name.clone(), Arc::new(f));
         }
         store
@@ -364,6 +388,7 @@ mod tests {
             txn: TxnId(1),
             writes: vec![writes("a", b"x"), writes("b", b"y")],
             idempotency: None,
+            epochs: Vec::new(),
         });
         store.apply(Lsn(3), &both).expect("commit");
         let answer_only = Record::Commit(Commit {
@@ -375,6 +400,7 @@ mod tests {
                 outcome: Outcome::Ok(vec![]),
                 at_ms: 0,
             }),
+            epochs: Vec::new(),
         });
         store.apply(Lsn(4), &answer_only).expect("commit");
         let a = store.get(&name("a")).expect("a");
@@ -400,6 +426,7 @@ mod tests {
             txn: TxnId(1),
             writes: vec![writes("ghost", b"x")],
             idempotency: None,
+            epochs: Vec::new(),
         });
         assert!(matches!(
             store.apply(Lsn(1), &record),

@@ -13,7 +13,7 @@ use crate::support::{free_port, NodeOptions, NodeProcess};
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `understudy cluster init` for nodes `ids` on loopback, into `dir`.
-fn cluster_init(dir: &Path, ids: &[u64]) {
+pub fn cluster_init(dir: &Path, ids: &[u64]) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_understudy"));
     command.args(["cluster", "init", "--dir"]).arg(dir);
     for id in ids {
@@ -28,7 +28,7 @@ fn cluster_init(dir: &Path, ids: &[u64]) {
 }
 
 /// The config of node `id` in a cluster of `members` (id, QUIC port, role).
-fn config(id: u64, certs: &Path, members: &[(u64, u16, &str)]) -> String {
+pub fn config(id: u64, certs: &Path, members: &[(u64, u16, &str)]) -> String {
     let port = members.iter().find(|m| m.0 == id).expect("a member").1;
     let list: Vec<String> = members
         .iter()
@@ -44,7 +44,7 @@ fn config(id: u64, certs: &Path, members: &[(u64, u16, &str)]) -> String {
     )
 }
 
-fn start_cluster(certs: &Path, members: &[(u64, u16, &str)]) -> Vec<NodeProcess> {
+pub fn start_cluster(certs: &Path, members: &[(u64, u16, &str)]) -> Vec<NodeProcess> {
     members
         .iter()
         .map(|(id, _, _)| {
@@ -56,22 +56,22 @@ fn start_cluster(certs: &Path, members: &[(u64, u16, &str)]) -> Vec<NodeProcess>
         .collect()
 }
 
-fn status(node: &NodeProcess) -> Option<Value> {
+pub fn status(node: &NodeProcess) -> Option<Value> {
     let reply = node.api().get("/v1/cluster").ok()?;
     (reply.status == 200).then_some(reply.body)
 }
 
-fn leader_of(node: &NodeProcess) -> Option<u64> {
+pub fn leader_of(node: &NodeProcess) -> Option<u64> {
     status(node)?["raft"]["leader"].as_u64()
 }
 
 /// Wait until every node in `nodes` names the same leader; returns it.
-fn converged_leader(nodes: &[&NodeProcess]) -> u64 {
+pub fn converged_leader(nodes: &[&NodeProcess]) -> u64 {
     converged_leader_except(nodes, None)
 }
 
 /// Wait until every node in `nodes` names the same leader, other than `dead`.
-fn converged_leader_except(nodes: &[&NodeProcess], dead: Option<u64>) -> u64 {
+pub fn converged_leader_except(nodes: &[&NodeProcess], dead: Option<u64>) -> u64 {
     let started = Instant::now();
     loop {
         let leaders: Vec<Option<u64>> = nodes.iter().map(|n| leader_of(n)).collect();
@@ -88,7 +88,7 @@ fn converged_leader_except(nodes: &[&NodeProcess], dead: Option<u64>) -> u64 {
     }
 }
 
-fn members3() -> Vec<(u64, u16, &'static str)> {
+pub fn members3() -> Vec<(u64, u16, &'static str)> {
     vec![
         (1, free_port(), "voter"),
         (2, free_port(), "voter"),

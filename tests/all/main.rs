@@ -8,6 +8,7 @@
 mod support;
 
 mod cluster_form;
+mod cluster_replication;
 mod crash_recovery;
 mod http_admin;
 mod http_disconnect;

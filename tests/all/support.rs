@@ -406,6 +406,12 @@ impl Api {
         .expect("deploy request")
     }
 
+    /// `PUT path` with `bytes` as the body.
+    pub fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Reply {
+        self.send(self.client.put(self.url(path)).body(bytes))
+            .expect("PUT request")
+    }
+
     /// Deploy the prebuilt guest `component` as `name`; panics unless it is created.
     #[track_caller]
     pub fn deploy_component(&self, name: &str, component_name: &str) -> Reply {

@@ -613,6 +613,7 @@ mod tests {
                 }],
             }],
             idempotency: None,
+            epochs: Vec::new(),
         })
     }
 

@@ -40,6 +40,18 @@ pub struct Commit {
     pub writes: Vec<Writes>,
     #[serde(default)]
     pub idempotency: Option<Idempotency>,
+    /// In a cluster: the epoch of each replicated function's configuration that the
+    /// commit belongs to (so that a restarted replica knows the epoch of its last entry,
+    /// which replication's log matching checks). Absent on a single node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<FunctionEpoch>,
+}
+
+/// The epoch under which a commit entered one function's replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionEpoch {
+    pub function: FunctionName,
+    pub epoch: u64,
 }
 
 /// The writes of one transaction to one function's state, in key order.

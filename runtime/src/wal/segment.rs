@@ -220,6 +220,7 @@ mod tests {
                 }],
             }],
             idempotency: None,
+            epochs: Vec::new(),
         })
     }
 
@@ -320,6 +321,7 @@ mod golden {
                     outcome: Outcome::Ok(b"{\"ok\":true}".to_vec()),
                     at_ms: 1_790_000_000_001,
                 }),
+                epochs: Vec::new(),
             }),
             Record::Commit(Commit {
                 txn: TxnId(43),
@@ -333,6 +335,7 @@ mod golden {
                     },
                     at_ms: 1_790_000_000_002,
                 }),
+                epochs: Vec::new(),
             }),
             Record::SetRunning {
                 function: name("bank"),
@@ -356,6 +359,7 @@ mod golden {
                 }],
                 idempotency: vec![],
                 seq: 0,
+                epoch_last: 0,
             }],
         }
     }

@@ -36,6 +36,14 @@ pub struct FunctionImage {
     /// version 1's first files: absent means 0.
     #[serde(default)]
     pub seq: u64,
+    /// The epoch of the entry at `seq` (see `store::Function::epoch_last`); absent on a
+    /// single node, which means 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch_last: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

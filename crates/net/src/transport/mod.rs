@@ -15,8 +15,9 @@
 //!
 //! # Channels
 //!
-//! Traffic comes in three classes, [`Channel`], each with its own ALPN
-//! (`understudy-control/1`, `understudy-replication/1`, `understudy-bulk/1`) and therefore
+//! Traffic comes in four classes, [`Channel`], each with its own ALPN
+//! (`understudy-control/1`, `understudy-replication/1`, `understudy-bulk/1`,
+//! `understudy-invoke/1`) and therefore
 //! its own QUIC connection per peer: its own congestion window, flow control and loss
 //! recovery. A snapshot streaming on `Bulk` cannot hold back a heartbeat on `Control` or a
 //! batch on `Replication` behind its bytes. Connections are dialled on first use, cached per
@@ -76,12 +77,17 @@ pub const CONTROL_MESSAGE_LEN_MAX: usize = 4 << 20;
 pub const REPLICATION_MESSAGE_LEN_MAX: usize = 64 << 20;
 /// Largest message on [`Channel::Bulk`]: a component artifact or a snapshot chunk.
 pub const BULK_MESSAGE_LEN_MAX: usize = 256 << 20;
+/// Largest message on [`Channel::Invoke`]: a forwarded invocation or its answer.
+pub const INVOKE_MESSAGE_LEN_MAX: usize = 40 << 20;
 /// Streams one peer may have open at once on its control connection.
 pub const CONTROL_STREAMS_MAX: u32 = 256;
 /// Streams one peer may have open at once on its replication connection (pipelined batches).
 pub const REPLICATION_STREAMS_MAX: u32 = 64;
 /// Streams one peer may have open at once on its bulk connection.
 pub const BULK_STREAMS_MAX: u32 = 4;
+/// Streams one peer may have open at once on its invoke connection (one per forwarded
+/// invocation in flight).
+pub const INVOKE_STREAMS_MAX: u32 = 1024;
 /// Inbound connections served at once (peers times channels, with room for reconnects).
 pub const CONNECTIONS_INBOUND_MAX: usize = 1024;
 /// Default [`Config::keep_alive_interval`].
@@ -121,6 +127,8 @@ pub enum Channel {
     Replication,
     /// Artifacts, snapshots and catch-up: large and patient.
     Bulk,
+    /// Invocations forwarded to a function's primary, and their answers.
+    Invoke,
 }
 
 /// Limits that apply to one channel, in both directions.
@@ -150,6 +158,8 @@ pub struct Config {
     pub replication: ChannelLimits,
     /// Limits on [`Channel::Bulk`].
     pub bulk: ChannelLimits,
+    /// Limits on [`Channel::Invoke`].
+    pub invoke: ChannelLimits,
 }
 
 /// Serves requests from peers. One call per request; calls run concurrently.
@@ -246,7 +256,7 @@ pub struct Transport {
 struct Inner {
     id: u64,
     endpoint: quinn::Endpoint,
-    clients: [quinn::ClientConfig; 3],
+    clients: [quinn::ClientConfig; 4],
     config: Config,
     // One entry per (peer, channel) ever dialled: bounded by the cluster's size.
     links: Mutex<HashMap<(u64, Channel), Arc<Link>>>,
@@ -500,7 +510,12 @@ impl fmt::Debug for Transport {
 
 impl Channel {
     /// Every channel, in index order.
-    pub const ALL: [Channel; 3] = [Channel::Control, Channel::Replication, Channel::Bulk];
+    pub const ALL: [Channel; 4] = [
+        Channel::Control,
+        Channel::Replication,
+        Channel::Bulk,
+        Channel::Invoke,
+    ];
 
     /// The ALPN protocol id that selects this channel.
     pub fn alpn(self) -> &'static [u8] {
@@ -508,6 +523,7 @@ impl Channel {
             Channel::Control => b"understudy-control/1",
             Channel::Replication => b"understudy-replication/1",
             Channel::Bulk => b"understudy-bulk/1",
+            Channel::Invoke => b"understudy-invoke/1",
         }
     }
 
@@ -521,6 +537,7 @@ impl Channel {
             Channel::Control => 0,
             Channel::Replication => 1,
             Channel::Bulk => 2,
+            Channel::Invoke => 3,
         }
     }
 }
@@ -531,6 +548,7 @@ impl fmt::Display for Channel {
             Channel::Control => "control",
             Channel::Replication => "replication",
             Channel::Bulk => "bulk",
+            Channel::Invoke => "invoke",
         })
     }
 }
@@ -551,6 +569,7 @@ impl Config {
             Channel::Control => self.control,
             Channel::Replication => self.replication,
             Channel::Bulk => self.bulk,
+            Channel::Invoke => self.invoke,
         }
     }
 }
@@ -573,6 +592,10 @@ impl Default for Config {
             bulk: ChannelLimits {
                 message_len_max: BULK_MESSAGE_LEN_MAX,
                 streams_max: BULK_STREAMS_MAX,
+            },
+            invoke: ChannelLimits {
+                message_len_max: INVOKE_MESSAGE_LEN_MAX,
+                streams_max: INVOKE_STREAMS_MAX,
             },
         }
     }
@@ -646,7 +669,7 @@ fn server_config(identity: &Identity, config: &Config) -> Result<quinn::ServerCo
 
 /// The dialling side's QUIC configuration, one per channel (each offers its own ALPN). A
 /// client accepts no streams from the server.
-fn client_configs(identity: &Identity, config: &Config) -> Result<[quinn::ClientConfig; 3], Error> {
+fn client_configs(identity: &Identity, config: &Config) -> Result<[quinn::ClientConfig; 4], Error> {
     let transport = Arc::new(transport_config(config, 0)?);
     let mut clients = Vec::with_capacity(Channel::ALL.len());
     for channel in Channel::ALL {

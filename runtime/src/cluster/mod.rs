@@ -1,0 +1,903 @@
+//! A node's seat in the cluster: its QUIC links (`understudy-net`), the control plane
+//! (`understudy-control`, a Raft group whose leader is the master), and the data plane
+//! that follows the master's decisions. It carries Raft messages over the `Control`
+//! channel; deploys through the master (any node accepts a deploy, keeps the component
+//! and proposes it; every node assigned a copy fetches the component over `Bulk`,
+//! compiles it and installs it); makes this node primary or backup of each function as
+//! the assignments say (`replica`); forwards invocations to primaries over `Invoke`;
+//! and answers `GET /v1/cluster`.
+//!
+//! Not yet here: catch-up of a new backup by snapshot, failure detection and promotion
+//! (issue 4), calls between functions on different nodes (issue 5).
+//!
+//! **Invariant:** every byte between nodes goes over mutually authenticated QUIC; a peer
+//! is known by the node id in its certificate, never by what it claims in a message.
+
+pub mod replica;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use understudy_control::{
+    BoxFuture, ClusterState, ControlConfig, ControlPlane, NodeId, RaftMessage, RaftReply,
+    RaftTransport, Role, TransportError,
+};
+use understudy_net::{Channel, Handler, HandlerFuture, Identity, Transport};
+
+use crate::ids::{Digest, FunctionName};
+use crate::node::{AdminError, Answer, InvokeError, Node};
+use crate::replication::Epoch;
+use crate::wasm::GuestError;
+use replica::{Copy, Replicas};
+use wire::{Bulk, BulkReply, Invoke, InvokeReply};
+
+/// How long an invocation waits for its function's primary to be ready (just deployed,
+/// or changing hands) before it fails.
+const ROUTE_WAIT: Duration = Duration::from_secs(2);
+/// How long a deploy waits for every copy to have installed the component.
+const DEPLOY_READY_WAIT: Duration = Duration::from_secs(30);
+/// How often the data plane re-checks the assignments even when nothing changed (to
+/// retry what failed: a peer that was down when an artifact was needed, say).
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// Copies of a function when the deploy does not say.
+pub const REPLICAS_DEFAULT: u8 = 2;
+
+/// How long a Raft message may take before the peer counts as unreachable for it.
+const RAFT_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The `[cluster]` section of a node's config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node_id: u64,
+    /// The QUIC address this node listens on for its peers.
+    pub peer_listen: SocketAddr,
+    /// Where `understudy cluster init` wrote the CA and node certificates.
+    pub certs_dir: PathBuf,
+    /// `voter` (hosts functions and votes) or `witness` (votes only).
+    #[serde(default = "default_role")]
+    pub role: String,
+    /// The founding members. On first start, the member with the lowest id bootstraps
+    /// the Raft group with all of them; later starts recover from the data directory.
+    pub members: Vec<Member>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u64,
+    pub peer_addr: SocketAddr,
+    #[serde(default)]
+    pub http_addr: String,
+    #[serde(default = "default_role")]
+    pub role: String,
+}
+
+fn default_role() -> String {
+    "voter".into()
+}
+
+fn parse_role(role: &str) -> Result<Role, Error> {
+    match role {
+        "voter" => Ok(Role::Voter),
+        "witness" => Ok(Role::Witness),
+        other => Err(Error::Config(format!(
+            "role must be \"voter\" or \"witness\", got {other:?}"
+        ))),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cluster config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Certs(#[from] understudy_net::certs::Error),
+    #[error("QUIC: {0}")]
+    Net(#[from] understudy_net::transport::Error),
+    #[error("control plane: {0}")]
+    Control(#[from] understudy_control::Error),
+}
+
+/// This node's place in the cluster.
+pub struct Cluster {
+    id: NodeId,
+    role: Role,
+    transport: Transport,
+    control: ControlPlane,
+    node: Node,
+    replicas: Arc<Replicas>,
+    /// Functions this run has seen in the cluster state: one that disappears from it was
+    /// deleted (as opposed to not yet known after a restart).
+    seen: Mutex<HashSet<String>>,
+    /// Serialises reconciliation passes.
+    reconciling: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Bind the QUIC endpoint, start the control plane (state in `data_dir/control`),
+    /// and bootstrap the Raft group if this is the founding member's first start.
+    ///
+    /// Fails when the config is inconsistent, the certificates do not load, the address
+    /// cannot be bound, or the control plane's files are damaged.
+    pub async fn start(
+        config: &Config,
+        node: &Node,
+        http_addr: SocketAddr,
+    ) -> Result<Arc<Cluster>, Error> {
+        let data_dir = node.config().data_dir.clone();
+        let role = parse_role(&config.role)?;
+        let mut members = BTreeMap::new();
+        for m in &config.members {
+            let mut node = understudy_control::Node::new(
+                NodeId(m.id),
+                m.peer_addr.to_string(),
+                m.http_addr.clone(),
+                parse_role(&m.role)?,
+            );
+            if m.id == config.node_id {
+                node.http_addr = http_addr.to_string();
+            }
+            members.insert(NodeId(m.id), node);
+        }
+        if !members.contains_key(&NodeId(config.node_id)) {
+            return Err(Error::Config(format!(
+                "node {} is not among the members",
+                config.node_id
+            )));
+        }
+        let identity = Identity::load(&config.certs_dir, config.node_id)?;
+        let transport = Transport::bind(
+            &identity,
+            config.peer_listen,
+            understudy_net::Config::default(),
+        )?;
+        let dispatch = Arc::new(Dispatch {
+            cluster: OnceLock::new(),
+        });
+        let raft_transport = Arc::new(QuicRaft {
+            transport: transport.clone(),
+        });
+        let control = ControlPlane::start(
+            ControlConfig::new(NodeId(config.node_id), data_dir.join("control")),
+            raft_transport,
+        )
+        .await?;
+        let replicas = Replicas::new(
+            crate::replication::NodeId(config.node_id),
+            node.clone(),
+            transport.clone(),
+        );
+        let cluster = Arc::new(Cluster {
+            id: NodeId(config.node_id),
+            role,
+            transport: transport.clone(),
+            control: control.clone(),
+            node: node.clone(),
+            replicas,
+            seen: Mutex::new(HashSet::new()),
+            reconciling: tokio::sync::Mutex::new(()),
+        });
+        // Before anything is served: from now on the node runs transactions only as a
+        // primary of the cluster.
+        node.set_cluster(cluster.clone());
+        let _ = dispatch.cluster.set(cluster.clone());
+        {
+            let transport = transport.clone();
+            tokio::spawn(async move { transport.serve(dispatch).await });
+        }
+        tokio::spawn(reconcile_loop(Arc::downgrade(&cluster)));
+        let founder = members.keys().next().copied();
+        if founder == Some(NodeId(config.node_id)) && control.status().last_log_index.is_none() {
+            // In the background: the other members may not be up yet, and the node
+            // must serve (and answer health checks) meanwhile.
+            let control = control.clone();
+            tokio::spawn(async move {
+                while control.status().last_log_index.is_none() {
+                    match control.initialize(members.clone()).await {
+                        Ok(()) => tracing::info!("bootstrapped the control plane"),
+                        Err(e) => {
+                            tracing::info!(error = %e, "bootstrapping the control plane; waiting for the other members")
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        }
+        tracing::info!(node = config.node_id, peer_addr = %config.peer_listen, "joined the cluster links");
+        Ok(cluster)
+    }
+
+    pub fn replicas(&self) -> &Replicas {
+        &self.replicas
+    }
+
+    /// Whether the cluster has a function of this name (wherever it lives).
+    pub fn is_deployed(&self, function: &str) -> bool {
+        self.control.state().functions.contains_key(function)
+    }
+
+    pub fn control(&self) -> &ControlPlane {
+        &self.control
+    }
+
+    /// The cluster as this node sees it: for people (`understudy status`) and tools.
+    pub fn status(&self) -> serde_json::Value {
+        let status = self.control.status();
+        let state = self.control.state();
+        let nodes: Vec<serde_json::Value> = state
+            .nodes
+            .values()
+            .map(|n| {
+                serde_json::json!({
+                    "id": n.id.0,
+                    "peer_addr": n.peer_addr,
+                    "http_addr": n.http_addr,
+                    "role": format!("{:?}", n.role).to_lowercase(),
+                    "status": format!("{:?}", n.status).to_lowercase(),
+                    "health": format!("{:?}", n.health).to_lowercase(),
+                    "master": status.leader == Some(n.id),
+                    "voter": status.voters.contains(&n.id),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "node": self.id.0,
+            "role": format!("{:?}", self.role).to_lowercase(),
+            "raft": {
+                "state": format!("{:?}", status.state).to_lowercase(),
+                "term": status.term,
+                "leader": status.leader.map(|l| l.0),
+                "last_log_index": status.last_log_index,
+                "last_applied_index": status.last_applied_index,
+                "voters": status.voters.iter().map(|v| v.0).collect::<Vec<_>>(),
+                "learners": status.learners.iter().map(|v| v.0).collect::<Vec<_>>(),
+            },
+            "nodes": nodes,
+            "functions": self.functions_status(&state),
+        })
+    }
+
+    fn functions_status(&self, state: &ClusterState) -> Vec<serde_json::Value> {
+        let local = self.replicas.status(state);
+        state
+            .functions
+            .values()
+            .map(|f| {
+                let a = state.assignments.get(&f.name);
+                serde_json::json!({
+                    "name": f.name,
+                    "digest": Digest(f.digest).to_string(),
+                    "version": f.version,
+                    "replicas": f.replicas,
+                    "running": f.running,
+                    "epoch": a.map(|a| a.epoch.0),
+                    "primary": a.map(|a| a.primary.0),
+                    "backups": a.map(|a| a.backups.iter().map(|n| n.0).collect::<Vec<_>>()),
+                    "catching_up": a.map(|a| a.catching_up.iter().map(|n| n.0).collect::<Vec<_>>()),
+                    "here": local.get(&f.name),
+                })
+            })
+            .collect()
+    }
+
+    /// Deploy (or upgrade) `function` from `bytes` with `replicas` copies, from any node:
+    /// the component is checked and kept here, the master places it, and every node given
+    /// a copy fetches and installs it. Answers once every copy has it (or after
+    /// `DEPLOY_READY_WAIT`, saying which have not).
+    pub async fn deploy(
+        &self,
+        function: &str,
+        bytes: Vec<u8>,
+        replicas: u8,
+    ) -> Result<serde_json::Value, AdminError> {
+        let name = FunctionName::new(function).map_err(AdminError::BadName)?;
+        let digest = self.node.prepare(bytes).await?;
+        let response = self
+            .control
+            .propose_via_leader(understudy_control::Command::Deploy {
+                name: name.to_string(),
+                digest: digest.0,
+                replicas,
+            })
+            .await
+            .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+        let (function, assignment) = match response {
+            understudy_control::Response::Deployed {
+                function,
+                assignment,
+            } => (function, assignment),
+            understudy_control::Response::Rejected(why) => {
+                return Err(AdminError::Rejected(why.to_string()))
+            }
+            other => {
+                return Err(AdminError::Unavailable(format!(
+                    "the master answered a deploy with {other:?}"
+                )))
+            }
+        };
+        tracing::info!(function = %name, %digest, version = function.version, primary = %assignment.primary, "deployed through the master");
+        let started = Instant::now();
+        let mut waiting: Vec<NodeId> = assignment.copies().collect();
+        while !waiting.is_empty() && started.elapsed() < DEPLOY_READY_WAIT {
+            let mut still = Vec::new();
+            for n in waiting {
+                let has = self
+                    .describe_on(n, name.as_str())
+                    .await
+                    .is_some_and(|info| {
+                        info.digest == digest.to_string() && info.version == function.version
+                    });
+                if !has {
+                    still.push(n);
+                }
+            }
+            waiting = still;
+            if !waiting.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(serde_json::json!({
+            "name": function.name,
+            "digest": digest.to_string(),
+            "version": function.version,
+            "replicas": function.replicas,
+            "running": function.running,
+            "epoch": assignment.epoch.0,
+            "primary": assignment.primary.0,
+            "backups": assignment.backups.iter().map(|n| n.0).collect::<Vec<_>>(),
+            "ready": waiting.is_empty(),
+            "not_ready": waiting.iter().map(|n| n.0).collect::<Vec<_>>(),
+        }))
+    }
+
+    /// Stop or start `function` everywhere, through the master.
+    pub async fn set_running(
+        &self,
+        function: &str,
+        running: bool,
+    ) -> Result<serde_json::Value, AdminError> {
+        self.propose_for(
+            function,
+            understudy_control::Command::SetRunning {
+                name: function.to_owned(),
+                running,
+            },
+        )
+        .await?;
+        Ok(serde_json::json!({ "name": function, "running": running }))
+    }
+
+    /// Delete `function` and its state everywhere, through the master.
+    pub async fn delete(&self, function: &str) -> Result<(), AdminError> {
+        self.propose_for(
+            function,
+            understudy_control::Command::Delete {
+                name: function.to_owned(),
+            },
+        )
+        .await
+    }
+
+    async fn propose_for(
+        &self,
+        function: &str,
+        command: understudy_control::Command,
+    ) -> Result<(), AdminError> {
+        if !self.is_deployed(function) {
+            return Err(AdminError::UnknownFunction(function.to_owned()));
+        }
+        match self.control.propose_via_leader(command).await {
+            Ok(understudy_control::Response::Rejected(
+                understudy_control::Rejection::UnknownFunction { .. },
+            )) => Err(AdminError::UnknownFunction(function.to_owned())),
+            Ok(understudy_control::Response::Rejected(why)) => {
+                Err(AdminError::Rejected(why.to_string()))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(AdminError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// `function`'s copy on node `n`, as it describes it.
+    async fn describe_on(&self, n: NodeId, function: &str) -> Option<crate::node::FunctionInfo> {
+        if n == self.id {
+            return self.node.describe(function).ok();
+        }
+        let addr = self.peer_addr(n)?;
+        let request = wire::encode(&Invoke::Describe {
+            function: function.to_owned(),
+        });
+        let reply = self
+            .transport
+            .request_within(n.0, addr, Channel::Invoke, request, Duration::from_secs(2))
+            .await
+            .ok()?;
+        match wire::decode::<InvokeReply>(&reply).ok()? {
+            InvokeReply::Described(info) => info,
+            _ => None,
+        }
+    }
+
+    fn peer_addr(&self, n: NodeId) -> Option<SocketAddr> {
+        self.control.state().nodes.get(&n)?.peer_addr.parse().ok()
+    }
+
+    /// Run `method` of `function` on its primary, wherever it is. Waits (up to
+    /// `ROUTE_WAIT`) while the function has no primary ready.
+    pub async fn invoke(
+        &self,
+        function: &str,
+        method: &str,
+        input: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<Answer, InvokeError> {
+        let deadline = Instant::now() + ROUTE_WAIT;
+        loop {
+            let state = self.control.state();
+            let (Some(f), Some(a)) = (
+                state.functions.get(function),
+                state.assignments.get(function),
+            ) else {
+                return Err(InvokeError::UnknownFunction(function.to_owned()));
+            };
+            if !f.running {
+                if let Ok(name) = FunctionName::new(function) {
+                    return Err(InvokeError::Stopped(name));
+                }
+            }
+            let result = if a.primary == self.id {
+                self.node
+                    .invoke(function, method, input, idempotency_key)
+                    .await
+            } else {
+                self.forward(a.primary, function, method, input, idempotency_key)
+                    .await
+            };
+            match result {
+                // Not ready there yet (just deployed, or the role is changing hands):
+                // nothing ran, so trying again is safe.
+                Err(InvokeError::NotPrimary(_) | InvokeError::UnknownFunction(_))
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(InvokeError::NotPrimary(name)) => {
+                    return Err(InvokeError::Unavailable(format!(
+                        "function {name} has no primary ready after {ROUTE_WAIT:?}"
+                    )))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        primary: NodeId,
+        function: &str,
+        method: &str,
+        input: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<Answer, InvokeError> {
+        let Some(addr) = self.peer_addr(primary) else {
+            return Err(InvokeError::Unavailable(format!(
+                "no address known for node {primary}, the primary of {function}"
+            )));
+        };
+        let request = wire::encode(&Invoke::Call {
+            function: function.to_owned(),
+            method: method.to_owned(),
+            input: input.to_vec(),
+            idempotency_key: idempotency_key.map(str::to_owned),
+        });
+        // The primary bounds the transaction by its deadline; this only catches a primary
+        // that went silent.
+        let timeout =
+            Duration::from_millis(self.node.config().wasm.deadline_ms) + Duration::from_secs(10);
+        let reply = self
+            .transport
+            .request_within(primary.0, addr, Channel::Invoke, request, timeout)
+            .await
+            .map_err(|e| {
+                InvokeError::Unavailable(format!(
+                    "forwarding to node {primary}, the primary of {function}: {e}"
+                ))
+            })?;
+        match wire::decode::<InvokeReply>(&reply) {
+            Ok(InvokeReply::Answer {
+                outcome,
+                txn,
+                replayed,
+            }) => Ok(Answer {
+                outcome: outcome
+                    .map(|b| b.0)
+                    .map_err(|(code, message)| GuestError { code, message }),
+                txn,
+                replayed,
+            }),
+            Ok(InvokeReply::Failed { code, message }) => {
+                Err(InvokeError::from_code(&code, message, function))
+            }
+            Ok(other) => Err(InvokeError::Unavailable(format!(
+                "node {primary} answered an invocation with {other:?}"
+            ))),
+            Err(e) => Err(InvokeError::Unavailable(format!(
+                "node {primary} answered an invocation with an {e}"
+            ))),
+        }
+    }
+
+    async fn serve_invoke(&self, peer: u64, body: Bytes) -> Bytes {
+        let request = match wire::decode::<Invoke>(&body) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(peer, error = %e, "undecodable invoke request");
+                return wire::encode(&InvokeReply::Failed {
+                    code: "bad-request".into(),
+                    message: e.to_string(),
+                });
+            }
+        };
+        let reply = match request {
+            Invoke::Describe { function } => {
+                InvokeReply::Described(self.node.describe(&function).ok())
+            }
+            Invoke::Call {
+                function,
+                method,
+                input,
+                idempotency_key,
+            } => {
+                // On its own task: the transaction finishes even if the peer gives up.
+                let node = self.node.clone();
+                let run = tokio::spawn(async move {
+                    node.invoke(&function, &method, &input, idempotency_key.as_deref())
+                        .await
+                });
+                match run.await {
+                    Ok(Ok(answer)) => InvokeReply::Answer {
+                        outcome: answer
+                            .outcome
+                            .map(wire::ByteBuf)
+                            .map_err(|e| (e.code, e.message)),
+                        txn: answer.txn,
+                        replayed: answer.replayed,
+                    },
+                    Ok(Err(e)) => InvokeReply::Failed {
+                        code: e.code().to_owned(),
+                        message: e.to_string(),
+                    },
+                    Err(e) => InvokeReply::Failed {
+                        code: "internal".into(),
+                        message: format!("invocation task failed: {e}"),
+                    },
+                }
+            }
+        };
+        wire::encode(&reply)
+    }
+
+    async fn serve_bulk(&self, peer: u64, body: Bytes) -> Bytes {
+        let reply = match wire::decode::<Bulk>(&body) {
+            Ok(Bulk::Artifact { digest }) => {
+                let node = self.node.clone();
+                let bytes = tokio::task::spawn_blocking(move || node.artifact(digest))
+                    .await
+                    .ok()
+                    .flatten();
+                BulkReply::Artifact { bytes }
+            }
+            Err(e) => {
+                tracing::warn!(peer, error = %e, "undecodable bulk request");
+                BulkReply::Error(e.to_string())
+            }
+        };
+        wire::encode(&reply)
+    }
+
+    /// The component with `digest`: from this node's files, else from the first peer
+    /// (in `order`, then any other) that has it.
+    async fn fetch_artifact(
+        &self,
+        digest: Digest,
+        order: &[NodeId],
+        state: &ClusterState,
+    ) -> Result<Vec<u8>, String> {
+        if let Some(bytes) = self.node.artifact(digest) {
+            return Ok(bytes);
+        }
+        let mut peers: Vec<NodeId> = order.to_vec();
+        peers.extend(state.nodes.keys().filter(|n| !order.contains(n)));
+        let mut errors = Vec::new();
+        for peer in peers.into_iter().filter(|n| *n != self.id) {
+            let Some(addr) = state
+                .nodes
+                .get(&peer)
+                .and_then(|n| n.peer_addr.parse::<SocketAddr>().ok())
+            else {
+                continue;
+            };
+            let reply = self
+                .transport
+                .request_within(
+                    peer.0,
+                    addr,
+                    Channel::Bulk,
+                    wire::encode(&Bulk::Artifact { digest }),
+                    Duration::from_secs(30),
+                )
+                .await;
+            match reply
+                .map_err(|e| e.to_string())
+                .and_then(|b| wire::decode::<BulkReply>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(BulkReply::Artifact { bytes: Some(bytes) }) if Digest::of(&bytes) == digest => {
+                    return Ok(bytes)
+                }
+                Ok(BulkReply::Artifact { bytes: Some(_) }) => {
+                    errors.push(format!("{peer}: sent bytes that do not match the digest"))
+                }
+                Ok(BulkReply::Artifact { bytes: None }) => {
+                    errors.push(format!("{peer}: does not have it"))
+                }
+                Ok(BulkReply::Error(e)) | Err(e) => errors.push(format!("{peer}: {e}")),
+            }
+        }
+        Err(format!(
+            "no node could provide component {digest}: {}",
+            errors.join("; ")
+        ))
+    }
+
+    /// Bring this node's copies in line with the cluster state: install components,
+    /// follow start/stop and deletes, take the primary or backup role of each assignment.
+    async fn reconcile(&self, state: &ClusterState) {
+        let _pass = self.reconciling.lock().await;
+        let me = self.id;
+        for n in state.nodes.values() {
+            if let Ok(addr) = n.peer_addr.parse() {
+                self.replicas
+                    .set_addr(crate::replication::NodeId(n.id.0), addr);
+            }
+        }
+        for (name, function) in &state.functions {
+            self.seen.lock().insert(name.clone());
+            let Ok(fname) = FunctionName::new(name) else {
+                continue;
+            };
+            let Some(a) = state.assignments.get(name) else {
+                continue;
+            };
+            if !a.holds(me) {
+                if self.replicas.get(&fname).is_some() {
+                    let _locked = self.node.lock_function(&fname).await;
+                    self.replicas.forget(&fname);
+                }
+                continue;
+            }
+            let digest = Digest(function.digest);
+            let current = self.node.store().get(&fname).map(|f| f.meta());
+            let installed = current
+                .as_ref()
+                .is_some_and(|m| m.deploy.digest == digest && m.deploy.version >= function.version);
+            if !installed {
+                let order: Vec<NodeId> = a.copies().collect();
+                match self.fetch_artifact(digest, &order, state).await {
+                    Ok(bytes) => {
+                        if let Err(e) = self
+                            .node
+                            .install(&fname, bytes, function.version, function.running)
+                            .await
+                        {
+                            tracing::error!(function = %name, error = %e, "cannot install the component");
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(function = %name, error = %e, "component not available yet");
+                        continue;
+                    }
+                }
+            } else if current
+                .as_ref()
+                .is_some_and(|m| m.running != function.running)
+            {
+                if let Err(e) = self.node.set_running(name, function.running).await {
+                    tracing::error!(function = %name, error = %e, "cannot follow start/stop");
+                }
+            }
+            let epoch = Epoch(a.epoch.0);
+            if a.primary == me {
+                let current = self.replicas.get(&fname);
+                if matches!(&current, Some(Copy::Primary(p)) if p.epoch == epoch) {
+                    continue;
+                }
+                let Some(_locked) = self.node.lock_function(&fname).await else {
+                    continue;
+                };
+                if let Some(Copy::Primary(old)) = &current {
+                    // Keep the commits already sent: wait (briefly) until the old
+                    // configuration's backups hold them, so the new one starts in sync.
+                    let started = Instant::now();
+                    while !old.drained() && started.elapsed() < Duration::from_secs(1) {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                let backups: Vec<crate::replication::NodeId> = a
+                    .backups
+                    .iter()
+                    .map(|n| crate::replication::NodeId(n.0))
+                    .collect();
+                self.replicas.become_primary(&fname, epoch, &backups);
+            } else {
+                if matches!(self.replicas.get(&fname), Some(Copy::Primary(_))) {
+                    let _locked = self.node.lock_function(&fname).await;
+                    self.replicas.become_backup(&fname, epoch);
+                } else {
+                    self.replicas.become_backup(&fname, epoch);
+                }
+            }
+        }
+        // Deleted from the cluster: delete here too (only functions this run saw in the
+        // cluster state, so a state not yet recovered deletes nothing).
+        let gone: Vec<String> = {
+            let mut seen = self.seen.lock();
+            let gone: Vec<String> = seen
+                .iter()
+                .filter(|n| !state.functions.contains_key(*n))
+                .cloned()
+                .collect();
+            for n in &gone {
+                seen.remove(n);
+            }
+            gone
+        };
+        for name in gone {
+            if let Ok(fname) = FunctionName::new(&name) {
+                {
+                    let _locked = self.node.lock_function(&fname).await;
+                    self.replicas.forget(&fname);
+                }
+                if self.node.is_deployed(&name) {
+                    if let Err(e) = self.node.delete(&name).await {
+                        tracing::error!(function = %name, error = %e, "cannot delete");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leave cleanly: stop Raft and close the QUIC endpoint.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.control.shutdown().await {
+            tracing::warn!(error = %e, "control plane shutdown");
+        }
+        self.transport.close().await;
+    }
+}
+
+/// Follow the cluster state for as long as the cluster lives.
+async fn reconcile_loop(cluster: std::sync::Weak<Cluster>) {
+    let Some(mut watch) = cluster.upgrade().map(|c| c.control.watch()) else {
+        return;
+    };
+    loop {
+        let state = watch.borrow_and_update().clone();
+        let Some(c) = cluster.upgrade() else { return };
+        c.reconcile(&state).await;
+        drop(c);
+        // Until the next change, or a while (to retry what failed).
+        let _ = tokio::time::timeout(RECONCILE_EVERY, watch.changed()).await;
+    }
+}
+
+/// Raft messages over the `Control` channel.
+struct QuicRaft {
+    transport: Transport,
+}
+
+impl RaftTransport for QuicRaft {
+    fn send(
+        &self,
+        target: NodeId,
+        addr: &str,
+        message: RaftMessage,
+    ) -> BoxFuture<Result<RaftReply, TransportError>> {
+        let transport = self.transport.clone();
+        let addr = addr.to_owned();
+        Box::pin(async move {
+            let addr: SocketAddr = addr.parse().map_err(|e| {
+                TransportError::Unreachable(format!("bad peer address {addr:?}: {e}"))
+            })?;
+            let body = message
+                .encode()
+                .map_err(|e| TransportError::Failed(e.to_string()))?;
+            let reply = transport
+                .request_within(
+                    target.0,
+                    addr,
+                    Channel::Control,
+                    Bytes::from(body),
+                    RAFT_REQUEST_TIMEOUT,
+                )
+                .await
+                .map_err(|e| TransportError::Unreachable(e.to_string()))?;
+            RaftReply::decode(&reply).map_err(|e| TransportError::Failed(e.to_string()))
+        })
+    }
+}
+
+/// Routes what arrives over QUIC to the part of the node that handles it.
+struct Dispatch {
+    cluster: OnceLock<Arc<Cluster>>,
+}
+
+impl Handler for Dispatch {
+    fn handle(&self, peer: u64, channel: Channel, body: Bytes) -> HandlerFuture<'_> {
+        Box::pin(async move {
+            match channel {
+                Channel::Control => {
+                    let Some(control) = self.cluster.get().map(|c| &c.control) else {
+                        return Bytes::new();
+                    };
+                    let message = match RaftMessage::decode(&body) {
+                        Ok(message) => message,
+                        Err(e) => {
+                            tracing::warn!(peer, error = %e, "undecodable control message");
+                            return Bytes::new();
+                        }
+                    };
+                    let reply = control.handle_raft(message).await;
+                    match reply.encode() {
+                        Ok(bytes) => Bytes::from(bytes),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode a control reply");
+                            Bytes::new()
+                        }
+                    }
+                }
+                Channel::Replication => {
+                    let Some(cluster) = self.cluster.get() else {
+                        return Bytes::new();
+                    };
+                    match wire::decode::<wire::Replicate>(&body) {
+                        Ok(request) => wire::encode(
+                            &cluster
+                                .replicas
+                                .handle_replicate(crate::replication::NodeId(peer), request)
+                                .await,
+                        ),
+                        Err(e) => {
+                            tracing::warn!(peer, error = %e, "undecodable replication request");
+                            Bytes::new()
+                        }
+                    }
+                }
+                Channel::Bulk => match self.cluster.get() {
+                    Some(cluster) => cluster.serve_bulk(peer, body).await,
+                    None => Bytes::new(),
+                },
+                Channel::Invoke => match self.cluster.get() {
+                    Some(cluster) => cluster.serve_invoke(peer, body).await,
+                    None => Bytes::new(),
+                },
+            }
+        })
+    }
+}

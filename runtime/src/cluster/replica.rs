@@ -1,0 +1,545 @@
+//! The data plane: this node's copies of functions, as primary or as backup, and the
+//! links that carry their logs. It drives the I/O-free engines of `replication`: the
+//! commit path feeds a primary copy every commit (under the function's lock, so in
+//! order), senders batch appends per backup node into one QUIC request, and a backup
+//! applies what it receives to its own log and state and acknowledges once durable.
+//!
+//! **Invariant:** a commit's answer waits for its `Release`: every backup of the epoch
+//! holds it (fsynced with `disk` durability, in memory with `memory`).
+//! **Invariant:** a primary copy's engine is stepped and its commands dispatched under
+//! one lock, so appends leave for each backup in the order they were made.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, watch};
+use understudy_net::{Channel, Transport};
+
+use super::wire::{self, Entry, Replicate, ReplicateReply};
+use crate::ids::{FunctionName, Lsn};
+use crate::node::Node;
+use crate::replication::{backup, primary, Append, Backup, Epoch, NodeId, Primary, Reply, Seq};
+use crate::wal::Durability;
+
+/// How often primaries look for backups that went silent (and resend to them).
+const TICK: Duration = Duration::from_millis(10);
+/// A replication request that takes longer than this is abandoned (and resent later).
+const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Appends carried in one request, at most.
+const BATCH_APPENDS_MAX: usize = 4096;
+
+/// Why a commit's answer could not be given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReleased {
+    #[error("this node was deposed as primary of {function} (a backup knows epoch {epoch}); the commit may not have been replicated")]
+    Fenced { function: FunctionName, epoch: u64 },
+    #[error("the configuration of {function} changed before the commit was replicated")]
+    Retired { function: FunctionName },
+}
+
+/// This node's copy of a function whose primary it is, in one epoch.
+pub struct PrimaryCopy {
+    pub function: FunctionName,
+    pub epoch: Epoch,
+    engine: Mutex<Primary<Entry>>,
+    released: watch::Sender<Seq>,
+    /// Set when the copy must stop serving: fenced by a newer epoch, or replaced.
+    ended: watch::Sender<Option<NotReleased>>,
+    fenced: AtomicBool,
+    senders: Arc<Senders>,
+}
+
+impl std::fmt::Debug for PrimaryCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryCopy")
+            .field("function", &self.function)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrimaryCopy {
+    /// Whether it may run transactions: not fenced, not replaced.
+    pub fn serving(&self) -> bool {
+        self.ended.borrow().is_none()
+    }
+
+    /// Hand the engine a commit (called under the function's lock, right after the
+    /// commit was appended locally, so seqs arrive in order).
+    pub fn appended(self: &Arc<Self>, seq: u64, entry: Entry) {
+        let now = Instant::now();
+        let mut engine = self.engine.lock();
+        let mut commands = engine.step(
+            now,
+            primary::Event::Appended {
+                seq: Seq(seq),
+                payload: entry,
+            },
+        );
+        // The local log's durability is awaited by the commit path itself (it waits for
+        // both), so the engine counts only the backups.
+        commands.extend(engine.step(now, primary::Event::LocalDurable { seq: Seq(seq) }));
+        self.dispatch(&mut engine, commands);
+    }
+
+    /// Resolves once every commit up to `seq` is held by every backup of the epoch.
+    pub async fn released(&self, seq: u64) -> Result<(), NotReleased> {
+        let mut released = self.released.subscribe();
+        let mut ended = self.ended.subscribe();
+        loop {
+            if released.borrow_and_update().0 >= seq {
+                return Ok(());
+            }
+            if let Some(why) = ended.borrow_and_update().clone() {
+                return Err(why);
+            }
+            tokio::select! {
+                r = released.changed() => if r.is_err() { return Err(self.retired()) },
+                e = ended.changed() => if e.is_err() { return Err(self.retired()) },
+            }
+        }
+    }
+
+    fn retired(&self) -> NotReleased {
+        NotReleased::Retired {
+            function: self.function.clone(),
+        }
+    }
+
+    /// Stop serving: a newer configuration replaces this one. Waiters whose commits
+    /// were not released get an error.
+    pub fn retire(&self) {
+        self.ended.send_if_modified(|ended| {
+            if ended.is_none() {
+                *ended = Some(self.retired());
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Whether every commit appended so far is released.
+    pub fn drained(&self) -> bool {
+        let engine = self.engine.lock();
+        engine.seq_released() >= engine.seq_last()
+    }
+
+    pub fn status(&self, backups: &[NodeId]) -> serde_json::Value {
+        let engine = self.engine.lock();
+        let lag: serde_json::Map<String, serde_json::Value> = backups
+            .iter()
+            .map(|b| (b.0.to_string(), serde_json::json!(engine.lag(*b))))
+            .collect();
+        serde_json::json!({
+            "seq": engine.seq_last().0,
+            "seq_released": engine.seq_released().0,
+            "fenced": self.fenced.load(Ordering::Relaxed),
+            "lag": lag,
+        })
+    }
+
+    fn step(self: &Arc<Self>, event: primary::Event<Entry>) {
+        let mut engine = self.engine.lock();
+        let commands = engine.step(Instant::now(), event);
+        self.dispatch(&mut engine, commands);
+    }
+
+    fn dispatch(
+        self: &Arc<Self>,
+        _engine: &mut Primary<Entry>,
+        commands: Vec<primary::Command<Entry>>,
+    ) {
+        for command in commands {
+            match command {
+                primary::Command::Send { to, append } => {
+                    self.senders.send(to, self.clone(), append)
+                }
+                primary::Command::Release { seq } => {
+                    self.released.send_if_modified(|r| {
+                        let advanced = seq > *r;
+                        *r = (*r).max(seq);
+                        advanced
+                    });
+                }
+                primary::Command::Fenced { epoch } => {
+                    tracing::warn!(function = %self.function, epoch = self.epoch.0, newer = epoch.0, "fenced: a backup knows a newer epoch; no longer serving");
+                    self.fenced.store(true, Ordering::Relaxed);
+                    self.ended.send_replace(Some(NotReleased::Fenced {
+                        function: self.function.clone(),
+                        epoch: epoch.0,
+                    }));
+                }
+                primary::Command::NeedSnapshot { to } => {
+                    // Catch-up by snapshot is not built yet: until it is, commits wait for
+                    // this backup, and the control plane must replace it.
+                    tracing::error!(function = %self.function, backup = %to, "backup needs a snapshot, which this version cannot send yet");
+                }
+                primary::Command::PeerLive { node } => {
+                    tracing::info!(function = %self.function, backup = %node, "backup caught up");
+                }
+            }
+        }
+    }
+}
+
+/// This node's copy of a function whose backup it is.
+pub struct BackupCopy {
+    pub function: FunctionName,
+    engine: Mutex<Backup>,
+}
+
+impl BackupCopy {
+    pub fn epoch(&self) -> Epoch {
+        self.engine.lock().epoch()
+    }
+
+    /// The control plane committed `epoch` for this function.
+    pub fn epoch_committed(&self, epoch: Epoch) {
+        self.engine
+            .lock()
+            .step::<Entry>(backup::Event::EpochCommitted { epoch });
+    }
+
+    pub fn seq(&self) -> Seq {
+        self.engine.lock().seq_durable()
+    }
+}
+
+#[derive(Clone)]
+pub enum Copy {
+    Primary(Arc<PrimaryCopy>),
+    Backup(Arc<BackupCopy>),
+}
+
+/// An append waiting to leave, with the copy that answers go back to.
+type Outgoing = (Arc<PrimaryCopy>, Append<Entry>);
+
+/// One queue per backup node; a task per queue sends what accumulated as one request.
+pub struct Senders {
+    transport: Transport,
+    queues: Mutex<HashMap<NodeId, mpsc::UnboundedSender<Outgoing>>>,
+    addrs: RwLock<HashMap<NodeId, SocketAddr>>,
+}
+
+impl Senders {
+    fn send(self: &Arc<Self>, to: NodeId, copy: Arc<PrimaryCopy>, append: Append<Entry>) {
+        let mut queues = self.queues.lock();
+        let queue = queues.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(self.clone().run(to, rx));
+            tx
+        });
+        // The receiver lives as long as the task, which lives as long as the sender.
+        let _ = queue.send((copy, append));
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        to: NodeId,
+        mut queue: mpsc::UnboundedReceiver<Outgoing>,
+    ) {
+        let mut batch = Vec::new();
+        while let Some(first) = queue.recv().await {
+            batch.clear();
+            batch.push(first);
+            while batch.len() < BATCH_APPENDS_MAX {
+                match queue.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            let Some(addr) = self.addrs.read().get(&to).copied() else {
+                tracing::warn!(backup = %to, "no address for a backup; its appends wait for a resend");
+                continue;
+            };
+            let request = Replicate {
+                appends: batch
+                    .iter()
+                    .map(|(copy, append)| (copy.function.clone(), append.clone()))
+                    .collect(),
+            };
+            let reply = self
+                .transport
+                .request_within(
+                    to.0,
+                    addr,
+                    Channel::Replication,
+                    wire::encode(&request),
+                    REPLICATE_TIMEOUT,
+                )
+                .await;
+            let reply: ReplicateReply = match reply
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| wire::decode(&bytes).map_err(|e| e.to_string()))
+            {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // Lost: the engines resend what stays unacknowledged.
+                    tracing::debug!(backup = %to, error = %e, "replication request failed");
+                    continue;
+                }
+            };
+            for ((copy, _), replies) in batch.iter().zip(reply.replies) {
+                for reply in replies {
+                    copy.step(primary::Event::Replied { from: to, reply });
+                }
+            }
+        }
+    }
+}
+
+/// Every copy on this node.
+pub struct Replicas {
+    me: NodeId,
+    node: Node,
+    copies: RwLock<HashMap<FunctionName, Copy>>,
+    senders: Arc<Senders>,
+}
+
+impl Replicas {
+    pub fn new(me: NodeId, node: Node, transport: Transport) -> Arc<Replicas> {
+        let replicas = Arc::new(Replicas {
+            me,
+            node,
+            copies: RwLock::new(HashMap::new()),
+            senders: Arc::new(Senders {
+                transport,
+                queues: Mutex::new(HashMap::new()),
+                addrs: RwLock::new(HashMap::new()),
+            }),
+        });
+        let weak = Arc::downgrade(&replicas);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(replicas) = weak.upgrade() else {
+                    return;
+                };
+                let primaries: Vec<Arc<PrimaryCopy>> = replicas
+                    .copies
+                    .read()
+                    .values()
+                    .filter_map(|c| match c {
+                        Copy::Primary(p) => Some(p.clone()),
+                        Copy::Backup(_) => None,
+                    })
+                    .collect();
+                for p in primaries {
+                    p.step(primary::Event::Tick);
+                }
+            }
+        });
+        replicas
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn set_addr(&self, node: NodeId, addr: SocketAddr) {
+        self.senders.addrs.write().insert(node, addr);
+    }
+
+    pub fn get(&self, function: &FunctionName) -> Option<Copy> {
+        self.copies.read().get(function).cloned()
+    }
+
+    /// The primary copy of `function` here, if this node serves it now.
+    pub fn primary(&self, function: &FunctionName) -> Option<Arc<PrimaryCopy>> {
+        match self.copies.read().get(function) {
+            Some(Copy::Primary(p)) if p.serving() => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    /// Become (or stay) primary of `function` in `epoch` with `backups`. The caller holds
+    /// the function's lock, so no commit is half-way; the previous primary copy, if any,
+    /// has released everything (see `drained`).
+    pub fn become_primary(&self, function: &FunctionName, epoch: Epoch, backups: &[NodeId]) {
+        let f = self.node.store().get(function);
+        let (seq, epoch_last) = f.map_or((0, 0), |f| (f.seq(), f.epoch_last()));
+        let (engine, commands) =
+            Primary::new(Instant::now(), epoch, Seq(seq), Epoch(epoch_last), backups);
+        let copy = Arc::new(PrimaryCopy {
+            function: function.clone(),
+            epoch,
+            engine: Mutex::new(engine),
+            released: watch::channel(Seq(seq)).0,
+            ended: watch::channel(None).0,
+            fenced: AtomicBool::new(false),
+            senders: self.senders.clone(),
+        });
+        {
+            let mut engine = copy.engine.lock();
+            copy.dispatch(&mut engine, commands);
+        }
+        let old = self
+            .copies
+            .write()
+            .insert(function.clone(), Copy::Primary(copy));
+        if let Some(Copy::Primary(old)) = old {
+            old.retire();
+        }
+        tracing::info!(%function, epoch = epoch.0, seq, ?backups, "primary");
+    }
+
+    /// Become (or stay) a backup of `function`, knowing `epoch`.
+    pub fn become_backup(&self, function: &FunctionName, epoch: Epoch) {
+        let mut copies = self.copies.write();
+        match copies.get(function) {
+            Some(Copy::Backup(b)) => {
+                b.epoch_committed(epoch);
+                return;
+            }
+            Some(Copy::Primary(p)) => p.retire(),
+            None => {}
+        }
+        let f = self.node.store().get(function);
+        let (seq, epoch_last) = f.map_or((0, 0), |f| (f.seq(), f.epoch_last()));
+        copies.insert(
+            function.clone(),
+            Copy::Backup(Arc::new(BackupCopy {
+                function: function.clone(),
+                engine: Mutex::new(Backup::new(epoch, Seq(seq), Epoch(epoch_last))),
+            })),
+        );
+        tracing::info!(%function, epoch = epoch.0, seq, "backup");
+    }
+
+    /// Hold no copy of `function` any more.
+    pub fn forget(&self, function: &FunctionName) {
+        if let Some(Copy::Primary(p)) = self.copies.write().remove(function) {
+            p.retire();
+        }
+    }
+
+    /// Serve a `Replicate` request from `from`: apply what follows each backup's log,
+    /// make it durable, and answer each append.
+    pub async fn handle_replicate(&self, from: NodeId, request: Replicate) -> ReplicateReply {
+        let mut replies: Vec<Vec<Reply>> = Vec::with_capacity(request.appends.len());
+        // (index, copy, last seq applied) for the appends that applied something.
+        let mut applied: Vec<(usize, Arc<BackupCopy>, Seq)> = Vec::new();
+        let mut lsn_wait = Lsn::ZERO;
+        for (i, (function, append)) in request.appends.into_iter().enumerate() {
+            let copy = match self.get(&function) {
+                Some(Copy::Backup(b)) => b,
+                Some(Copy::Primary(p)) if p.epoch < append.epoch => {
+                    // A newer primary: this node was deposed and has not heard yet.
+                    replies.push(Vec::new());
+                    continue;
+                }
+                Some(Copy::Primary(p)) => {
+                    // Two primaries of one epoch cannot exist; an older one is stale.
+                    replies.push(vec![Reply::Stale { epoch: p.epoch }]);
+                    continue;
+                }
+                None => {
+                    // Not (yet) a backup here: the primary resends after silence.
+                    replies.push(Vec::new());
+                    continue;
+                }
+            };
+            let epoch = append.epoch;
+            let mut engine = copy.engine.lock();
+            let commands = engine.step(backup::Event::Received { from, append });
+            let mut out = Vec::new();
+            for command in commands {
+                match command {
+                    backup::Command::Apply { entries } => {
+                        let last = entries.last().map(|(s, _)| *s).unwrap_or_default();
+                        match self.node.apply_replicated(&function, epoch.0, entries) {
+                            Ok(lsn) => {
+                                lsn_wait = lsn_wait.max(lsn);
+                                applied.push((i, copy.clone(), last));
+                            }
+                            Err(e) => {
+                                // The state is no longer a copy of the primary's: stop
+                                // acknowledging (the primary's commits wait, nothing
+                                // wrong is confirmed) and say why loudly.
+                                tracing::error!(%function, error = %e, "cannot apply replicated entries; this copy stops acknowledging");
+                            }
+                        }
+                    }
+                    backup::Command::Reply { reply, .. } => out.push(reply),
+                    backup::Command::Resync { from } => {
+                        tracing::error!(%function, primary = %from, "this copy diverged from the primary and needs a snapshot, which this version cannot receive yet");
+                    }
+                }
+            }
+            drop(engine);
+            replies.push(out);
+        }
+        if !applied.is_empty() {
+            let durable = match self.node.wal_durability() {
+                Durability::Memory => Ok(()),
+                Durability::Disk => self.node.wait_lsn_durable(lsn_wait).await,
+            };
+            if let Err(e) = durable {
+                tracing::error!(error = %e, "replicated entries did not become durable");
+                return ReplicateReply { replies };
+            }
+            for (i, copy, seq) in applied {
+                let mut engine = copy.engine.lock();
+                let acks: Vec<Reply> = engine
+                    .step::<Entry>(backup::Event::Durable { seq })
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        backup::Command::Reply { reply, .. } => Some(reply),
+                        _ => None,
+                    })
+                    .collect();
+                let acks = if acks.is_empty() {
+                    vec![Reply::Ack {
+                        epoch: engine.epoch(),
+                        seq: engine.seq_durable(),
+                    }]
+                } else {
+                    acks
+                };
+                replies[i].extend(acks);
+            }
+        }
+        ReplicateReply { replies }
+    }
+
+    /// What `GET /v1/cluster` shows of this node's copies.
+    pub fn status(&self, assignments: &understudy_control::ClusterState) -> serde_json::Value {
+        let copies = self.copies.read();
+        let mut out = serde_json::Map::new();
+        for (name, copy) in copies.iter() {
+            let value = match copy {
+                Copy::Primary(p) => {
+                    let backups: Vec<NodeId> = assignments
+                        .assignments
+                        .get(name.as_str())
+                        .map(|a| {
+                            a.backups
+                                .iter()
+                                .chain(&a.catching_up)
+                                .map(|n| NodeId(n.0))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let mut v = p.status(&backups);
+                    v["role"] = "primary".into();
+                    v["epoch"] = p.epoch.0.into();
+                    v
+                }
+                Copy::Backup(b) => serde_json::json!({
+                    "role": "backup",
+                    "epoch": b.epoch().0,
+                    "seq": b.seq().0,
+                }),
+            };
+            out.insert(name.to_string(), value);
+        }
+        serde_json::Value::Object(out)
+    }
+}

@@ -1,0 +1,135 @@
+//! What nodes say to each other on the data-plane channels (the control plane's Raft
+//! messages have their own types in `understudy-control`). rmp-serde with named fields,
+//! so that a field added later with a default keeps older peers readable.
+//!
+//! Everything here arrives from the network: decoding fails with an error, never a
+//! panic, and the receiver checks every value it acts on.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Digest, FunctionName, TxnId};
+use crate::node::FunctionInfo;
+use crate::replication::{Append, Reply};
+use crate::wal::record::{Idempotency, Op};
+
+/// One commit in one function's replicated log: that function's writes and the answer
+/// remembered for the transaction's idempotency key, if it was this function's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub txn: TxnId,
+    pub ops: Vec<Op>,
+    pub idempotency: Option<Idempotency>,
+}
+
+/// `Channel::Replication`, primary to backup: appends for any number of functions, in
+/// the order the primary produced them. The answer is a [`ReplicateReply`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Replicate {
+    pub appends: Vec<(FunctionName, Append<Entry>)>,
+}
+
+/// The backup's replies to each append of a [`Replicate`], in the same order (possibly
+/// none for one: the primary resends after silence).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplicateReply {
+    pub replies: Vec<Vec<Reply>>,
+}
+
+/// `Channel::Bulk` requests.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Bulk {
+    /// The component with this digest, if the node has it.
+    Artifact { digest: Digest },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum BulkReply {
+    Artifact {
+        #[serde(with = "serde_bytes")]
+        bytes: Option<Vec<u8>>,
+    },
+    Error(String),
+}
+
+/// `Channel::Invoke` requests.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Invoke {
+    /// Run a transaction here, as the function's primary.
+    Call {
+        function: String,
+        method: String,
+        #[serde(with = "serde_bytes")]
+        input: Vec<u8>,
+        idempotency_key: Option<String>,
+    },
+    /// This node's copy of a function, if it has one.
+    Describe { function: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum InvokeReply {
+    /// The handler's answer (its output, or its own error).
+    Answer {
+        outcome: Result<ByteBuf, (String, String)>,
+        txn: TxnId,
+        replayed: bool,
+    },
+    /// The invocation failed outside the handler: `code` is the HTTP API's error code.
+    Failed {
+        code: String,
+        message: String,
+    },
+    Described(Option<FunctionInfo>),
+}
+
+/// Bytes, encoded as a msgpack binary rather than an array of numbers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ByteBuf(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable message: {0}")]
+pub struct DecodeError(String);
+
+pub fn encode<T: Serialize>(message: &T) -> bytes::Bytes {
+    // Our own types always encode; a failure here is a bug worth stopping for.
+    bytes::Bytes::from(rmp_serde::to_vec_named(message).expect("data-plane messages encode"))
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    rmp_serde::from_slice(bytes).map_err(|e| DecodeError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::{Epoch, Seq};
+
+    #[test]
+    fn a_replicate_message_round_trips_and_garbage_is_an_error() {
+        let message = Replicate {
+            appends: vec![(
+                FunctionName::new("bank").expect("name"),
+                Append {
+                    epoch: Epoch(2),
+                    seq_prev: Seq(4),
+                    epoch_prev: Epoch(1),
+                    entries: vec![(
+                        Seq(5),
+                        Entry {
+                            txn: TxnId(9),
+                            ops: vec![Op {
+                                key: b"k".to_vec(),
+                                value: Some(b"v".to_vec()),
+                            }],
+                            idempotency: None,
+                        },
+                    )],
+                },
+            )],
+        };
+        let decoded: Replicate = decode(&encode(&message)).expect("decodes");
+        assert_eq!(decoded.appends, message.appends);
+        assert!(decode::<Replicate>(b"\xc1garbage").is_err());
+    }
+}
