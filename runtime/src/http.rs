@@ -280,6 +280,19 @@ async fn invoke(
         ),
         None => None,
     };
+    if key
+        .as_deref()
+        .is_some_and(|k| k.starts_with(crate::store::AUTO_KEY_PREFIX))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-idempotency-key",
+            format!(
+                "keys starting with {:?} are reserved for the cluster's own use",
+                crate::store::AUTO_KEY_PREFIX
+            ),
+        ));
+    }
     let task = tokio::spawn(async move {
         match node.cluster() {
             Some(cluster) => cluster.invoke(&name, &method, &input, key.as_deref()).await,

@@ -463,7 +463,11 @@ async fn shutdown_signal() {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
+        // openraft reports every failed heartbeat to a down node as an error, 50 times a
+        // second; the failure detector reports the node once.
+        tracing_subscriber::EnvFilter::new(
+            "info,wasmtime=warn,cranelift=warn,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=error",
+        )
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

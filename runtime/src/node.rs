@@ -29,6 +29,10 @@ use crate::wal::record::{Commit, Deploy, FunctionEpoch, Idempotency, Outcome, Re
 use crate::wal::{self, Durability, Wal};
 use crate::wasm::{self, Abort, CallFuture, Calls, Ctx, GuestError, Loaded, Runtime};
 
+/// How long answers to keys the cluster assigned itself are kept (see
+/// `store::AUTO_KEY_PREFIX`): long enough for a retry across a failover.
+pub const AUTO_KEY_WINDOW_S: u64 = 30;
+
 /// Longest idempotency key accepted.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 256;
 /// Largest output a handler may return.
@@ -186,7 +190,7 @@ impl std::fmt::Debug for Node {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -486,6 +490,12 @@ impl Node {
         } else {
             Vec::new()
         };
+        // An answer is remembered for the key, except for keys the cluster assigned
+        // itself to a transaction that changed nothing: running that again is harmless,
+        // and remembering it would turn every forwarded read into a write.
+        let idempotency_key = idempotency_key.filter(|key| {
+            !(key.starts_with(crate::store::AUTO_KEY_PREFIX) && writes.is_empty())
+        });
         let idempotency = idempotency_key.map(|key| Idempotency {
             function: f.name.clone(),
             key: key.to_owned(),
@@ -644,6 +654,37 @@ impl Node {
             lsn_last = lsn;
         }
         Ok(lsn_last)
+    }
+
+    /// `function` as a snapshot holds it, for a backup's catch-up. The caller holds its
+    /// lock (see `lock_function`), so that it is consistent with its `seq`.
+    pub fn function_image(
+        &self,
+        function: &FunctionName,
+    ) -> Option<crate::wal::snapshot::FunctionImage> {
+        let expiry = now_ms().saturating_sub(self.inner.config.idempotency_window_s * 1000);
+        self.inner.store.function_image(function, expiry)
+    }
+
+    /// On a backup: replace `function`'s copy with its primary's snapshot `image` (log
+    /// and apply). Returns the position to wait for before acknowledging.
+    ///
+    /// Fails when the function is not deployed here or the log fails.
+    pub fn restore(&self, image: crate::wal::snapshot::FunctionImage) -> Result<Lsn, String> {
+        let inner = &self.inner;
+        if inner.store.get(&image.deploy.function).is_none() {
+            return Err(format!(
+                "function {} is not deployed here",
+                image.deploy.function
+            ));
+        }
+        let record = Record::Restore(Box::new(image));
+        let (lsn, applied) = inner
+            .wal
+            .append(&record, |lsn| inner.store.apply(lsn, &record))
+            .map_err(|e| e.to_string())?;
+        applied.map_err(|e| e.to_string())?;
+        Ok(lsn)
     }
 
     /// Take `function`'s transaction lock (after the transaction running on it), for a
@@ -955,7 +996,7 @@ impl Node {
             |(lsn, captured)| captured.into_image(lsn, expiry),
         )?;
         for f in inner.store.list() {
-            f.expire_idempotency(expiry);
+            f.expire_idempotency(expiry, now_ms().saturating_sub(AUTO_KEY_WINDOW_S * 1000));
         }
         tracing::info!(%lsn, ms = started.elapsed().as_millis() as u64, "checkpoint written");
         Ok(lsn)

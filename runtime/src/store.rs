@@ -22,6 +22,11 @@ use crate::wal::snapshot::{Entry, FunctionImage, Image};
 /// transaction's view is a cheap clone.
 pub type Map = imbl::OrdMap<Bytes, Bytes>;
 
+/// Idempotency keys that a cluster node assigned to a forwarded invocation whose client
+/// gave none (so that it can retry it on a new primary exactly once); kept for a short
+/// window only.
+pub const AUTO_KEY_PREFIX: &str = "auto:";
+
 /// Remembered answers by idempotency key, with the LSN of the commit that stored each.
 pub type Answers = imbl::HashMap<String, (Lsn, Idempotency)>;
 
@@ -139,11 +144,17 @@ impl Function {
         self.idempotency.lock().len()
     }
 
-    /// Forget answers older than `expiry_ms`.
-    pub fn expire_idempotency(&self, expiry_ms: u64) {
-        self.idempotency
-            .lock()
-            .retain(|_, (_, entry)| entry.at_ms >= expiry_ms);
+    /// Forget answers older than `expiry_ms`, and answers to keys the cluster assigned
+    /// itself (`AUTO_KEY_PREFIX`) older than `auto_expiry_ms`.
+    pub fn expire_idempotency(&self, expiry_ms: u64, auto_expiry_ms: u64) {
+        self.idempotency.lock().retain(|key, (_, entry)| {
+            let expiry = if key.starts_with(AUTO_KEY_PREFIX) {
+                auto_expiry_ms
+            } else {
+                expiry_ms
+            };
+            entry.at_ms >= expiry
+        });
     }
 }
 
@@ -235,6 +246,29 @@ impl Store {
                 let f = self.get(function).ok_or_else(|| unknown(function))?;
                 f.meta.lock().running = *running;
             }
+            Record::Restore(image) => {
+                let f = self
+                    .get(&image.deploy.function)
+                    .ok_or_else(|| unknown(&image.deploy.function))?;
+                *f.kv.write() = image
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        (
+                            Bytes::copy_from_slice(&e.key),
+                            Bytes::copy_from_slice(&e.value),
+                        )
+                    })
+                    .collect();
+                *f.idempotency.lock() = image
+                    .idempotency
+                    .iter()
+                    .map(|entry| (entry.key.clone(), (lsn, entry.clone())))
+                    .collect();
+                f.lsn_last_write.store(lsn.0, Ordering::Release);
+                f.seq.store(image.seq, Ordering::Release);
+                f.epoch_last.store(image.epoch_last, Ordering::Release);
+            }
             Record::Commit(commit) => {
                 for writes in &commit.writes {
                     let f = self
@@ -285,6 +319,26 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// One function, as a snapshot would hold it (for a backup's catch-up). Consistent only
+    /// if no commit to it runs meanwhile: the caller holds its lock.
+    pub fn function_image(&self, name: &FunctionName, expiry_ms: u64) -> Option<FunctionImage> {
+        let f = self.get(name)?;
+        let captured = Captured {
+            functions: vec![(
+                f.meta(),
+                f.view(),
+                f.idempotency.lock().clone(),
+                f.seq(),
+                f.epoch_last(),
+            )],
+        };
+        captured
+            .into_image(Lsn::ZERO, expiry_ms)
+            .functions
+            .into_iter()
+            .next()
     }
 
     /// What a snapshot needs, captured while the log holds appends off: only clones of

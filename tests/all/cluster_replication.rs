@@ -280,3 +280,88 @@ fn two_data_nodes_and_a_witness_form_a_cluster_that_serves() {
     let (seq, _) = settled_copies(&[&nodes[0], &nodes[1]], "counter");
     assert_eq!(seq, 5);
 }
+
+#[test]
+fn a_backup_that_was_down_while_commits_happened_catches_up_and_then_matches() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let mut nodes = start_cluster(certs.path(), &members3());
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    let placed = deploy(&nodes[0], "bank", "bank", 3);
+    let primary = placed["primary"].as_u64().expect("primary");
+    // A backup that is not the master, so that the master stays to judge it.
+    let backup = placed["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .filter_map(Value::as_u64)
+        .find(|b| *b != master)
+        .expect("a backup that is not the master");
+    let p = (primary - 1) as usize;
+    nodes[p].api().ok(
+        "bank",
+        "open",
+        json!({ "account": "alice", "initial": 1000 }),
+    );
+    nodes[p]
+        .api()
+        .ok("bank", "open", json!({ "account": "bob", "initial": 0 }));
+
+    nodes[(backup - 1) as usize].kill9();
+    // Commits go on once the master has dropped the dead backup from the set.
+    for _ in 0..50 {
+        nodes[p].api().ok(
+            "bank",
+            "transfer",
+            json!({ "from": "alice", "to": "bob", "amount": 3 }),
+        );
+    }
+    let s = status(&nodes[p]).expect("status");
+    let f = &s["functions"][0];
+    assert!(
+        !f["backups"]
+            .as_array()
+            .expect("backups")
+            .contains(&json!(backup)),
+        "the dead backup left the set: {f}"
+    );
+
+    nodes[(backup - 1) as usize].restart();
+    // It comes back as a catching-up backup, installs a snapshot, follows the log and
+    // then counts again.
+    let started = Instant::now();
+    loop {
+        let s = status(&nodes[p]).expect("status");
+        let f = &s["functions"][0];
+        if f["backups"]
+            .as_array()
+            .is_some_and(|b| b.contains(&json!(backup)))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < SETTLE_TIMEOUT,
+            "the returning backup never caught up: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nodes[p].api().ok(
+        "bank",
+        "transfer",
+        json!({ "from": "bob", "to": "alice", "amount": 1 }),
+    );
+    let (seq, _) = settled_copies(&nodes.iter().collect::<Vec<_>>(), "bank");
+    assert!(seq >= 53, "every commit is on every copy: #{seq}");
+    let total = node_by_id(&nodes, backup)
+        .api()
+        .ok("bank", "total", json!(null));
+    assert_eq!(total["total"], 1000);
+    let s = status(&nodes[p]).expect("status");
+    assert!(
+        s["catch_ups"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["backup"] == backup)),
+        "the catch-up is on record: {}",
+        s["catch_ups"]
+    );
+}

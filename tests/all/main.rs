@@ -7,6 +7,7 @@
 
 mod support;
 
+mod cluster_failover;
 mod cluster_form;
 mod cluster_replication;
 mod crash_recovery;

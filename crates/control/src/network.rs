@@ -79,6 +79,7 @@ impl Connection {
             RaftReply::Vote(_) => "Vote",
             RaftReply::InstallSnapshot(_) => "InstallSnapshot",
             RaftReply::Propose(_) => "Propose",
+            RaftReply::Pong { .. } => "Pong",
         };
         RPCError::Network(NetworkError::new(&WrongReply {
             target: self.target,

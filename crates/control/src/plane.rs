@@ -430,6 +430,9 @@ impl ControlPlane {
                 }
                 RaftReply::InstallSnapshot(reply)
             }
+            RaftMessage::Ping => RaftReply::Pong {
+                leader: self.leader(),
+            },
             RaftMessage::Propose(command) => {
                 RaftReply::Propose(self.propose(command).await.map_err(|e| match e {
                     Error::NotLeader {

@@ -66,6 +66,8 @@ pub enum RaftMessage {
     InstallSnapshot(InstallSnapshotRequest),
     /// A command for the leader from a node that is not the leader.
     Propose(Command),
+    /// The master's failure detector asking whether this node is alive.
+    Ping,
 }
 
 /// The answer to a [`RaftMessage`], in the variant of the same name.
@@ -75,6 +77,10 @@ pub enum RaftReply {
     Vote(Result<VoteResponse, RaftError<NodeId>>),
     InstallSnapshot(Result<InstallSnapshotResponse, RaftError<NodeId, InstallSnapshotError>>),
     Propose(Result<Response, ForwardError>),
+    /// Alive; `leader` is the leader this node follows, as far as it knows.
+    Pong {
+        leader: Option<NodeId>,
+    },
 }
 
 /// Why a forwarded command was not applied.

@@ -13,6 +13,7 @@
 //! **Invariant:** every byte between nodes goes over mutually authenticated QUIC; a peer
 //! is known by the node id in its certificate, never by what it claims in a message.
 
+pub mod health;
 pub mod replica;
 pub mod wire;
 
@@ -67,6 +68,20 @@ pub struct Config {
     /// The founding members. On first start, the member with the lowest id bootstraps
     /// the Raft group with all of them; later starts recover from the data directory.
     pub members: Vec<Member>,
+    /// How often the master pings every node.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Silence after which the master declares a node down and fails its functions over.
+    #[serde(default = "default_failure_timeout_ms")]
+    pub failure_timeout_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    10
+}
+
+fn default_failure_timeout_ms() -> u64 {
+    100
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +134,10 @@ pub struct Cluster {
     seen: Mutex<HashSet<String>>,
     /// Serialises reconciliation passes.
     reconciling: tokio::sync::Mutex<()>,
+    /// The master's last verdicts on nodes (see `health`).
+    events: Mutex<Vec<health::Event>>,
+    /// Numbers the idempotency keys this node assigns to forwarded invocations.
+    auto_keys: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -192,6 +211,8 @@ impl Cluster {
             replicas,
             seen: Mutex::new(HashSet::new()),
             reconciling: tokio::sync::Mutex::new(()),
+            events: Mutex::new(Vec::new()),
+            auto_keys: std::sync::atomic::AtomicU64::new(crate::node::now_ms() * 1000),
         });
         // Before anything is served: from now on the node runs transactions only as a
         // primary of the cluster.
@@ -202,6 +223,11 @@ impl Cluster {
             tokio::spawn(async move { transport.serve(dispatch).await });
         }
         tokio::spawn(reconcile_loop(Arc::downgrade(&cluster)));
+        tokio::spawn(health::run(
+            Arc::downgrade(&cluster),
+            Duration::from_millis(config.heartbeat_ms.max(1)),
+            Duration::from_millis(config.failure_timeout_ms.max(1)),
+        ));
         let founder = members.keys().next().copied();
         if founder == Some(NodeId(config.node_id)) && control.status().last_log_index.is_none() {
             // In the background: the other members may not be up yet, and the node
@@ -270,6 +296,8 @@ impl Cluster {
             },
             "nodes": nodes,
             "functions": self.functions_status(&state),
+            "failovers": *self.events.lock(),
+            "catch_ups": *self.replicas.senders().catch_up_log.lock(),
         })
     }
 
@@ -448,6 +476,22 @@ impl Cluster {
         idempotency_key: Option<&str>,
     ) -> Result<Answer, InvokeError> {
         let deadline = Instant::now() + ROUTE_WAIT;
+        // A forwarded invocation may be cut off by a failover and retried on the new
+        // primary: it needs a key for that to happen exactly once.
+        let auto_key;
+        let forward_key = match idempotency_key {
+            Some(key) => Some(key),
+            None => {
+                auto_key = format!(
+                    "{}{}:{}",
+                    crate::store::AUTO_KEY_PREFIX,
+                    self.id.0,
+                    self.auto_keys
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                Some(auto_key.as_str())
+            }
+        };
         loop {
             let state = self.control.state();
             let (Some(f), Some(a)) = (
@@ -466,8 +510,15 @@ impl Cluster {
                     .invoke(function, method, input, idempotency_key)
                     .await
             } else {
-                self.forward(a.primary, function, method, input, idempotency_key)
+                self.forward(a.primary, function, method, input, forward_key)
                     .await
+                    .map(|mut answer| {
+                        if idempotency_key.is_none() {
+                            // The client gave no key: a replay of ours is news to nobody.
+                            answer.replayed = false;
+                        }
+                        answer
+                    })
             };
             match result {
                 // Not ready there yet (just deployed, or the role is changing hands):
@@ -475,6 +526,15 @@ impl Cluster {
                 Err(InvokeError::NotPrimary(_) | InvokeError::UnknownFunction(_))
                     if Instant::now() < deadline =>
                 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // The primary could not be reached, or may have been cut off half-way: the
+                // request carries a key, so trying again (there or on a new primary)
+                // happens exactly once.
+                Err(InvokeError::Unavailable(why))
+                    if a.primary != self.id && Instant::now() < deadline =>
+                {
+                    tracing::debug!(function, error = %why, "forwarding failed; retrying");
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err(InvokeError::NotPrimary(name)) => {
@@ -510,15 +570,41 @@ impl Cluster {
         // that went silent.
         let timeout =
             Duration::from_millis(self.node.config().wasm.deadline_ms) + Duration::from_secs(10);
-        let reply = self
-            .transport
-            .request_within(primary.0, addr, Channel::Invoke, request, timeout)
-            .await
-            .map_err(|e| {
-                InvokeError::Unavailable(format!(
-                    "forwarding to node {primary}, the primary of {function}: {e}"
-                ))
-            })?;
+        let mut watch = self.control.watch();
+        let moved = async {
+            loop {
+                if watch
+                    .borrow_and_update()
+                    .assignments
+                    .get(function)
+                    .is_none_or(|a| a.primary != primary)
+                {
+                    return;
+                }
+                if watch.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        };
+        let request =
+            self.transport
+                .request_within(primary.0, addr, Channel::Invoke, request, timeout);
+        let reply = tokio::select! {
+            reply = request => reply,
+            // A failover moved the function (the old primary may be dead, and the request
+            // would hang until the link times out): try again on the new one, with the
+            // same key.
+            () = moved => {
+                return Err(InvokeError::NotPrimary(FunctionName::new(function).map_err(|_| {
+                    InvokeError::UnknownFunction(function.to_owned())
+                })?));
+            }
+        };
+        let reply = reply.map_err(|e| {
+            InvokeError::Unavailable(format!(
+                "forwarding to node {primary}, the primary of {function}: {e}"
+            ))
+        })?;
         match wire::decode::<InvokeReply>(&reply) {
             Ok(InvokeReply::Answer {
                 outcome,
@@ -603,6 +689,15 @@ impl Cluster {
                     .flatten();
                 BulkReply::Artifact { bytes }
             }
+            Ok(Bulk::Install {
+                function,
+                epoch,
+                image,
+            }) => {
+                self.replicas
+                    .handle_install(crate::replication::NodeId(peer), function, epoch, *image)
+                    .await
+            }
             Err(e) => {
                 tracing::warn!(peer, error = %e, "undecodable bulk request");
                 BulkReply::Error(e.to_string())
@@ -657,12 +752,79 @@ impl Cluster {
                     errors.push(format!("{peer}: does not have it"))
                 }
                 Ok(BulkReply::Error(e)) | Err(e) => errors.push(format!("{peer}: {e}")),
+                Ok(other) => errors.push(format!("{peer}: answered with {other:?}")),
             }
         }
         Err(format!(
             "no node could provide component {digest}: {}",
             errors.join("; ")
         ))
+    }
+
+    /// Make this node's primary copy of `function` match assignment `a`: a new engine
+    /// for a new epoch (after the old one released what it had sent), catch-ups for new
+    /// backups, and word to the master when one has caught up.
+    async fn follow_as_primary(&self, function: &FunctionName, a: &understudy_control::Assignment) {
+        use crate::replication::NodeId as Peer;
+        let epoch = Epoch(a.epoch.0);
+        let backups: Vec<Peer> = a.backups.iter().map(|n| Peer(n.0)).collect();
+        let catching_up: Vec<Peer> = a.catching_up.iter().map(|n| Peer(n.0)).collect();
+        let current = self.replicas.get(function);
+        if let Some(Copy::Primary(p)) = &current {
+            if p.epoch > epoch {
+                // This node's view of the cluster is behind its own copy: wait for it.
+                return;
+            }
+            if p.epoch == epoch && p.serving() {
+                let peers = p.peers();
+                for n in &catching_up {
+                    match peers.iter().find(|(peer, _)| peer == n) {
+                        None => self.replicas.senders().catch_up(p.clone(), *n),
+                        Some((_, true)) => {
+                            // It holds every released commit: it can count from now on.
+                            let command = understudy_control::Command::BackupCaughtUp {
+                                function: function.to_string(),
+                                node: NodeId(n.0),
+                                expected_epoch: a.epoch,
+                            };
+                            if let Err(e) = self.control.propose_via_leader(command).await {
+                                tracing::warn!(%function, backup = %n, error = %e, "cannot report a caught-up backup");
+                            }
+                        }
+                        Some((_, false)) => {}
+                    }
+                }
+                for (n, _) in peers {
+                    if !backups.contains(&n) && !catching_up.contains(&n) {
+                        p.remove_peer(n);
+                    }
+                }
+                return;
+            }
+        }
+        let Some(_locked) = self.node.lock_function(function).await else {
+            return;
+        };
+        if let Some(Copy::Primary(old)) = &current {
+            // Commits already sent keep their place: backups that left no longer count,
+            // and the others get (briefly) the time to hold everything, so that the new
+            // epoch starts in sync.
+            for (n, _) in old.peers() {
+                if !backups.contains(&n) {
+                    old.remove_peer(n);
+                }
+            }
+            let started = Instant::now();
+            while !old.drained() && started.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        self.replicas.become_primary(function, epoch, &backups);
+        if let Some(p) = self.replicas.primary(function) {
+            for n in catching_up {
+                self.replicas.senders().catch_up(p.clone(), n);
+            }
+        }
     }
 
     /// Bring this node's copies in line with the cluster state: install components,
@@ -724,34 +886,12 @@ impl Cluster {
             }
             let epoch = Epoch(a.epoch.0);
             if a.primary == me {
-                let current = self.replicas.get(&fname);
-                if matches!(&current, Some(Copy::Primary(p)) if p.epoch == epoch) {
-                    continue;
-                }
-                let Some(_locked) = self.node.lock_function(&fname).await else {
-                    continue;
-                };
-                if let Some(Copy::Primary(old)) = &current {
-                    // Keep the commits already sent: wait (briefly) until the old
-                    // configuration's backups hold them, so the new one starts in sync.
-                    let started = Instant::now();
-                    while !old.drained() && started.elapsed() < Duration::from_secs(1) {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                }
-                let backups: Vec<crate::replication::NodeId> = a
-                    .backups
-                    .iter()
-                    .map(|n| crate::replication::NodeId(n.0))
-                    .collect();
-                self.replicas.become_primary(&fname, epoch, &backups);
+                self.follow_as_primary(&fname, a).await;
+            } else if matches!(self.replicas.get(&fname), Some(Copy::Primary(_))) {
+                let _locked = self.node.lock_function(&fname).await;
+                self.replicas.become_backup(&fname, epoch);
             } else {
-                if matches!(self.replicas.get(&fname), Some(Copy::Primary(_))) {
-                    let _locked = self.node.lock_function(&fname).await;
-                    self.replicas.become_backup(&fname, epoch);
-                } else {
-                    self.replicas.become_backup(&fname, epoch);
-                }
+                self.replicas.become_backup(&fname, epoch);
             }
         }
         // Deleted from the cluster: delete here too (only functions this run saw in the
@@ -801,9 +941,15 @@ async fn reconcile_loop(cluster: std::sync::Weak<Cluster>) {
         let state = watch.borrow_and_update().clone();
         let Some(c) = cluster.upgrade() else { return };
         c.reconcile(&state).await;
+        let poke = c.replicas.senders().poke.clone();
         drop(c);
-        // Until the next change, or a while (to retry what failed).
-        let _ = tokio::time::timeout(RECONCILE_EVERY, watch.changed()).await;
+        // Until the next change, a poke from the data plane, or a while (to retry what
+        // failed).
+        tokio::select! {
+            _ = watch.changed() => {}
+            _ = poke.notified() => {}
+            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+        }
     }
 }
 

@@ -129,6 +129,21 @@ impl PrimaryCopy {
         engine.seq_released() >= engine.seq_last()
     }
 
+    /// The backups it ships to, with whether each is live (counts for commits).
+    pub fn peers(&self) -> Vec<(NodeId, bool)> {
+        let engine = self.engine.lock();
+        engine
+            .peers()
+            .into_iter()
+            .map(|n| (n, engine.peer_state(n) == Some(primary::PeerState::Live)))
+            .collect()
+    }
+
+    /// `node` left the configuration: commits no longer wait for it.
+    pub fn remove_peer(self: &Arc<Self>, node: NodeId) {
+        self.step(primary::Event::PeerRemoved { node });
+    }
+
     pub fn status(&self, backups: &[NodeId]) -> serde_json::Value {
         let engine = self.engine.lock();
         let lag: serde_json::Map<String, serde_json::Value> = backups
@@ -167,7 +182,9 @@ impl PrimaryCopy {
                     });
                 }
                 primary::Command::Fenced { epoch } => {
-                    tracing::warn!(function = %self.function, epoch = self.epoch.0, newer = epoch.0, "fenced: a backup knows a newer epoch; no longer serving");
+                    if self.serving() {
+                        tracing::warn!(function = %self.function, epoch = self.epoch.0, newer = epoch.0, "fenced: a backup knows a newer epoch; no longer serving");
+                    }
                     self.fenced.store(true, Ordering::Relaxed);
                     self.ended.send_replace(Some(NotReleased::Fenced {
                         function: self.function.clone(),
@@ -175,12 +192,12 @@ impl PrimaryCopy {
                     }));
                 }
                 primary::Command::NeedSnapshot { to } => {
-                    // Catch-up by snapshot is not built yet: until it is, commits wait for
-                    // this backup, and the control plane must replace it.
-                    tracing::error!(function = %self.function, backup = %to, "backup needs a snapshot, which this version cannot send yet");
+                    self.senders.catch_up(self.clone(), to);
                 }
                 primary::Command::PeerLive { node } => {
                     tracing::info!(function = %self.function, backup = %node, "backup caught up");
+                    // The cluster tells the master (see `Cluster::reconcile`).
+                    self.senders.poke.notify_one();
                 }
             }
         }
@@ -220,13 +237,138 @@ pub enum Copy {
 type Outgoing = (Arc<PrimaryCopy>, Append<Entry>);
 
 /// One queue per backup node; a task per queue sends what accumulated as one request.
+/// Also runs catch-ups (snapshots over `Bulk`).
 pub struct Senders {
     transport: Transport,
+    node: Node,
+    /// Catch-ups under way, by function and backup.
+    catching_up: Mutex<std::collections::HashSet<(FunctionName, NodeId)>>,
+    /// Wakes the cluster's reconciliation (a backup caught up).
+    pub poke: Arc<tokio::sync::Notify>,
+    /// Figures of the last catch-ups, for status.
+    pub catch_up_log: Mutex<Vec<CatchUpRecord>>,
     queues: Mutex<HashMap<NodeId, mpsc::UnboundedSender<Outgoing>>>,
     addrs: RwLock<HashMap<NodeId, SocketAddr>>,
 }
 
+/// One finished catch-up.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CatchUpRecord {
+    pub function: String,
+    pub backup: u64,
+    pub seq: u64,
+    pub bytes: usize,
+    pub ms: f64,
+    pub mb_per_s: f64,
+}
+
+/// How long a catch-up waits before trying again after a failure.
+const CATCH_UP_RETRY: Duration = Duration::from_millis(200);
+/// A snapshot transfer that takes longer than this is abandoned (and retried).
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl Senders {
+    /// Bring `to` up to date with a snapshot of `copy`'s function, in the background
+    /// (once per function and backup at a time), retrying while `copy` serves.
+    pub fn catch_up(self: &Arc<Self>, copy: Arc<PrimaryCopy>, to: NodeId) {
+        if !self.catching_up.lock().insert((copy.function.clone(), to)) {
+            return;
+        }
+        let senders = self.clone();
+        tokio::spawn(async move {
+            while copy.serving() {
+                match senders.install_once(&copy, to).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(function = %copy.function, backup = %to, error = %e, "catch-up failed; retrying");
+                        tokio::time::sleep(CATCH_UP_RETRY).await;
+                    }
+                }
+            }
+            senders
+                .catching_up
+                .lock()
+                .remove(&(copy.function.clone(), to));
+        });
+    }
+
+    async fn install_once(&self, copy: &Arc<PrimaryCopy>, to: NodeId) -> Result<(), String> {
+        let started = Instant::now();
+        let addr = self
+            .addrs
+            .read()
+            .get(&to)
+            .copied()
+            .ok_or_else(|| format!("no address for node {to}"))?;
+        let image = {
+            // Under the function's lock: the image and its position agree, and the
+            // engine keeps every entry after it for this backup.
+            let _locked = self
+                .node
+                .lock_function(&copy.function)
+                .await
+                .ok_or_else(|| format!("function {} is gone", copy.function))?;
+            if !copy.serving() {
+                return Ok(());
+            }
+            let image = self
+                .node
+                .function_image(&copy.function)
+                .ok_or_else(|| format!("function {} is gone", copy.function))?;
+            copy.step(primary::Event::Installing {
+                node: to,
+                seq: Seq(image.seq),
+            });
+            image
+        };
+        let seq = image.seq;
+        let body = wire::encode(&wire::Bulk::Install {
+            function: copy.function.clone(),
+            epoch: copy.epoch.0,
+            image: Box::new(image),
+        });
+        let bytes = body.len();
+        let reply = self
+            .transport
+            .request_within(to.0, addr, Channel::Bulk, body, INSTALL_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        match wire::decode::<wire::BulkReply>(&reply).map_err(|e| e.to_string())? {
+            wire::BulkReply::Installed { seq: installed } => {
+                copy.step(primary::Event::Resynced {
+                    node: to,
+                    seq: Seq(installed),
+                });
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                let mb_per_s = bytes as f64 / 1e6 / (ms / 1000.0).max(1e-9);
+                tracing::info!(function = %copy.function, backup = %to, seq, bytes, ms, mb_per_s, "backup installed a snapshot");
+                let mut log = self.catch_up_log.lock();
+                log.push(CatchUpRecord {
+                    function: copy.function.to_string(),
+                    backup: to.0,
+                    seq,
+                    bytes,
+                    ms,
+                    mb_per_s,
+                });
+                let excess = log.len().saturating_sub(16);
+                log.drain(..excess);
+                Ok(())
+            }
+            wire::BulkReply::Stale { epoch } => {
+                copy.step(primary::Event::Replied {
+                    from: to,
+                    reply: Reply::Stale {
+                        epoch: Epoch(epoch),
+                    },
+                });
+                Ok(())
+            }
+            wire::BulkReply::Error(e) => Err(format!("node {to}: {e}")),
+            other => Err(format!("node {to} answered an install with {other:?}")),
+        }
+    }
+
     fn send(self: &Arc<Self>, to: NodeId, copy: Arc<PrimaryCopy>, append: Append<Entry>) {
         let mut queues = self.queues.lock();
         let queue = queues.entry(to).or_insert_with(|| {
@@ -238,11 +380,7 @@ impl Senders {
         let _ = queue.send((copy, append));
     }
 
-    async fn run(
-        self: Arc<Self>,
-        to: NodeId,
-        mut queue: mpsc::UnboundedReceiver<Outgoing>,
-    ) {
+    async fn run(self: Arc<Self>, to: NodeId, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
         let mut batch = Vec::new();
         while let Some(first) = queue.recv().await {
             batch.clear();
@@ -252,6 +390,11 @@ impl Senders {
                     Ok(item) => batch.push(item),
                     Err(_) => break,
                 }
+            }
+            // A replaced configuration's appends are moot: its successor sends its own.
+            batch.retain(|(copy, _)| copy.serving());
+            if batch.is_empty() {
+                continue;
             }
             let Some(addr) = self.addrs.read().get(&to).copied() else {
                 tracing::warn!(backup = %to, "no address for a backup; its appends wait for a resend");
@@ -305,10 +448,14 @@ impl Replicas {
     pub fn new(me: NodeId, node: Node, transport: Transport) -> Arc<Replicas> {
         let replicas = Arc::new(Replicas {
             me,
-            node,
+            node: node.clone(),
             copies: RwLock::new(HashMap::new()),
             senders: Arc::new(Senders {
                 transport,
+                node: node.clone(),
+                catching_up: Mutex::new(std::collections::HashSet::new()),
+                poke: Arc::new(tokio::sync::Notify::new()),
+                catch_up_log: Mutex::new(Vec::new()),
                 queues: Mutex::new(HashMap::new()),
                 addrs: RwLock::new(HashMap::new()),
             }),
@@ -371,7 +518,8 @@ impl Replicas {
             function: function.clone(),
             epoch,
             engine: Mutex::new(engine),
-            released: watch::channel(Seq(seq)).0,
+            // Nothing counts as released until the backups confirm it (see `Primary::new`).
+            released: watch::channel(Seq(0)).0,
             ended: watch::channel(None).0,
             fenced: AtomicBool::new(false),
             senders: self.senders.clone(),
@@ -411,6 +559,61 @@ impl Replicas {
             })),
         );
         tracing::info!(%function, epoch = epoch.0, seq, "backup");
+    }
+
+    pub fn senders(&self) -> &Arc<Senders> {
+        &self.senders
+    }
+
+    /// Serve an `Install` from `from`, the primary of `epoch`: replace this backup's copy
+    /// of `function` with `image`, durably, and follow the log after it.
+    pub async fn handle_install(
+        &self,
+        from: NodeId,
+        function: FunctionName,
+        epoch: u64,
+        image: crate::wal::snapshot::FunctionImage,
+    ) -> wire::BulkReply {
+        if image.deploy.function != function {
+            return wire::BulkReply::Error(format!(
+                "the snapshot is of {}, not {function}",
+                image.deploy.function
+            ));
+        }
+        let copy = match self.get(&function) {
+            Some(Copy::Backup(b)) => b,
+            Some(Copy::Primary(p)) if p.epoch.0 >= epoch => {
+                return wire::BulkReply::Stale { epoch: p.epoch.0 }
+            }
+            _ => {
+                return wire::BulkReply::Error(format!(
+                    "node {} is not (yet) a backup of {function}",
+                    self.me
+                ))
+            }
+        };
+        let (seq, epoch_last) = (image.seq, image.epoch_last);
+        let lsn = {
+            let mut engine = copy.engine.lock();
+            if epoch < engine.epoch().0 {
+                return wire::BulkReply::Stale {
+                    epoch: engine.epoch().0,
+                };
+            }
+            let lsn = match self.node.restore(image) {
+                Ok(lsn) => lsn,
+                Err(e) => return wire::BulkReply::Error(e),
+            };
+            engine.reset(Epoch(epoch), Seq(seq), Epoch(epoch_last));
+            lsn
+        };
+        if self.node.wal_durability() == Durability::Disk {
+            if let Err(e) = self.node.wait_lsn_durable(lsn).await {
+                return wire::BulkReply::Error(e);
+            }
+        }
+        tracing::info!(%function, primary = %from, seq, "installed the primary's snapshot");
+        wire::BulkReply::Installed { seq }
     }
 
     /// Hold no copy of `function` any more.

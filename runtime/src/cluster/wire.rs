@@ -11,6 +11,7 @@ use crate::ids::{Digest, FunctionName, TxnId};
 use crate::node::FunctionInfo;
 use crate::replication::{Append, Reply};
 use crate::wal::record::{Idempotency, Op};
+use crate::wal::snapshot::FunctionImage;
 
 /// One commit in one function's replicated log: that function's writes and the answer
 /// remembered for the transaction's idempotency key, if it was this function's.
@@ -40,6 +41,13 @@ pub struct ReplicateReply {
 pub enum Bulk {
     /// The component with this digest, if the node has it.
     Artifact { digest: Digest },
+    /// From the primary of `epoch`: replace your copy of `function` with this snapshot,
+    /// then follow the log after `image.seq`.
+    Install {
+        function: FunctionName,
+        epoch: u64,
+        image: Box<FunctionImage>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,6 +55,14 @@ pub enum BulkReply {
     Artifact {
         #[serde(with = "serde_bytes")]
         bytes: Option<Vec<u8>>,
+    },
+    /// The snapshot is installed and durable: the copy holds everything up to `seq`.
+    Installed {
+        seq: u64,
+    },
+    /// Refused: this copy knows a newer epoch.
+    Stale {
+        epoch: u64,
     },
     Error(String),
 }

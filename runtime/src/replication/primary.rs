@@ -35,6 +35,8 @@ struct Peer {
     seq_acked: Seq,
     seq_sent: Seq,
     sent_at: Option<Instant>,
+    /// A snapshot is on its way to it: nothing is sent until `Resynced`.
+    installing: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +49,13 @@ pub enum Event<P> {
     Replied { from: NodeId, reply: Reply },
     /// A new backup that holds everything up to `seq` (from a snapshot) and must catch up.
     PeerAdded { node: NodeId, seq: Seq },
+    /// A snapshot holding everything up to `seq` was captured for `node` (a new backup,
+    /// which joins catching up, or one that asked for it with `NeedSnapshot`): entries
+    /// after `seq` are kept for it, and nothing is sent to it until `Resynced`.
+    Installing { node: NodeId, seq: Seq },
+    /// `node` installed the snapshot holding everything up to `seq`; entries after it
+    /// follow. A live backup kept its place all along (it still counted for commits).
+    Resynced { node: NodeId, seq: Seq },
     /// A backup left the configuration.
     PeerRemoved { node: NodeId },
     /// Time passed.
@@ -97,9 +106,10 @@ pub struct Primary<P> {
 
 impl<P: Clone> Primary<P> {
     /// A primary for `epoch` whose log ends at `seq_last` (everything up to it durable
-    /// locally), with `backups` that hold everything up to `seq_last` (the backups of a
-    /// configuration were in sync when it was made) — their acknowledgements are
-    /// re-established by a probe.
+    /// locally), with `backups` whose positions are established by a probe. Nothing is
+    /// released until they confirm it: after a promotion, the new primary may hold
+    /// entries its old peers never acknowledged, and a backup may lack them (it is then
+    /// sent a snapshot).
     pub fn new(
         now: Instant,
         epoch: Epoch,
@@ -113,7 +123,7 @@ impl<P: Clone> Primary<P> {
             log: VecDeque::new(),
             seq_last,
             seq_durable: seq_last,
-            seq_released: seq_last,
+            seq_released: Seq(0),
             seq_start: seq_last,
             epoch_start: epoch_last,
             fenced: None,
@@ -128,10 +138,13 @@ impl<P: Clone> Primary<P> {
                 seq_acked: Seq(0),
                 seq_sent: seq_last,
                 sent_at: Some(now),
+                installing: false,
             };
             primary.peers.insert(node, peer);
             commands.push(primary.probe(node));
         }
+        // With no backups, the local log is all there is.
+        primary.release(&mut commands);
         (primary, commands)
     }
 
@@ -183,6 +196,11 @@ impl<P: Clone> Primary<P> {
             .map(|p| self.seq_last.0.saturating_sub(p.seq_acked.0))
     }
 
+    /// The backups this primary ships to, live or catching up.
+    pub fn peers(&self) -> Vec<NodeId> {
+        self.peers.keys().copied().collect()
+    }
+
     pub fn peer_state(&self, node: NodeId) -> Option<PeerState> {
         self.peers.get(&node).map(|p| p.state)
     }
@@ -214,10 +232,33 @@ impl<P: Clone> Primary<P> {
                     seq_acked: seq,
                     seq_sent: seq,
                     sent_at: None,
+                    installing: false,
                 };
                 self.peers.insert(node, peer);
                 self.send_to(now, node, &mut commands);
                 self.check_live(node, &mut commands);
+            }
+            Event::Installing { node, seq } => {
+                let peer = self.peers.entry(node).or_insert(Peer {
+                    state: PeerState::CatchingUp,
+                    known: true,
+                    seq_acked: seq,
+                    seq_sent: seq,
+                    sent_at: None,
+                    installing: true,
+                });
+                peer.installing = true;
+            }
+            Event::Resynced { node, seq } => {
+                if let Some(peer) = self.peers.get_mut(&node) {
+                    peer.installing = false;
+                    peer.known = true;
+                    peer.seq_acked = peer.seq_acked.max(seq.min(self.seq_last));
+                    peer.seq_sent = peer.seq_acked;
+                    peer.sent_at = None;
+                    self.check_live(node, &mut commands);
+                    self.send_to(now, node, &mut commands);
+                }
             }
             Event::PeerRemoved { node } => {
                 self.peers.remove(&node);
@@ -227,7 +268,8 @@ impl<P: Clone> Primary<P> {
                     .peers
                     .iter()
                     .filter(|(_, p)| {
-                        (!p.known || p.seq_acked < p.seq_sent)
+                        !p.installing
+                            && (!p.known || p.seq_acked < p.seq_sent)
                             && p.sent_at
                                 .is_some_and(|t| now.duration_since(t) >= RESEND_AFTER)
                     })
@@ -319,7 +361,10 @@ impl<P: Clone> Primary<P> {
 
     fn check_live(&mut self, node: NodeId, commands: &mut Vec<Command<P>>) {
         if let Some(peer) = self.peers.get_mut(&node) {
-            if peer.state == PeerState::CatchingUp && peer.seq_acked >= self.seq_released {
+            if peer.state == PeerState::CatchingUp
+                && !peer.installing
+                && peer.seq_acked >= self.seq_released
+            {
                 peer.state = PeerState::Live;
                 commands.push(Command::PeerLive { node });
             }
@@ -338,7 +383,7 @@ impl<P: Clone> Primary<P> {
         let Some(peer) = self.peers.get(&node) else {
             return;
         };
-        if !peer.known {
+        if !peer.known || peer.installing {
             return;
         }
         let seq_front = self.log.front().map_or(self.seq_last.next(), |(s, _)| *s);

@@ -22,6 +22,8 @@ pub enum Record {
     },
     /// A transaction committed.
     Commit(Commit),
+    /// A backup's copy of a function was replaced by its primary's snapshot (catch-up).
+    Restore(Box<crate::wal::snapshot::FunctionImage>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

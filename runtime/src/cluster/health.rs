@@ -1,0 +1,209 @@
+//! The master's failure detector: it pings every node over the `Control` channel and,
+//! when one stays silent past the failure timeout, commits its verdict and the plan that
+//! follows from it (`plan_failover`: promote a backup where the node was primary, drop it
+//! where it was a backup, add backups on free nodes). When a node answers again it is
+//! marked up, and `plan_repair` gives under-replicated functions backups again (a
+//! returning node rejoins as a catching-up backup).
+//!
+//! Every node runs the detector; only the master acts. A new master gives every node a
+//! full timeout from the moment it took over before judging it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use understudy_control::{
+    plan_failover, plan_repair, Command, FailoverPlan, Health, NodeId, NodeStatus, RaftMessage,
+    RaftReply,
+};
+use understudy_net::Channel;
+
+use super::Cluster;
+
+/// How often the master re-checks for under-replicated functions when nothing else
+/// happens.
+const REPAIR_EVERY: Duration = Duration::from_secs(1);
+
+/// A failover or recovery the master carried out, for status and the drill.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Event {
+    pub node: u64,
+    /// "down" or "up".
+    pub verdict: &'static str,
+    /// Milliseconds since the Unix epoch when the verdict was reached.
+    pub at_ms: u64,
+    /// Silence before the verdict, in milliseconds.
+    pub silent_ms: f64,
+    /// Time to commit the verdict and the plan, in milliseconds.
+    pub commit_ms: f64,
+    pub commands: Vec<String>,
+}
+
+pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) {
+    let seen: Arc<Mutex<HashMap<NodeId, Instant>>> = Arc::default();
+    let in_flight: Arc<Mutex<HashSet<NodeId>>> = Arc::default();
+    let mut leading_since: Option<Instant> = None;
+    let mut repaired_at = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(c) = cluster.upgrade() else { return };
+        if c.control.leader() != Some(c.id) {
+            leading_since = None;
+            seen.lock().clear();
+            continue;
+        }
+        let now = Instant::now();
+        let since = *leading_since.get_or_insert(now);
+        let state = c.control.state();
+        let mut down = Vec::new();
+        let mut up = Vec::new();
+        for n in state.nodes.values() {
+            if n.id == c.id || n.status == NodeStatus::Removed {
+                continue;
+            }
+            if let Ok(addr) = n.peer_addr.parse::<SocketAddr>() {
+                if in_flight.lock().insert(n.id) {
+                    tokio::spawn(ping(
+                        c.clone(),
+                        n.id,
+                        addr,
+                        timeout,
+                        seen.clone(),
+                        in_flight.clone(),
+                    ));
+                }
+            }
+            let last = seen.lock().get(&n.id).copied().unwrap_or(since).max(since);
+            let silent = now.duration_since(last);
+            match (silent >= timeout, n.health) {
+                (true, Health::Up) => down.push((n.id, silent)),
+                (false, Health::Down) => up.push(n.id),
+                _ => {}
+            }
+        }
+        for (node, silent) in down {
+            c.declare(node, Health::Down, silent).await;
+        }
+        for node in up {
+            c.declare(node, Health::Up, Duration::ZERO).await;
+        }
+        if repaired_at.elapsed() >= REPAIR_EVERY {
+            repaired_at = Instant::now();
+            let plan = plan_repair(&c.control.state());
+            c.carry_out(&plan).await;
+        }
+    }
+}
+
+async fn ping(
+    c: Arc<Cluster>,
+    node: NodeId,
+    addr: SocketAddr,
+    timeout: Duration,
+    seen: Arc<Mutex<HashMap<NodeId, Instant>>>,
+    in_flight: Arc<Mutex<HashSet<NodeId>>>,
+) {
+    let body = match RaftMessage::Ping.encode() {
+        Ok(body) => bytes::Bytes::from(body),
+        Err(_) => return,
+    };
+    let reply = c
+        .transport
+        .request_within(node.0, addr, Channel::Control, body, timeout)
+        .await;
+    if let Ok(reply) = reply {
+        if matches!(RaftReply::decode(&reply), Ok(RaftReply::Pong { .. })) {
+            seen.lock().insert(node, Instant::now());
+        }
+    }
+    in_flight.lock().remove(&node);
+}
+
+impl Cluster {
+    /// Commit `health` for `node`, then the plan that follows from it.
+    async fn declare(&self, node: NodeId, health: Health, silent: Duration) {
+        let started = Instant::now();
+        let verdict = match health {
+            Health::Down => "down",
+            Health::Up => "up",
+        };
+        match self
+            .control
+            .propose(Command::SetHealth { node, health })
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%node, verdict, error = %e, "cannot commit a health verdict");
+                return;
+            }
+        }
+        let state = self.control.state();
+        let plan = match health {
+            // Every backup in the set holds every acknowledged commit (the primary waits
+            // for all of them), so any of them may take over.
+            Health::Down => plan_failover(&state, node, |_, _| true),
+            Health::Up => plan_repair(&state),
+        };
+        let commands = self.carry_out(&plan).await;
+        let event = Event {
+            node: node.0,
+            verdict,
+            at_ms: crate::node::now_ms(),
+            silent_ms: silent.as_secs_f64() * 1000.0,
+            commit_ms: started.elapsed().as_secs_f64() * 1000.0,
+            commands,
+        };
+        tracing::warn!(node = %node, verdict, silent_ms = event.silent_ms, commit_ms = event.commit_ms, commands = ?event.commands, "node health changed");
+        let mut events = self.events.lock();
+        events.push(event);
+        let excess = events.len().saturating_sub(64);
+        events.drain(..excess);
+    }
+
+    /// Propose `plan`'s commands in order; returns what was applied, for the record.
+    async fn carry_out(&self, plan: &FailoverPlan) -> Vec<String> {
+        let mut done = Vec::new();
+        for command in &plan.commands {
+            match self.control.propose(command.clone()).await {
+                Ok(understudy_control::Response::Rejected(why)) => {
+                    tracing::info!(?command, %why, "plan step rejected (the state moved on)");
+                }
+                Ok(_) => done.push(describe(command)),
+                Err(e) => {
+                    tracing::warn!(?command, error = %e, "cannot commit a plan step");
+                    break;
+                }
+            }
+        }
+        for shortfall in &plan.shortfalls {
+            tracing::warn!(?shortfall, "the cluster cannot fully repair this");
+        }
+        done
+    }
+}
+
+fn describe(command: &Command) -> String {
+    match command {
+        Command::Promote {
+            function,
+            new_primary,
+            expected_epoch,
+        } => format!(
+            "promote {new_primary} for {function} (epoch {} -> {})",
+            expected_epoch.0,
+            expected_epoch.0 + 1
+        ),
+        Command::RemoveBackup { function, node, .. } => {
+            format!("drop backup {node} of {function}")
+        }
+        Command::AddBackup { function, node, .. } => {
+            format!("add backup {node} to {function} (catching up)")
+        }
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,256 @@
+//! Failover over real processes: kill -9 of a function's primary (and of the master)
+//! under load; a backup takes over under a new epoch, nothing acknowledged is lost, the
+//! bank's total is conserved, and the dead node comes back as a backup.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::cluster_form::{cluster_init, converged_leader, members3, start_cluster, status};
+use crate::support::{component, Api, NodeProcess};
+
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+const ACCOUNTS: [&str; 4] = ["a", "b", "c", "d"];
+const INITIAL: u64 = 1000;
+
+fn deploy_bank(node: &NodeProcess, replicas: u8) -> Value {
+    let reply = node
+        .api()
+        .put_bytes(
+            &format!("/v1/functions/bank?replicas={replicas}"),
+            component("bank"),
+        )
+        .expect_status(201);
+    assert_eq!(reply.body["ready"], true, "{}", reply.body);
+    for account in ACCOUNTS {
+        node.api().ok(
+            "bank",
+            "open",
+            json!({ "account": account, "initial": INITIAL }),
+        );
+    }
+    reply.body
+}
+
+/// One acknowledged transfer: its idempotency key and the answer.
+#[derive(Clone, Debug)]
+struct Acked {
+    key: String,
+    input: Value,
+    answer: Value,
+}
+
+/// Clients that transfer money through `apis` until stopped, each request with its own
+/// idempotency key, retried with the same key until it gets an answer (a failover may
+/// cut a request off); returns every acknowledged transfer.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+    /// Requests that had to be retried, and the longest run of failures, in ms.
+    retries: Arc<Mutex<(u64, f64)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workload {
+    fn start(apis: Vec<Api>, clients: usize) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let retries = Arc::new(Mutex::new((0u64, 0.0f64)));
+        let threads = (0..clients)
+            .map(|c| {
+                let api = apis[c % apis.len()].clone();
+                let (stop, acked, retries) = (stop.clone(), acked.clone(), retries.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let from = ACCOUNTS[(n as usize + c) % ACCOUNTS.len()];
+                        let to = ACCOUNTS[(n as usize + c + 1) % ACCOUNTS.len()];
+                        let input = json!({ "from": from, "to": to, "amount": n % 5 + 1 });
+                        let key = format!("c{c}-t{n}");
+                        let started = Instant::now();
+                        let mut failed = false;
+                        loop {
+                            let reply = api.try_invoke("bank", "transfer", &input, Some(&key));
+                            match reply {
+                                Ok(r) if r.status == 200 => {
+                                    acked.lock().expect("acked").push(Acked {
+                                        key: key.clone(),
+                                        input: input.clone(),
+                                        answer: r.body,
+                                    });
+                                    break;
+                                }
+                                // The bank's own refusal (insufficient funds): an answer.
+                                Ok(r) if r.status == 422 => break,
+                                _ => {
+                                    failed = true;
+                                    assert!(
+                                        started.elapsed() < SETTLE_TIMEOUT,
+                                        "transfer {key} got no answer for {SETTLE_TIMEOUT:?}: {reply:?}"
+                                    );
+                                    std::thread::sleep(Duration::from_millis(5));
+                                }
+                            }
+                        }
+                        if failed {
+                            let mut r = retries.lock().expect("retries");
+                            r.0 += 1;
+                            r.1 = r.1.max(started.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Workload {
+            stop,
+            acked,
+            retries,
+            threads,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().expect("acked").len()
+    }
+
+    fn finish(self) -> (Vec<Acked>, (u64, f64)) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("client thread");
+        }
+        let acked = self.acked.lock().expect("acked").clone();
+        let retries = *self.retries.lock().expect("retries");
+        (acked, retries)
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < SETTLE_TIMEOUT, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn bank(node: &NodeProcess) -> Value {
+    status(node)
+        .and_then(|s| {
+            s["functions"]
+                .as_array()
+                .and_then(|f| f.iter().find(|f| f["name"] == "bank").cloned())
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// Every acknowledged transfer is still there: its key replays the same answer.
+fn check_nothing_lost(api: &Api, acked: &[Acked]) {
+    for a in acked {
+        let reply = api.invoke_keyed("bank", "transfer", &a.input, &a.key);
+        assert_eq!(reply.status, 200, "{}: {:?}", a.key, reply.body);
+        assert!(
+            reply.replayed(),
+            "transfer {} was lost: it ran again",
+            a.key
+        );
+        assert_eq!(
+            reply.body, a.answer,
+            "transfer {} changed its answer",
+            a.key
+        );
+    }
+}
+
+fn kill_primary_under_load(kill_master_too: bool) {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let mut nodes = start_cluster(certs.path(), &members3());
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    if !kill_master_too {
+        // Placement puts the first function's primary on the node with the lowest id, the
+        // next one elsewhere: move the bank's primary off the founder, the likely master.
+        nodes[0]
+            .api()
+            .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
+            .expect_status(201);
+    }
+    let placed = deploy_bank(&nodes[0], 3);
+    let primary = placed["primary"].as_u64().expect("primary");
+    let victim = if kill_master_too { master } else { primary };
+    println!(
+        "master {master}, bank's primary {primary}: killing node {victim} ({})",
+        match (victim == master, victim == primary) {
+            (true, true) => "master and primary",
+            (true, false) => "master only",
+            (false, true) => "primary only",
+            (false, false) => unreachable!(),
+        }
+    );
+    let survivors: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != victim).collect();
+    let apis: Vec<Api> = survivors.iter().map(|i| nodes[*i].api().clone()).collect();
+    let load = Workload::start(apis, 4);
+    wait_for("some transfers before the kill", || load.acked() >= 50);
+
+    let epoch_before = placed["epoch"].as_u64().expect("epoch");
+    nodes[(victim - 1) as usize].kill9();
+    let killed_at = Instant::now();
+    let before = load.acked();
+    wait_for("transfers after the kill", || load.acked() >= before + 100);
+    println!(
+        "kill -9 of node {victim}: 100 transfers acknowledged afterwards within {:?}",
+        killed_at.elapsed()
+    );
+    let (acked, (retried, longest_ms)) = load.finish();
+    println!(
+        "{} transfers acknowledged; {retried} needed retries, the longest gap {longest_ms:.1} ms",
+        acked.len()
+    );
+
+    let o = survivors[0];
+    let f = bank(&nodes[o]);
+    if victim == primary {
+        assert_ne!(f["primary"], victim, "a backup took over: {f}");
+        assert!(f["epoch"].as_u64().expect("epoch") > epoch_before, "{f}");
+    }
+    let total = nodes[o].api().ok("bank", "total", json!(null));
+    assert_eq!(
+        total["total"],
+        INITIAL * ACCOUNTS.len() as u64,
+        "money is conserved"
+    );
+    check_nothing_lost(nodes[o].api(), &acked);
+
+    // The dead node returns as a backup and catches up.
+    nodes[(victim - 1) as usize].restart();
+    wait_for("the returning node is a backup again", || {
+        bank(&nodes[o])["backups"]
+            .as_array()
+            .is_some_and(|b| b.contains(&json!(victim)))
+    });
+    let f = bank(&nodes[o]);
+    assert_ne!(f["primary"], victim);
+    let copy = nodes[(victim - 1) as usize]
+        .api()
+        .get("/v1/functions/bank")
+        .expect("describe");
+    let primary_copy = nodes[(f["primary"].as_u64().expect("primary") - 1) as usize]
+        .api()
+        .get("/v1/functions/bank")
+        .expect("describe");
+    assert_eq!(
+        copy.body["state_digest"], primary_copy.body["state_digest"],
+        "the returning node holds the new primary's state"
+    );
+}
+
+#[test]
+fn killed_primary_under_load_loses_nothing_acknowledged() {
+    kill_primary_under_load(false);
+}
+
+#[test]
+fn killed_master_under_load_loses_nothing_acknowledged() {
+    kill_primary_under_load(true);
+}
