@@ -6,6 +6,10 @@
 //! - commit: `disk` durability at several client counts, beside the measured fsync
 //!   time and the bound it sets (clients / fsync time).
 //! - memory: resident memory per deployed function and per in-flight instance.
+//! - replicated: commits over HTTP against node processes on loopback: a node alone,
+//!   and a three-node cluster with functions of one, two and three copies (primary plus
+//!   none, one and two backups), with `disk` and `memory` durability, at each client
+//!   count; then the catch-up of a new backup from a snapshot, in MB/s.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,7 +34,7 @@ pub struct Args {
     /// The counter example component.
     #[arg(long, default_value = "target-guests/components/counter.wasm")]
     pub counter: PathBuf,
-    /// The hostile test component (for the memory figures).
+    /// The hostile test component (for the memory and catch-up figures).
     #[arg(long, default_value = "target-guests/components/hostile.wasm")]
     pub hostile: PathBuf,
     /// Concurrent clients for the commit benchmark.
@@ -66,6 +70,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if what == "memory" || what == "all" {
             memory(&args, &dir, &counter).await?;
+        }
+        if what == "replicated" || what == "all" {
+            replicated(&args, &dir, &counter).await?;
         }
         anyhow::Ok(())
     });
@@ -392,6 +399,173 @@ async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
         );
     }
     println!();
+    Ok(())
+}
+
+/// One line of the replicated table.
+struct Measured {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// `counter.increment` over HTTP at `url`, from `clients` tasks for `seconds`.
+async fn http_commits(
+    client: &reqwest::Client,
+    url: &str,
+    clients: usize,
+    seconds: f64,
+) -> Measured {
+    let (client, url) = (client.clone(), url.to_owned());
+    let (ops, elapsed, lat) = drive(clients, seconds, move || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let reply = client.post(&url).body("null").send().await?;
+            if !reply.status().is_success() {
+                anyhow::bail!("{}: {}", reply.status(), reply.text().await?);
+            }
+            reply.bytes().await?;
+            Ok(())
+        }
+    })
+    .await;
+    Measured {
+        rate: ops as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+    }
+}
+
+async fn replicated(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
+    use crate::local::{LocalCluster, Options};
+    println!("== replicated commits: counter.increment over HTTP to the primary, node processes on loopback ==");
+    println!("copies 1* = a node alone (no cluster), the baseline; 1/2/3 = primary plus 0/1/2 backups in a 3-node cluster");
+    println!(
+        "{:>10} {:>7} {:>8} {:>12} {:>10} {:>10} {:>13}",
+        "durability", "copies", "clients", "commits/s", "p50 us", "p99 us", "vs alone"
+    );
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    for durability in [Durability::Disk, Durability::Memory] {
+        let name = match durability {
+            Durability::Disk => "disk",
+            Durability::Memory => "memory",
+        };
+        let mut baseline: BTreeMap<usize, f64> = BTreeMap::new();
+        {
+            let alone = LocalCluster::start(
+                &dir.join(format!("alone-{name}")),
+                &Options {
+                    nodes: 1,
+                    clustered: false,
+                    durability,
+                    cluster_toml: String::new(),
+                },
+            )
+            .await?;
+            alone.deploy(1, "counter", counter.to_vec(), 0).await?;
+            let url = format!("{}/v1/functions/counter/increment", alone.node(1).url());
+            for &clients in &args.clients {
+                let m = http_commits(&client, &url, clients, args.seconds).await;
+                baseline.insert(clients, m.rate);
+                println!(
+                    "{:>10} {:>7} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>13}",
+                    name,
+                    "1*",
+                    clients,
+                    m.rate,
+                    us(m.p50),
+                    us(m.p99),
+                    "1.00"
+                );
+            }
+        }
+        let cluster = LocalCluster::start(
+            &dir.join(format!("cluster-{name}")),
+            &Options {
+                nodes: 3,
+                clustered: true,
+                durability,
+                cluster_toml: String::new(),
+            },
+        )
+        .await?;
+        for copies in 1..=3u8 {
+            let function = format!("counter{copies}");
+            let placed = cluster
+                .deploy(1, &function, counter.to_vec(), copies)
+                .await?;
+            let primary = placed["primary"]
+                .as_u64()
+                .context("the deploy names no primary")?;
+            let url = format!(
+                "{}/v1/functions/{function}/increment",
+                cluster.node(primary).url()
+            );
+            for &clients in &args.clients {
+                let m = http_commits(&client, &url, clients, args.seconds).await;
+                let ratio = m.rate / baseline.get(&clients).copied().unwrap_or(f64::NAN);
+                println!(
+                    "{:>10} {:>7} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>13.2}",
+                    name,
+                    copies,
+                    clients,
+                    m.rate,
+                    us(m.p50),
+                    us(m.p99),
+                    ratio
+                );
+            }
+        }
+        if durability == Durability::Disk {
+            catch_up(args, &cluster).await?;
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// A function with a large state gets one more copy: the new backup is brought up to
+/// date from a snapshot streamed over QUIC (`Bulk`); the primary records the transfer.
+async fn catch_up(args: &Args, cluster: &crate::local::LocalCluster) -> anyhow::Result<()> {
+    let hostile = std::fs::read(&args.hostile)
+        .with_context(|| format!("cannot read {}", args.hostile.display()))?;
+    let placed = cluster.deploy(1, "big", hostile.clone(), 2).await?;
+    let primary = placed["primary"].as_u64().context("no primary")?;
+    let url = format!("{}/v1/functions/big/put-many", cluster.node(primary).url());
+    // 10,000 keys of 1,500 bytes: 15 MB of state.
+    let reply = cluster
+        .client()
+        .post(&url)
+        .body(r#"{"count": 10000, "value_len": 1500}"#)
+        .send()
+        .await?;
+    if !reply.status().is_success() {
+        anyhow::bail!("filling the state: {}", reply.text().await?);
+    }
+    cluster.deploy(1, "big", hostile, 3).await?;
+    let started = Instant::now();
+    let record = loop {
+        let status = cluster.status(primary).await.unwrap_or_default();
+        let done = status["catch_ups"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["function"] == "big").cloned());
+        if let Some(record) = done {
+            break record;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("the new backup of `big` did not catch up within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "catch-up of a new backup (disk): {:.1} MB snapshot installed in {:.0} ms = {:.0} MB/s (capture, encode, QUIC, restore, fsync)",
+        record["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        record["ms"].as_f64().unwrap_or(0.0),
+        record["mb_per_s"].as_f64().unwrap_or(0.0)
+    );
     Ok(())
 }
 

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod ids;
+pub mod local;
 pub mod lock;
 pub mod metrics;
 pub mod node;
