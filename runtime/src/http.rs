@@ -19,6 +19,8 @@ use crate::node::{AdminError, Answer, InvokeError, Node};
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const TXN_HEADER: &str = "understudy-txn";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// In a cluster: `<node> <epoch>`, the primary that answered and its epoch.
+pub const SERVED_BY_HEADER: &str = "understudy-served-by";
 
 /// An error answer.
 #[derive(Debug)]
@@ -329,6 +331,11 @@ fn answer_response(answer: Answer) -> Response {
             ApiError::new(status, &e.code, e.message).into_response()
         }
     };
+    if let Some((node, epoch)) = answer.served_by {
+        if let Ok(v) = HeaderValue::from_str(&format!("{node} {epoch}")) {
+            response.headers_mut().insert(SERVED_BY_HEADER, v);
+        }
+    }
     if answer.replayed {
         response
             .headers_mut()

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod drill;
 pub mod http;
 pub mod ids;
 pub mod local;

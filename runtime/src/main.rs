@@ -127,6 +127,10 @@ enum Command {
     },
     /// Measure invocation and commit throughput in-process and print a table.
     Bench(understudy::bench::Args),
+    /// Prove failover: a local 3-node cluster under load, nodes killed or paused run
+    /// after run; prints the failover timeline and checks that nothing acknowledged
+    /// was lost.
+    Drill(understudy::drill::Args),
     /// Cluster certificates: a CA, and a certificate per node for QUIC with mutual TLS.
     Cluster {
         #[command(subcommand)]
@@ -420,6 +424,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => {
             init_tracing_quiet();
             understudy::bench::run(args)
+        }
+        Command::Drill(args) => {
+            init_tracing_quiet();
+            understudy::drill::run(args)
         }
     }
 }

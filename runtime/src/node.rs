@@ -146,6 +146,8 @@ pub struct Answer {
     pub txn: TxnId,
     /// True when the answer was remembered for the idempotency key, not computed now.
     pub replayed: bool,
+    /// In a cluster: the node that answered as the function's primary, and its epoch.
+    pub served_by: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -409,6 +411,7 @@ impl Node {
             return Ok(None);
         };
         self.wait_durable(lsn).await?;
+        let mut served_by = None;
         if let Some(cluster) = self.inner.cluster.get() {
             // The commit that stored it may still be on its way to the backups.
             let copy = cluster
@@ -418,6 +421,7 @@ impl Node {
             copy.released(f.seq())
                 .await
                 .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+            served_by = Some((cluster.replicas().me().0, copy.epoch.0));
         }
         let outcome = match entry.outcome {
             Outcome::Ok(output) => Ok(output),
@@ -427,6 +431,7 @@ impl Node {
             outcome,
             txn: TxnId(0),
             replayed: true,
+            served_by,
         }))
     }
 
@@ -493,9 +498,8 @@ impl Node {
         // An answer is remembered for the key, except for keys the cluster assigned
         // itself to a transaction that changed nothing: running that again is harmless,
         // and remembering it would turn every forwarded read into a write.
-        let idempotency_key = idempotency_key.filter(|key| {
-            !(key.starts_with(crate::store::AUTO_KEY_PREFIX) && writes.is_empty())
-        });
+        let idempotency_key = idempotency_key
+            .filter(|key| !(key.starts_with(crate::store::AUTO_KEY_PREFIX) && writes.is_empty()));
         let idempotency = idempotency_key.map(|key| Idempotency {
             function: f.name.clone(),
             key: key.to_owned(),
@@ -572,10 +576,15 @@ impl Node {
                 .await
                 .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
         }
+        let served_by = copy.as_ref().and_then(|c| {
+            let me = inner.cluster.get()?.replicas().me().0;
+            Some((me, c.epoch.0))
+        });
         Ok(Answer {
             outcome,
             txn: id,
             replayed: false,
+            served_by,
         })
     }
 

@@ -47,7 +47,7 @@ impl Contact {
         *self.last.lock() = Instant::now();
     }
 
-    fn last(&self) -> Instant {
+    pub(crate) fn last(&self) -> Instant {
         *self.last.lock()
     }
 }

@@ -273,6 +273,11 @@ impl ControlPlane {
         }
     }
 
+    /// When this node last heard from a leader it accepts (or granted a vote).
+    pub fn last_leader_contact(&self) -> Instant {
+        self.inner.contact.last()
+    }
+
     /// The cluster state as applied on this node (it may trail the leader by a few
     /// entries).
     pub fn state(&self) -> Arc<ClusterState> {

@@ -32,32 +32,54 @@ pub struct Event {
     pub node: u64,
     /// "down" or "up".
     pub verdict: &'static str,
-    /// Milliseconds since the Unix epoch when the verdict was reached.
-    pub at_ms: u64,
+    /// Milliseconds since the Unix epoch when the verdict was reached (before it was
+    /// committed).
+    pub at_ms: f64,
     /// Silence before the verdict, in milliseconds.
     pub silent_ms: f64,
     /// Time to commit the verdict and the plan, in milliseconds.
     pub commit_ms: f64,
-    pub commands: Vec<String>,
+    /// The plan's steps as committed, each with its time since the verdict.
+    pub steps: Vec<Step>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Step {
+    pub command: String,
+    /// Milliseconds from the verdict to this step committed.
+    pub ms: f64,
 }
 
 pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) {
     let seen: Arc<Mutex<HashMap<NodeId, Instant>>> = Arc::default();
     let in_flight: Arc<Mutex<HashSet<NodeId>>> = Arc::default();
     let mut leading_since: Option<Instant> = None;
+    // The leader this node followed: when it takes over, that one has been silent since
+    // this node last heard from it (an election needs that), not since the takeover.
+    let mut followed: Option<NodeId> = None;
     let mut repaired_at = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let Some(c) = cluster.upgrade() else { return };
-        if c.control.leader() != Some(c.id) {
+        let leader = c.control.leader();
+        if leader != Some(c.id) {
             leading_since = None;
             seen.lock().clear();
+            if leader.is_some() {
+                followed = leader;
+            }
             continue;
         }
         let now = Instant::now();
-        let since = *leading_since.get_or_insert(now);
+        let since = *leading_since.get_or_insert_with(|| {
+            if let Some(old) = followed.take() {
+                seen.lock()
+                    .insert(old, c.control.last_leader_contact().into_std());
+            }
+            now
+        });
         let state = c.control.state();
         let mut down = Vec::new();
         let mut up = Vec::new();
@@ -77,7 +99,7 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
                     ));
                 }
             }
-            let last = seen.lock().get(&n.id).copied().unwrap_or(since).max(since);
+            let last = seen.lock().get(&n.id).copied().unwrap_or(since);
             let silent = now.duration_since(last);
             match (silent >= timeout, n.health) {
                 (true, Health::Up) => down.push((n.id, silent)),
@@ -127,6 +149,9 @@ impl Cluster {
     /// Commit `health` for `node`, then the plan that follows from it.
     async fn declare(&self, node: NodeId, health: Health, silent: Duration) {
         let started = Instant::now();
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
         let verdict = match health {
             Health::Down => "down",
             Health::Up => "up",
@@ -149,31 +174,41 @@ impl Cluster {
             Health::Down => plan_failover(&state, node, |_, _| true),
             Health::Up => plan_repair(&state),
         };
-        let commands = self.carry_out(&plan).await;
+        let steps = self
+            .carry_out(&plan)
+            .await
+            .into_iter()
+            .map(|(command, at)| Step {
+                command,
+                ms: at.duration_since(started).as_secs_f64() * 1000.0,
+            })
+            .collect();
         let event = Event {
             node: node.0,
             verdict,
-            at_ms: crate::node::now_ms(),
+            at_ms,
             silent_ms: silent.as_secs_f64() * 1000.0,
             commit_ms: started.elapsed().as_secs_f64() * 1000.0,
-            commands,
+            steps,
         };
-        tracing::warn!(node = %node, verdict, silent_ms = event.silent_ms, commit_ms = event.commit_ms, commands = ?event.commands, "node health changed");
+        let commands: Vec<&str> = event.steps.iter().map(|s| s.command.as_str()).collect();
+        tracing::warn!(node = %node, verdict, silent_ms = event.silent_ms, commit_ms = event.commit_ms, ?commands, "node health changed");
         let mut events = self.events.lock();
         events.push(event);
         let excess = events.len().saturating_sub(64);
         events.drain(..excess);
     }
 
-    /// Propose `plan`'s commands in order; returns what was applied, for the record.
-    async fn carry_out(&self, plan: &FailoverPlan) -> Vec<String> {
+    /// Propose `plan`'s commands in order; returns what was applied and when, for the
+    /// record.
+    async fn carry_out(&self, plan: &FailoverPlan) -> Vec<(String, Instant)> {
         let mut done = Vec::new();
         for command in &plan.commands {
             match self.control.propose(command.clone()).await {
                 Ok(understudy_control::Response::Rejected(why)) => {
                     tracing::info!(?command, %why, "plan step rejected (the state moved on)");
                 }
-                Ok(_) => done.push(describe(command)),
+                Ok(_) => done.push((describe(command), Instant::now())),
                 Err(e) => {
                     tracing::warn!(?command, error = %e, "cannot commit a plan step");
                     break;

@@ -77,11 +77,11 @@ pub struct Config {
 }
 
 fn default_heartbeat_ms() -> u64 {
-    10
+    5
 }
 
 fn default_failure_timeout_ms() -> u64 {
-    100
+    20
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,22 +181,34 @@ impl Cluster {
             )));
         }
         let identity = Identity::load(&config.certs_dir, config.node_id)?;
-        let transport = Transport::bind(
-            &identity,
-            config.peer_listen,
-            understudy_net::Config::default(),
-        )?;
+        // The QUIC endpoint, Raft and the failure detector run on threads of their own,
+        // so that guest execution, HTTP and disk waits cannot delay a heartbeat (a busy
+        // node is not a dead node).
+        let links = links_runtime()?;
+        let main = tokio::runtime::Handle::current();
+        let (transport, control) = {
+            let (peer_listen, node_id) = (config.peer_listen, config.node_id);
+            links
+                .spawn(async move {
+                    let transport =
+                        Transport::bind(&identity, peer_listen, understudy_net::Config::default())?;
+                    let raft_transport = Arc::new(QuicRaft {
+                        transport: transport.clone(),
+                    });
+                    let control = ControlPlane::start(
+                        ControlConfig::new(NodeId(node_id), data_dir.join("control")),
+                        raft_transport,
+                    )
+                    .await?;
+                    Ok::<_, Error>((transport, control))
+                })
+                .await
+                .map_err(|e| Error::Config(format!("the links runtime failed: {e}")))??
+        };
         let dispatch = Arc::new(Dispatch {
             cluster: OnceLock::new(),
+            main,
         });
-        let raft_transport = Arc::new(QuicRaft {
-            transport: transport.clone(),
-        });
-        let control = ControlPlane::start(
-            ControlConfig::new(NodeId(config.node_id), data_dir.join("control")),
-            raft_transport,
-        )
-        .await?;
         let replicas = Replicas::new(
             crate::replication::NodeId(config.node_id),
             node.clone(),
@@ -220,10 +232,10 @@ impl Cluster {
         let _ = dispatch.cluster.set(cluster.clone());
         {
             let transport = transport.clone();
-            tokio::spawn(async move { transport.serve(dispatch).await });
+            links.spawn(async move { transport.serve(dispatch).await });
         }
         tokio::spawn(reconcile_loop(Arc::downgrade(&cluster)));
-        tokio::spawn(health::run(
+        links.spawn(health::run(
             Arc::downgrade(&cluster),
             Duration::from_millis(config.heartbeat_ms.max(1)),
             Duration::from_millis(config.failure_timeout_ms.max(1)),
@@ -476,10 +488,12 @@ impl Cluster {
         idempotency_key: Option<&str>,
     ) -> Result<Answer, InvokeError> {
         let deadline = Instant::now() + ROUTE_WAIT;
-        // A forwarded invocation may be cut off by a failover and retried on the new
-        // primary: it needs a key for that to happen exactly once.
+        let mut changes = self.control.watch();
+        // An invocation may be cut off by a failover (or a change of configuration
+        // before its commit was replicated) and retried, here or on the new primary: it
+        // needs a key for that to happen exactly once.
         let auto_key;
-        let forward_key = match idempotency_key {
+        let key = match idempotency_key {
             Some(key) => Some(key),
             None => {
                 auto_key = format!(
@@ -506,36 +520,33 @@ impl Cluster {
                 }
             }
             let result = if a.primary == self.id {
-                self.node
-                    .invoke(function, method, input, idempotency_key)
-                    .await
+                self.node.invoke(function, method, input, key).await
             } else {
-                self.forward(a.primary, function, method, input, forward_key)
-                    .await
-                    .map(|mut answer| {
-                        if idempotency_key.is_none() {
-                            // The client gave no key: a replay of ours is news to nobody.
-                            answer.replayed = false;
-                        }
-                        answer
-                    })
+                self.forward(a.primary, function, method, input, key).await
             };
+            let result = result.map(|mut answer| {
+                if idempotency_key.is_none() {
+                    // The client gave no key: a replay of ours is news to nobody.
+                    answer.replayed = false;
+                }
+                answer
+            });
             match result {
                 // Not ready there yet (just deployed, or the role is changing hands):
                 // nothing ran, so trying again is safe.
                 Err(InvokeError::NotPrimary(_) | InvokeError::UnknownFunction(_))
                     if Instant::now() < deadline =>
                 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    self.retry_pause(&mut changes, function, a.primary).await;
                 }
-                // The primary could not be reached, or may have been cut off half-way: the
-                // request carries a key, so trying again (there or on a new primary)
+                // The primary could not be reached, or its commit's fate is unknown (cut
+                // off half-way, or the configuration changed before it was replicated):
+                // the request carries a key, so trying again (there or on a new primary)
                 // happens exactly once.
-                Err(InvokeError::Unavailable(why))
-                    if a.primary != self.id && Instant::now() < deadline =>
+                Err(InvokeError::Unavailable(why)) if Instant::now() < deadline =>
                 {
                     tracing::debug!(function, error = %why, "forwarding failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    self.retry_pause(&mut changes, function, a.primary).await;
                 }
                 Err(InvokeError::NotPrimary(name)) => {
                     return Err(InvokeError::Unavailable(format!(
@@ -544,6 +555,24 @@ impl Cluster {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Before trying `function` again: none if its primary already moved, else until the
+    /// cluster state changes or a millisecond passes (the new primary may be setting up).
+    async fn retry_pause(
+        &self,
+        changes: &mut tokio::sync::watch::Receiver<Arc<ClusterState>>,
+        function: &str,
+        tried: NodeId,
+    ) {
+        let moved = changes
+            .borrow_and_update()
+            .assignments
+            .get(function)
+            .is_none_or(|a| a.primary != tried);
+        if !moved {
+            let _ = tokio::time::timeout(Duration::from_millis(1), changes.changed()).await;
         }
     }
 
@@ -610,12 +639,14 @@ impl Cluster {
                 outcome,
                 txn,
                 replayed,
+                served_by,
             }) => Ok(Answer {
                 outcome: outcome
                     .map(|b| b.0)
                     .map_err(|(code, message)| GuestError { code, message }),
                 txn,
                 replayed,
+                served_by,
             }),
             Ok(InvokeReply::Failed { code, message }) => {
                 Err(InvokeError::from_code(&code, message, function))
@@ -664,6 +695,7 @@ impl Cluster {
                             .map_err(|e| (e.code, e.message)),
                         txn: answer.txn,
                         replayed: answer.replayed,
+                        served_by: answer.served_by,
                     },
                     Ok(Err(e)) => InvokeReply::Failed {
                         code: e.code().to_owned(),
@@ -989,9 +1021,38 @@ impl RaftTransport for QuicRaft {
     }
 }
 
-/// Routes what arrives over QUIC to the part of the node that handles it.
+/// Routes what arrives over QUIC to the part of the node that handles it. Raft and
+/// pings are answered on the links runtime; everything else moves to the main one.
 struct Dispatch {
     cluster: OnceLock<Arc<Cluster>>,
+    main: tokio::runtime::Handle,
+}
+
+/// A runtime on threads of its own for the node's links, kept for the life of the process.
+fn links_runtime() -> Result<tokio::runtime::Handle, Error> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("understudy-links".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("understudy-links")
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(runtime.handle().clone()));
+            runtime.block_on(std::future::pending::<()>());
+        })
+        .map_err(|e| Error::Config(format!("cannot start the links thread: {e}")))?;
+    rx.recv()
+        .map_err(|e| Error::Config(format!("the links thread died: {e}")))?
+        .map_err(|e| Error::Config(format!("cannot build the links runtime: {e}")))
 }
 
 impl Handler for Dispatch {
@@ -1018,31 +1079,31 @@ impl Handler for Dispatch {
                         }
                     }
                 }
-                Channel::Replication => {
-                    let Some(cluster) = self.cluster.get() else {
+                Channel::Replication | Channel::Bulk | Channel::Invoke => {
+                    let Some(cluster) = self.cluster.get().cloned() else {
                         return Bytes::new();
                     };
-                    match wire::decode::<wire::Replicate>(&body) {
-                        Ok(request) => wire::encode(
-                            &cluster
-                                .replicas
-                                .handle_replicate(crate::replication::NodeId(peer), request)
-                                .await,
-                        ),
-                        Err(e) => {
-                            tracing::warn!(peer, error = %e, "undecodable replication request");
-                            Bytes::new()
+                    let work = self.main.spawn(async move {
+                        match channel {
+                            Channel::Replication => match wire::decode::<wire::Replicate>(&body)
+                            {
+                                Ok(request) => wire::encode(
+                                    &cluster
+                                        .replicas
+                                        .handle_replicate(crate::replication::NodeId(peer), request)
+                                        .await,
+                                ),
+                                Err(e) => {
+                                    tracing::warn!(peer, error = %e, "undecodable replication request");
+                                    Bytes::new()
+                                }
+                            },
+                            Channel::Bulk => cluster.serve_bulk(peer, body).await,
+                            _ => cluster.serve_invoke(peer, body).await,
                         }
-                    }
+                    });
+                    work.await.unwrap_or_default()
                 }
-                Channel::Bulk => match self.cluster.get() {
-                    Some(cluster) => cluster.serve_bulk(peer, body).await,
-                    None => Bytes::new(),
-                },
-                Channel::Invoke => match self.cluster.get() {
-                    Some(cluster) => cluster.serve_invoke(peer, body).await,
-                    None => Bytes::new(),
-                },
             }
         })
     }

@@ -89,6 +89,9 @@ pub enum InvokeReply {
         outcome: Result<ByteBuf, (String, String)>,
         txn: TxnId,
         replayed: bool,
+        /// The node that answered as primary, and its epoch.
+        #[serde(default)]
+        served_by: Option<(u64, u64)>,
     },
     /// The invocation failed outside the handler: `code` is the HTTP API's error code.
     Failed {

@@ -1,0 +1,686 @@
+//! `understudy drill`: prove failover on a real cluster. It starts a three-node cluster
+//! of node processes on loopback, deploys the bank example as three functions (their
+//! primaries spread over the nodes), drives transfers with idempotency keys through the
+//! nodes that will survive, and, run after run, kills (SIGKILL) or pauses (SIGSTOP) the
+//! primary of one function or the master. For each run it reports the time from the
+//! fault to detection, to the promotion committed by the master, to the first commit on
+//! the new primary and to every affected function served again; then it checks every
+//! acknowledged transfer (its key must replay the same answer: none lost), the total of
+//! every bank (money conserved) and what happened to the transfers in flight at the
+//! fault. The node comes back (restart or SIGCONT) and rejoins as a backup before the
+//! next run.
+//!
+//! `--fault none` runs the workload without faults for `--soak-seconds` and counts
+//! failovers: a busy node must not be taken for a dead one.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::local::{LocalCluster, Options};
+use crate::wal::Durability;
+
+const FUNCTIONS: [&str; 3] = ["bank-a", "bank-b", "bank-c"];
+const ACCOUNTS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+const INITIAL: u64 = 1_000_000;
+/// How long a client keeps retrying one transfer before the drill gives up.
+const ANSWER_WAIT: Duration = Duration::from_secs(15);
+/// How long the cluster may take to have every function fully replicated again.
+const HEAL_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Faults to inject, one per run.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// kill (SIGKILL, then restart), pause (SIGSTOP past the failure timeout, then
+    /// SIGCONT) or none (a soak: the workload alone, counting false failovers).
+    #[arg(long, default_value = "kill")]
+    pub fault: String,
+    /// Whose node to hit: primary (of one function, in turn) or master.
+    #[arg(long, default_value = "primary")]
+    pub target: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// How long a paused node stays stopped.
+    #[arg(long, default_value_t = 500)]
+    pub pause_ms: u64,
+    /// With `--fault none`: how long to run.
+    #[arg(long, default_value_t = 60)]
+    pub soak_seconds: u64,
+    #[arg(long, value_enum, default_value = "disk")]
+    pub durability: Durability,
+    /// The bank example component.
+    #[arg(long, default_value = "target-guests/components/bank.wasm")]
+    pub bank: PathBuf,
+    /// Where the nodes keep their data and logs (a fresh temporary folder by default,
+    /// deleted afterwards unless `--keep`).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long)]
+    pub keep: bool,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One transfer as the client saw it.
+#[derive(Clone, Debug)]
+struct Record {
+    function: &'static str,
+    key: String,
+    input: Value,
+    sent: Instant,
+    answered: Instant,
+    status: u16,
+    body: Value,
+    replayed: bool,
+    /// (node, epoch) of the primary that answered.
+    served_by: Option<(u64, u64)>,
+    /// Attempts that failed before the answer (the client retried with the same key).
+    retries: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Run {
+    pub run: usize,
+    pub fault: String,
+    pub victim: u64,
+    pub victim_was_master: bool,
+    pub victim_primaries: Vec<String>,
+    pub detect_ms: Option<f64>,
+    pub promote_ms: Option<f64>,
+    pub first_commit_ms: Option<f64>,
+    pub all_served_ms: Option<f64>,
+    pub acknowledged: usize,
+    pub lost: usize,
+    pub in_flight: usize,
+    pub in_flight_committed: usize,
+    pub in_flight_rolled_back: usize,
+    pub zombie_commits: usize,
+    pub client_retries: u64,
+    pub totals_ok: bool,
+}
+
+/// Fails when the cluster cannot be started or a check cannot be made (a broken
+/// invariant is reported in the results, not as an error).
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("understudy-drill-{}", std::process::id())),
+    };
+    let result = runtime.block_on(drill(&args, &dir));
+    if !args.keep && args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let runs = result?;
+    let failed = runs
+        .iter()
+        .any(|r| r.lost > 0 || !r.totals_ok || r.zombie_commits > 0);
+    if failed {
+        bail!("the drill found acknowledged transactions lost, money not conserved or a zombie commit");
+    }
+    Ok(())
+}
+
+fn wall_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
+    let bank = std::fs::read(&args.bank).with_context(|| {
+        format!(
+            "cannot read {} (build the examples: scripts/build-guests.sh)",
+            args.bank.display()
+        )
+    })?;
+    let say = |s: String| {
+        if !args.json {
+            println!("{s}");
+        }
+    };
+    say(format!(
+        "starting a 3-node cluster on loopback in {} ...",
+        dir.display()
+    ));
+    let mut cluster = LocalCluster::start(
+        dir,
+        &Options {
+            nodes: 3,
+            clustered: true,
+            durability: args.durability,
+            cluster_toml: String::new(),
+        },
+    )
+    .await?;
+    for f in FUNCTIONS {
+        cluster.deploy(1, f, bank.clone(), 2).await?;
+        for account in ACCOUNTS {
+            let reply = cluster
+                .client()
+                .post(format!("{}/v1/functions/{f}/open", cluster.node(1).url()))
+                .json(&json!({ "account": account, "initial": INITIAL }))
+                .send()
+                .await?;
+            if !reply.status().is_success() {
+                bail!("opening {account} in {f}: {}", reply.text().await?);
+            }
+        }
+    }
+    say(format!(
+        "deployed {} (2 copies each), {} accounts of {INITIAL} each",
+        FUNCTIONS.join(", "),
+        ACCOUNTS.len()
+    ));
+    if args.fault == "none" {
+        return soak(args, &cluster).await.map(|r| vec![r]);
+    }
+    if !matches!(args.fault.as_str(), "kill" | "pause") {
+        bail!("--fault must be kill, pause or none, not {:?}", args.fault);
+    }
+    let mut runs = Vec::new();
+    if !args.json {
+        println!(
+            "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14}",
+            "run",
+            "victim",
+            "role",
+            "detect",
+            "promoted",
+            "first commit",
+            "all served",
+            "acked",
+            "lost",
+            "in flight c/r"
+        );
+    }
+    for i in 0..args.runs {
+        let r = one_run(args, &mut cluster, i).await?;
+        if !args.json {
+            let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
+            println!(
+                "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14}",
+                r.run,
+                r.victim,
+                if r.victim_was_master {
+                    "master+primary"
+                } else {
+                    "primary"
+                },
+                ms(r.detect_ms),
+                ms(r.promote_ms),
+                ms(r.first_commit_ms),
+                ms(r.all_served_ms),
+                r.acknowledged,
+                r.lost,
+                format!("{}/{}", r.in_flight_committed, r.in_flight_rolled_back),
+            );
+        }
+        runs.push(r);
+    }
+    let summary = summarize(&runs);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "runs": runs, "summary": summary }))?
+        );
+    } else {
+        println!();
+        println!("over {} runs (ms after the fault):", runs.len());
+        println!(
+            "{:>16} {:>8} {:>8} {:>8} {:>8}",
+            "", "min", "median", "p90", "max"
+        );
+        for (name, key) in [
+            ("detection", "detect_ms"),
+            ("promotion", "promote_ms"),
+            ("first commit", "first_commit_ms"),
+            ("all served", "all_served_ms"),
+        ] {
+            let d = &summary[key];
+            println!(
+                "{:>16} {:>8} {:>8} {:>8} {:>8}",
+                name,
+                fmt(&d["min"]),
+                fmt(&d["median"]),
+                fmt(&d["p90"]),
+                fmt(&d["max"])
+            );
+        }
+        println!(
+            "acknowledged {}, lost {}, in flight at the fault {} ({} committed, {} rolled back and run again), zombie commits {}, money conserved in every run: {}",
+            summary["acknowledged"],
+            summary["lost"],
+            summary["in_flight"],
+            summary["in_flight_committed"],
+            summary["in_flight_rolled_back"],
+            summary["zombie_commits"],
+            if summary["totals_ok"] == true { "yes" } else { "NO" }
+        );
+    }
+    Ok(runs)
+}
+
+fn fmt(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |v| format!("{v:.1}"))
+}
+
+fn summarize(runs: &[Run]) -> Value {
+    let dist = |f: &dyn Fn(&Run) -> Option<f64>| {
+        let mut v: Vec<f64> = runs.iter().filter_map(f).collect();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return json!(null);
+        }
+        let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        json!({ "min": v[0], "median": at(0.5), "p90": at(0.9), "max": v[v.len() - 1], "n": v.len() })
+    };
+    json!({
+        "detect_ms": dist(&|r| r.detect_ms),
+        "promote_ms": dist(&|r| r.promote_ms),
+        "first_commit_ms": dist(&|r| r.first_commit_ms),
+        "all_served_ms": dist(&|r| r.all_served_ms),
+        "acknowledged": runs.iter().map(|r| r.acknowledged).sum::<usize>(),
+        "lost": runs.iter().map(|r| r.lost).sum::<usize>(),
+        "in_flight": runs.iter().map(|r| r.in_flight).sum::<usize>(),
+        "in_flight_committed": runs.iter().map(|r| r.in_flight_committed).sum::<usize>(),
+        "in_flight_rolled_back": runs.iter().map(|r| r.in_flight_rolled_back).sum::<usize>(),
+        "zombie_commits": runs.iter().map(|r| r.zombie_commits).sum::<usize>(),
+        "totals_ok": runs.iter().all(|r| r.totals_ok),
+    })
+}
+
+/// The cluster as the master sees it (asked of every running node until one is the
+/// master).
+async fn master_status(cluster: &LocalCluster) -> Option<Value> {
+    for node in cluster.nodes.iter().filter(|n| n.is_running()) {
+        if let Some(s) = cluster.status(node.id).await {
+            if s["raft"]["leader"].as_u64() == Some(node.id) {
+                return Some(s);
+            }
+        }
+    }
+    None
+}
+
+/// Wait until every node is up and every function has its two copies, none catching up.
+async fn healed(cluster: &LocalCluster) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = master_status(cluster).await {
+            let nodes_up = s["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().all(|n| n["health"] == "up"));
+            let replicated = s["functions"].as_array().is_some_and(|fs| {
+                fs.len() == FUNCTIONS.len()
+                    && fs.iter().all(|f| {
+                        f["backups"].as_array().is_some_and(|b| b.len() == 1)
+                            && f["catching_up"].as_array().is_some_and(Vec::is_empty)
+                    })
+            });
+            if nodes_up && replicated {
+                return Ok(s);
+            }
+        }
+        if started.elapsed() > HEAL_WAIT {
+            bail!("the cluster did not heal within {HEAL_WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Clients sending transfers through `urls`, each one retried with its key until it is
+/// answered.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    records: Arc<Mutex<Vec<Record>>>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Workload {
+    fn start(client: &reqwest::Client, urls: Vec<String>, clients: usize, tag: &str) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..clients)
+            .map(|c| {
+                let (client, stop, records) = (client.clone(), stop.clone(), records.clone());
+                let url = urls[c % urls.len()].clone();
+                let tag = format!("{tag}-c{c}");
+                tokio::spawn(async move {
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let function = FUNCTIONS[(n + c) % FUNCTIONS.len()];
+                        let from = ACCOUNTS[(n + c) % ACCOUNTS.len()];
+                        let to = ACCOUNTS[(n + c + 1) % ACCOUNTS.len()];
+                        let input = json!({ "from": from, "to": to, "amount": (n % 7 + 1) as u64 });
+                        let key = format!("{tag}-{n}");
+                        let record = transfer(&client, &url, function, &key, input).await?;
+                        records.lock().push(record);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        Workload {
+            stop,
+            records,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> anyhow::Result<Vec<Record>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await??;
+        }
+        Ok(std::mem::take(&mut *self.records.lock()))
+    }
+}
+
+async fn transfer(
+    client: &reqwest::Client,
+    base: &str,
+    function: &'static str,
+    key: &str,
+    input: Value,
+) -> anyhow::Result<Record> {
+    let sent = Instant::now();
+    let mut retries = 0;
+    loop {
+        let reply = client
+            .post(format!("{base}/v1/functions/{function}/transfer"))
+            .header("idempotency-key", key)
+            .json(&input)
+            .send()
+            .await;
+        if let Ok(reply) = reply {
+            let status = reply.status().as_u16();
+            let replayed = reply.headers().contains_key("idempotent-replayed");
+            let served_by = reply
+                .headers()
+                .get(crate::http::SERVED_BY_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    let (n, e) = v.split_once(' ')?;
+                    Some((n.parse().ok()?, e.parse().ok()?))
+                });
+            if status == 200 || status == 422 {
+                let body = reply.json().await.unwrap_or(Value::Null);
+                return Ok(Record {
+                    function,
+                    key: key.to_owned(),
+                    input,
+                    sent,
+                    answered: Instant::now(),
+                    status,
+                    body,
+                    replayed,
+                    served_by,
+                    retries,
+                });
+            }
+        }
+        retries += 1;
+        if sent.elapsed() > ANSWER_WAIT {
+            bail!("transfer {key} on {function} got no answer within {ANSWER_WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::Result<Run> {
+    let before = healed(cluster).await?;
+    let master = before["node"].as_u64().context("no master")?;
+    let assignments: BTreeMap<String, (u64, u64, Vec<u64>)> = before["functions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            let copies: Vec<u64> = std::iter::once(&f["primary"])
+                .chain(f["backups"].as_array().into_iter().flatten())
+                .filter_map(Value::as_u64)
+                .collect();
+            (
+                f["name"].as_str().unwrap_or_default().to_owned(),
+                (
+                    f["primary"].as_u64().unwrap_or(0),
+                    f["epoch"].as_u64().unwrap_or(0),
+                    copies,
+                ),
+            )
+        })
+        .collect();
+    let victim = match args.target.as_str() {
+        "master" => master,
+        "primary" => assignments[FUNCTIONS[i % FUNCTIONS.len()]].0,
+        other => bail!("--target must be primary or master, not {other:?}"),
+    };
+    let survivors: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.id != victim)
+        .map(|n| n.url())
+        .collect();
+    let load = Workload::start(cluster.client(), survivors, args.clients, &format!("r{i}"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let t0 = Instant::now();
+    let t0_ms = wall_ms();
+    match args.fault.as_str() {
+        "kill" => cluster.node_mut(victim).kill9(),
+        _ => cluster.node(victim).pause(true)?,
+    }
+    // Until every function with a copy on the victim has answered in a newer epoch.
+    let affected: Vec<&String> = assignments
+        .iter()
+        .filter(|(_, (_, _, copies))| copies.contains(&victim))
+        .map(|(name, _)| name)
+        .collect();
+    let started = Instant::now();
+    loop {
+        let done = {
+            let records = load.records.lock();
+            affected.iter().all(|f| {
+                let epoch = assignments[*f].1;
+                records.iter().any(|r| {
+                    r.function == f.as_str() && r.served_by.is_some_and(|(_, e)| e > epoch)
+                })
+            })
+        };
+        if done || started.elapsed() > HEAL_WAIT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if args.fault == "pause" {
+        let stopped = Duration::from_millis(args.pause_ms).saturating_sub(t0.elapsed());
+        tokio::time::sleep(stopped).await;
+        cluster.node(victim).pause(false)?;
+        // Give the zombie the time to try.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = load.finish().await?;
+
+    let after = master_status(cluster).await.unwrap_or_default();
+    let event = after["failovers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| {
+            e["node"] == victim && e["verdict"] == "down" && e["at_ms"].as_f64() >= Some(t0_ms)
+        })
+        .cloned();
+    let detect_ms = event
+        .as_ref()
+        .and_then(|e| e["at_ms"].as_f64())
+        .map(|at| at - t0_ms);
+    // The first promotion committed (a victim that was only a backup has none).
+    let promote_ms = event.as_ref().and_then(|e| {
+        let step = e["steps"]
+            .as_array()?
+            .iter()
+            .filter(|s| {
+                s["command"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("promote"))
+            })
+            .filter_map(|s| s["ms"].as_f64())
+            .reduce(f64::min)?;
+        Some(e["at_ms"].as_f64()? + step - t0_ms)
+    });
+    let first_new = |f: &str| {
+        let epoch = assignments[f].1;
+        records
+            .iter()
+            .filter(|r| r.function == f && r.served_by.is_some_and(|(_, e)| e > epoch))
+            .map(|r| r.answered.duration_since(t0).as_secs_f64() * 1000.0)
+            .reduce(f64::min)
+    };
+    let victim_primaries: Vec<String> = assignments
+        .iter()
+        .filter(|(_, (p, _, _))| *p == victim)
+        .map(|(n, _)| n.clone())
+        .collect();
+    let first_commit_ms = victim_primaries
+        .iter()
+        .filter_map(|f| first_new(f))
+        .reduce(f64::min);
+    let all_served_ms = affected
+        .iter()
+        .map(|f| first_new(f))
+        .collect::<Option<Vec<f64>>>()
+        .and_then(|v| v.into_iter().reduce(f64::max));
+    let in_flight: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.sent < t0 && r.answered > t0)
+        .collect();
+    let in_flight_committed = in_flight
+        .iter()
+        .filter(|r| r.replayed || r.served_by.is_some_and(|(n, _)| n == victim))
+        .count();
+    // A zombie commit: an answer from the victim in its old epoch that was given after
+    // the master had promoted another node.
+    let promoted_at = promote_ms.map(|ms| t0 + Duration::from_secs_f64(ms / 1000.0));
+    let zombie_commits = records
+        .iter()
+        .filter(|r| {
+            r.served_by.is_some_and(|(n, e)| {
+                n == victim && assignments[r.function].0 == victim && e <= assignments[r.function].1
+            }) && promoted_at.is_some_and(|p| r.answered > p + Duration::from_millis(50))
+        })
+        .count();
+
+    // Back to full strength: the killed node restarts, the paused one already runs.
+    if args.fault == "kill" {
+        cluster.restart(victim).await?;
+    }
+    healed(cluster).await?;
+    let acked: Vec<&Record> = records.iter().filter(|r| r.status == 200).collect();
+    let mut lost = 0;
+    let url = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != victim)
+        .map(|n| n.url())
+        .context("a survivor")?;
+    for r in &acked {
+        let again = transfer(cluster.client(), &url, r.function, &r.key, r.input.clone()).await?;
+        if again.status != 200 || !again.replayed || again.body != r.body {
+            lost += 1;
+        }
+    }
+    let mut totals_ok = true;
+    for f in FUNCTIONS {
+        let reply = cluster
+            .client()
+            .post(format!("{url}/v1/functions/{f}/total"))
+            .body("null")
+            .send()
+            .await?;
+        let total: Value = reply.json().await?;
+        if total["total"].as_u64() != Some(INITIAL * ACCOUNTS.len() as u64) {
+            totals_ok = false;
+        }
+    }
+    Ok(Run {
+        run: i + 1,
+        fault: args.fault.clone(),
+        victim,
+        victim_was_master: victim == master,
+        victim_primaries,
+        detect_ms,
+        promote_ms,
+        first_commit_ms,
+        all_served_ms,
+        acknowledged: acked.len(),
+        lost,
+        in_flight: in_flight.len(),
+        in_flight_committed,
+        in_flight_rolled_back: in_flight.len() - in_flight_committed,
+        zombie_commits,
+        client_retries: records.iter().map(|r| u64::from(r.retries)).sum(),
+        totals_ok,
+    })
+}
+
+async fn soak(args: &Args, cluster: &LocalCluster) -> anyhow::Result<Run> {
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    if !args.json {
+        println!(
+            "soak: {} clients through every node for {} s, no faults",
+            args.clients, args.soak_seconds
+        );
+    }
+    let load = Workload::start(cluster.client(), urls, args.clients, "soak");
+    tokio::time::sleep(Duration::from_secs(args.soak_seconds)).await;
+    let records = load.finish().await?;
+    let status = master_status(cluster).await.unwrap_or_default();
+    let failovers = status["failovers"].as_array().map_or(0, Vec::len);
+    let acked = records.iter().filter(|r| r.status == 200).count();
+    let retries: u64 = records.iter().map(|r| u64::from(r.retries)).sum();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "seconds": args.soak_seconds,
+                "acknowledged": acked,
+                "per_second": acked as f64 / args.soak_seconds as f64,
+                "false_failovers": failovers,
+                "client_retries": retries,
+            }))?
+        );
+    } else {
+        println!(
+            "{acked} transfers acknowledged ({:.0}/s), {retries} client retries, false failovers: {failovers}",
+            acked as f64 / args.soak_seconds as f64
+        );
+    }
+    if failovers > 0 {
+        bail!(
+            "{failovers} false failovers under load: {}",
+            status["failovers"]
+        );
+    }
+    Ok(Run {
+        fault: "none".into(),
+        acknowledged: acked,
+        client_retries: retries,
+        totals_ok: true,
+        ..Run::default()
+    })
+}
