@@ -421,6 +421,7 @@ impl Node {
             copy.released(f.seq())
                 .await
                 .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+            check_lease(cluster, Some(&copy))?;
             served_by = Some((cluster.replicas().me().0, copy.epoch.0));
         }
         let outcome = match entry.outcome {
@@ -463,12 +464,14 @@ impl Node {
         // In a cluster, only the primary runs transactions (checked under the lock: a
         // change of role takes it).
         let copy = match inner.cluster.get() {
-            Some(cluster) => Some(
-                cluster
+            Some(cluster) => {
+                let copy = cluster
                     .replicas()
                     .primary(&f.name)
-                    .ok_or_else(|| InvokeError::NotPrimary(f.name.clone()))?,
-            ),
+                    .ok_or_else(|| InvokeError::NotPrimary(f.name.clone()))?;
+                check_lease(cluster, Some(&copy))?;
+                Some(copy)
+            }
             None => None,
         };
         if let Some(key) = idempotency_key {
@@ -575,6 +578,9 @@ impl Node {
             copy.released(seq)
                 .await
                 .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+        }
+        if let Some(cluster) = inner.cluster.get() {
+            check_lease(cluster, copy.as_deref())?;
         }
         let served_by = copy.as_ref().and_then(|c| {
             let me = inner.cluster.get()?.replicas().me().0;
@@ -1010,6 +1016,28 @@ impl Node {
         tracing::info!(%lsn, ms = started.elapsed().as_millis() as u64, "checkpoint written");
         Ok(lsn)
     }
+}
+
+/// A primary answers only while it holds its lease and its copy still serves (not
+/// fenced, not replaced): otherwise a deposed primary could answer from stale state.
+fn check_lease(
+    cluster: &crate::cluster::Cluster,
+    copy: Option<&crate::cluster::replica::PrimaryCopy>,
+) -> Result<(), InvokeError> {
+    if let Some(copy) = copy {
+        if !copy.serving() {
+            return Err(InvokeError::Unavailable(format!(
+                "this node no longer serves {} as primary",
+                copy.function
+            )));
+        }
+    }
+    if !cluster.lease_ok() {
+        return Err(InvokeError::Unavailable(
+            "this node holds no lease from the master right now (cut off, or paused)".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn remote_call(function: &str) -> GuestError {

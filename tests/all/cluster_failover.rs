@@ -254,3 +254,79 @@ fn killed_primary_under_load_loses_nothing_acknowledged() {
 fn killed_master_under_load_loses_nothing_acknowledged() {
     kill_primary_under_load(true);
 }
+
+/// The node and epoch that answered, from the `understudy-served-by` header.
+fn served_by(reply: &crate::support::Reply) -> Option<(u64, u64)> {
+    let (n, e) = reply.header("understudy-served-by")?.split_once(' ')?;
+    Some((n.parse().ok()?, e.parse().ok()?))
+}
+
+#[test]
+fn paused_primary_cannot_commit_and_its_clients_are_answered_by_the_new_primary() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let nodes = start_cluster(certs.path(), &members3());
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    nodes[0]
+        .api()
+        .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
+        .expect_status(201);
+    let placed = deploy_bank(&nodes[0], 3);
+    let primary = placed["primary"].as_u64().expect("primary");
+    let epoch_before = placed["epoch"].as_u64().expect("epoch");
+    assert_ne!(primary, master, "the filler moved the bank off the master");
+    let zombie = &nodes[(primary - 1) as usize];
+    let survivors: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != primary).collect();
+    let apis: Vec<Api> = survivors.iter().map(|i| nodes[*i].api().clone()).collect();
+    let load = Workload::start(apis, 4);
+    wait_for("some transfers before the pause", || load.acked() >= 50);
+
+    let pid = zombie.pid().expect("running");
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    wait_for("a new primary while the old one is paused", || {
+        let f = bank(&nodes[survivors[0]]);
+        f["primary"].as_u64().is_some_and(|p| p != primary)
+            && f["epoch"].as_u64().is_some_and(|e| e > epoch_before)
+    });
+    let before = load.acked();
+    wait_for("transfers on the new primary", || {
+        load.acked() >= before + 100
+    });
+    signal("-CONT");
+
+    // The zombie's own clients: it must not answer from its stale state, nor commit;
+    // their requests are served by the new primary.
+    for i in 0..20u64 {
+        let reply = zombie.api().invoke_keyed(
+            "bank",
+            "transfer",
+            &json!({ "from": "a", "to": "b", "amount": 1 }),
+            &format!("zombie-{i}"),
+        );
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        let (node, epoch) = served_by(&reply).expect("served-by header");
+        assert_ne!(node, primary, "answered by the paused primary itself");
+        assert!(epoch > epoch_before);
+        let read = zombie.api().invoke("bank", "total", &json!(null));
+        assert_eq!(read.status, 200);
+        assert_ne!(served_by(&read).map(|s| s.0), Some(primary), "a stale read");
+        assert_eq!(read.body["total"], INITIAL * ACCOUNTS.len() as u64);
+    }
+    let (acked, _) = load.finish();
+    let o = survivors[0];
+    check_nothing_lost(nodes[o].api(), &acked);
+    let total = nodes[o].api().ok("bank", "total", json!(null));
+    assert_eq!(total["total"], INITIAL * ACCOUNTS.len() as u64);
+    wait_for("the paused node is a backup again", || {
+        bank(&nodes[o])["backups"]
+            .as_array()
+            .is_some_and(|b| b.contains(&json!(primary)))
+    });
+}

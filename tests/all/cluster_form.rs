@@ -103,8 +103,22 @@ fn three_nodes_elect_one_master_and_agree_on_membership() {
     let nodes = start_cluster(certs.path(), &members3());
     let leader = converged_leader(&nodes.iter().collect::<Vec<_>>());
     for node in &nodes {
-        let s = status(node).expect("status");
-        assert_eq!(s["raft"]["voters"], serde_json::json!([1, 2, 3]));
+        // A follower may name the leader (it voted for it) before it has the first entry,
+        // which holds the membership: wait for that too.
+        let started = Instant::now();
+        let s = loop {
+            let s = status(node).expect("status");
+            if s["raft"]["voters"] == serde_json::json!([1, 2, 3])
+                && s["nodes"].as_array().map(Vec::len) == Some(3)
+            {
+                break s;
+            }
+            assert!(
+                started.elapsed() < CONVERGE_TIMEOUT,
+                "the membership never reached this node: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert_eq!(
             s["nodes"].as_array().map(Vec::len),
             Some(3),

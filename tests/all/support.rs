@@ -138,6 +138,11 @@ impl NodeProcess {
         node
     }
 
+    /// The process id of the running node.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     pub fn api(&self) -> &Api {
         &self.api
     }

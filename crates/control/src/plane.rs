@@ -273,6 +273,16 @@ impl ControlPlane {
         }
     }
 
+    /// This node's last applied log index (cheap: no copy of the metrics).
+    pub fn last_applied(&self) -> Option<u64> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|id| id.index)
+    }
+
     /// When this node last heard from a leader it accepts (or granted a vote).
     pub fn last_leader_contact(&self) -> Instant {
         self.inner.contact.last()
@@ -435,9 +445,19 @@ impl ControlPlane {
                 }
                 RaftReply::InstallSnapshot(reply)
             }
-            RaftMessage::Ping => RaftReply::Pong {
-                leader: self.leader(),
-            },
+            RaftMessage::Ping => {
+                let metrics = self.inner.raft.metrics();
+                let m = metrics.borrow();
+                let leading = m.current_leader == Some(m.id) && m.state == ServerState::Leader;
+                RaftReply::Pong {
+                    leader: m.current_leader,
+                    applied: if leading {
+                        m.last_applied.map(|id| id.index)
+                    } else {
+                        None
+                    },
+                }
+            }
             RaftMessage::Propose(command) => {
                 RaftReply::Propose(self.propose(command).await.map_err(|e| match e {
                     Error::NotLeader {

@@ -66,7 +66,8 @@ pub enum RaftMessage {
     InstallSnapshot(InstallSnapshotRequest),
     /// A command for the leader from a node that is not the leader.
     Propose(Command),
-    /// The master's failure detector asking whether this node is alive.
+    /// A node to the master: alive, and asking for a lease (see the runtime's
+    /// `cluster::lease`).
     Ping,
 }
 
@@ -77,9 +78,11 @@ pub enum RaftReply {
     Vote(Result<VoteResponse, RaftError<NodeId>>),
     InstallSnapshot(Result<InstallSnapshotResponse, RaftError<NodeId, InstallSnapshotError>>),
     Propose(Result<Response, ForwardError>),
-    /// Alive; `leader` is the leader this node follows, as far as it knows.
+    /// `leader` is the leader the receiver knows; when that is the receiver itself,
+    /// `applied` is its last applied log index (the lease's condition).
     Pong {
         leader: Option<NodeId>,
+        applied: Option<u64>,
     },
 }
 

@@ -1,5 +1,6 @@
-//! The master's failure detector: it pings every node over the `Control` channel and,
-//! when one stays silent past the failure timeout, commits its verdict and the plan that
+//! The master's failure detector: every node pings the master over the `Control`
+//! channel every heartbeat (asking for its lease, see `lease`) and, when one stays
+//! silent past the failure timeout, commits its verdict and the plan that
 //! follows from it (`plan_failover`: promote a backup where the node was primary, drop it
 //! where it was a backup, add backups on free nodes). When a node answers again it is
 //! marked up, and `plan_repair` gives under-replicated functions backups again (a
@@ -8,17 +9,12 @@
 //! Every node runs the detector; only the master acts. A new master gives every node a
 //! full timeout from the moment it took over before judging it.
 
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use understudy_control::{
-    plan_failover, plan_repair, Command, FailoverPlan, Health, NodeId, NodeStatus, RaftMessage,
-    RaftReply,
+    plan_failover, plan_repair, Command, FailoverPlan, Health, NodeId, NodeStatus,
 };
-use understudy_net::Channel;
 
 use super::Cluster;
 
@@ -51,12 +47,11 @@ pub struct Step {
 }
 
 pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) {
-    let seen: Arc<Mutex<HashMap<NodeId, Instant>>> = Arc::default();
-    let in_flight: Arc<Mutex<HashSet<NodeId>>> = Arc::default();
     let mut leading_since: Option<Instant> = None;
     // The leader this node followed: when it takes over, that one has been silent since
     // this node last heard from it (an election needs that), not since the takeover.
     let mut followed: Option<NodeId> = None;
+    let mut old_leader: Option<(NodeId, Instant)> = None;
     let mut repaired_at = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -66,7 +61,7 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
         let leader = c.control.leader();
         if leader != Some(c.id) {
             leading_since = None;
-            seen.lock().clear();
+            old_leader = None;
             if leader.is_some() {
                 followed = leader;
             }
@@ -75,36 +70,32 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
         let now = Instant::now();
         let since = *leading_since.get_or_insert_with(|| {
             if let Some(old) = followed.take() {
-                seen.lock()
-                    .insert(old, c.control.last_leader_contact().into_std());
+                old_leader = Some((old, c.control.last_leader_contact().into_std()));
             }
             now
         });
         let state = c.control.state();
         let mut down = Vec::new();
         let mut up = Vec::new();
-        for n in state.nodes.values() {
-            if n.id == c.id || n.status == NodeStatus::Removed {
-                continue;
-            }
-            if let Ok(addr) = n.peer_addr.parse::<SocketAddr>() {
-                if in_flight.lock().insert(n.id) {
-                    tokio::spawn(ping(
-                        c.clone(),
-                        n.id,
-                        addr,
-                        timeout,
-                        seen.clone(),
-                        in_flight.clone(),
-                    ));
+        {
+            let pinged = c.pinged.lock();
+            for n in state.nodes.values() {
+                if n.id == c.id || n.status == NodeStatus::Removed {
+                    continue;
                 }
-            }
-            let last = seen.lock().get(&n.id).copied().unwrap_or(since);
-            let silent = now.duration_since(last);
-            match (silent >= timeout, n.health) {
-                (true, Health::Up) => down.push((n.id, silent)),
-                (false, Health::Down) => up.push(n.id),
-                _ => {}
+                // Nodes ping the master they know: a new master gives each a full timeout
+                // from its takeover, except the master it replaced.
+                let floor = match old_leader {
+                    Some((old, contact)) if old == n.id => contact,
+                    _ => since,
+                };
+                let last = pinged.get(&n.id).copied().map_or(floor, |p| p.max(floor));
+                let silent = now.saturating_duration_since(last);
+                match (silent >= timeout, n.health) {
+                    (true, Health::Up) => down.push((n.id, silent)),
+                    (false, Health::Down) => up.push(n.id),
+                    _ => {}
+                }
             }
         }
         for (node, silent) in down {
@@ -119,30 +110,6 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
             c.carry_out(&plan).await;
         }
     }
-}
-
-async fn ping(
-    c: Arc<Cluster>,
-    node: NodeId,
-    addr: SocketAddr,
-    timeout: Duration,
-    seen: Arc<Mutex<HashMap<NodeId, Instant>>>,
-    in_flight: Arc<Mutex<HashSet<NodeId>>>,
-) {
-    let body = match RaftMessage::Ping.encode() {
-        Ok(body) => bytes::Bytes::from(body),
-        Err(_) => return,
-    };
-    let reply = c
-        .transport
-        .request_within(node.0, addr, Channel::Control, body, timeout)
-        .await;
-    if let Ok(reply) = reply {
-        if matches!(RaftReply::decode(&reply), Ok(RaftReply::Pong { .. })) {
-            seen.lock().insert(node, Instant::now());
-        }
-    }
-    in_flight.lock().remove(&node);
 }
 
 impl Cluster {

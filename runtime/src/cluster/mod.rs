@@ -14,6 +14,7 @@
 //! is known by the node id in its certificate, never by what it claims in a message.
 
 pub mod health;
+pub mod lease;
 pub mod replica;
 pub mod wire;
 
@@ -132,6 +133,11 @@ pub struct Cluster {
     /// Functions this run has seen in the cluster state: one that disappears from it was
     /// deleted (as opposed to not yet known after a restart).
     seen: Mutex<HashSet<String>>,
+    /// As master: when each node's last ping arrived (see `health`, `lease`).
+    pinged: Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
+    lease: lease::Shared,
+    /// How long a lease lasts: shorter than the failure timeout.
+    lease_for: Duration,
     /// Serialises reconciliation passes.
     reconciling: tokio::sync::Mutex<()>,
     /// The master's last verdicts on nodes (see `health`).
@@ -222,6 +228,9 @@ impl Cluster {
             node: node.clone(),
             replicas,
             seen: Mutex::new(HashSet::new()),
+            pinged: Mutex::new(std::collections::HashMap::new()),
+            lease: Mutex::new(lease::Lease::default()),
+            lease_for: Duration::from_millis(config.failure_timeout_ms.max(2) * 3 / 4),
             reconciling: tokio::sync::Mutex::new(()),
             events: Mutex::new(Vec::new()),
             auto_keys: std::sync::atomic::AtomicU64::new(crate::node::now_ms() * 1000),
@@ -235,6 +244,10 @@ impl Cluster {
             links.spawn(async move { transport.serve(dispatch).await });
         }
         tokio::spawn(reconcile_loop(Arc::downgrade(&cluster)));
+        links.spawn(lease::run(
+            Arc::downgrade(&cluster),
+            Duration::from_millis(config.heartbeat_ms.max(1)),
+        ));
         links.spawn(health::run(
             Arc::downgrade(&cluster),
             Duration::from_millis(config.heartbeat_ms.max(1)),
@@ -543,8 +556,7 @@ impl Cluster {
                 // off half-way, or the configuration changed before it was replicated):
                 // the request carries a key, so trying again (there or on a new primary)
                 // happens exactly once.
-                Err(InvokeError::Unavailable(why)) if Instant::now() < deadline =>
-                {
+                Err(InvokeError::Unavailable(why)) if Instant::now() < deadline => {
                     tracing::debug!(function, error = %why, "forwarding failed; retrying");
                     self.retry_pause(&mut changes, function, a.primary).await;
                 }
@@ -1070,6 +1082,11 @@ impl Handler for Dispatch {
                             return Bytes::new();
                         }
                     };
+                    if matches!(message, RaftMessage::Ping) {
+                        if let Some(cluster) = self.cluster.get() {
+                            lease::ping_arrived(cluster, NodeId(peer));
+                        }
+                    }
                     let reply = control.handle_raft(message).await;
                     match reply.encode() {
                         Ok(bytes) => Bytes::from(bytes),

@@ -1,0 +1,134 @@
+//! Leases: a node answers as a primary only while it holds one, so that a primary that
+//! was cut off or paused (a zombie) stops serving — reads included, which replication
+//! cannot fence — before the master can have promoted anyone in its place.
+//!
+//! Every node asks the master for a lease every heartbeat (`Ping`, sent at local time
+//! `t`); the master's answer (`Pong`) carries its applied log index `i`. The lease then
+//! runs until `t + lease`, and counts only once this node has applied `i` itself (so it
+//! knows every change of role the master knew of when it answered). The master records
+//! when each ping arrived, at or after `t`, and declares a node down only after
+//! `failure_timeout` of silence: `lease < failure_timeout` means the lease has run out
+//! first. Only local monotonic time is compared with local monotonic time.
+//!
+//! The master's own lease is Raft's: it counts while a quorum of voters acknowledged its
+//! leadership within `lease`, shorter than the election timeout that must pass before
+//! another voter can even campaign.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use understudy_control::{NodeId, RaftMessage, RaftReply};
+use understudy_net::Channel;
+
+use super::Cluster;
+
+/// What this node holds.
+#[derive(Debug, Default)]
+pub struct Lease {
+    /// Granted by the master: valid until then, once `applied` is applied here.
+    granted: Option<(Instant, u64)>,
+    /// As master: when a quorum last acknowledged this node's leadership.
+    quorum_acked_at: Option<Instant>,
+}
+
+pub type Shared = Mutex<Lease>;
+
+impl Cluster {
+    /// Whether this node may answer as a primary now.
+    pub fn lease_ok(&self) -> bool {
+        let now = Instant::now();
+        let lease = self.lease.lock();
+        if self.control.leader() == Some(self.id) {
+            return lease
+                .quorum_acked_at
+                .is_some_and(|t| now.duration_since(t) < self.lease_for);
+        }
+        match lease.granted {
+            Some((until, applied)) => {
+                now < until && self.control.last_applied().is_some_and(|a| a >= applied)
+            }
+            None => false,
+        }
+    }
+}
+
+/// Ask the master for a lease every `interval`; as master, follow Raft's quorum
+/// acknowledgements instead. Runs on the links runtime.
+pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut metrics = match cluster.upgrade() {
+        Some(c) => c.control.metrics(),
+        None => return,
+    };
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // As master: openraft reports how long ago a quorum acknowledged it, as
+                // of the report; the report is a little older than now, which only makes
+                // the lease look younger by that much (well within its margin).
+                let Some(c) = cluster.upgrade() else { return };
+                let m = metrics.borrow_and_update();
+                if m.current_leader == Some(c.id) {
+                    if let Some(ms) = m.millis_since_quorum_ack {
+                        let at = Instant::now()
+                            .checked_sub(Duration::from_millis(ms + 1))
+                            .unwrap_or_else(Instant::now);
+                        c.lease.lock().quorum_acked_at = Some(at);
+                    }
+                }
+                continue;
+            }
+        }
+        let Some(c) = cluster.upgrade() else { return };
+        let Some(leader) = c.control.leader() else {
+            continue;
+        };
+        if leader == c.id {
+            continue;
+        }
+        let Some(addr) = c
+            .control
+            .state()
+            .nodes
+            .get(&leader)
+            .and_then(|n| n.peer_addr.parse().ok())
+        else {
+            continue;
+        };
+        let Ok(body) = RaftMessage::Ping.encode() else {
+            continue;
+        };
+        let sent = Instant::now();
+        let reply = c
+            .transport
+            .request_within(
+                leader.0,
+                addr,
+                Channel::Control,
+                bytes::Bytes::from(body),
+                c.lease_for,
+            )
+            .await;
+        if let Ok(reply) = reply {
+            if let Ok(RaftReply::Pong {
+                leader: Some(l),
+                applied: Some(applied),
+            }) = RaftReply::decode(&reply)
+            {
+                if l == leader {
+                    c.lease.lock().granted = Some((sent + c.lease_for, applied));
+                }
+            }
+        }
+    }
+}
+
+/// The master records when a node's ping arrived (its failure detector's evidence).
+pub fn ping_arrived(cluster: &Cluster, from: NodeId) {
+    cluster.pinged.lock().insert(from, Instant::now());
+}
