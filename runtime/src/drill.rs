@@ -28,7 +28,7 @@ use crate::local::{LocalCluster, Options};
 use crate::wal::Durability;
 
 const FUNCTIONS: [&str; 3] = ["bank-a", "bank-b", "bank-c"];
-const ACCOUNTS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+pub(crate) const ACCOUNTS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 const INITIAL: u64 = 1_000_000;
 /// How long a client keeps retrying one transfer before the drill gives up.
 const ANSWER_WAIT: Duration = Duration::from_secs(15);
@@ -74,19 +74,19 @@ pub struct Args {
 
 /// One transfer as the client saw it.
 #[derive(Clone, Debug)]
-struct Record {
-    function: &'static str,
-    key: String,
-    input: Value,
-    sent: Instant,
-    answered: Instant,
-    status: u16,
-    body: Value,
-    replayed: bool,
+pub(crate) struct Record {
+    pub function: &'static str,
+    pub key: String,
+    pub input: Value,
+    pub sent: Instant,
+    pub answered: Instant,
+    pub status: u16,
+    pub body: Value,
+    pub replayed: bool,
     /// (node, epoch) of the primary that answered.
-    served_by: Option<(u64, u64)>,
+    pub served_by: Option<(u64, u64)>,
     /// Attempts that failed before the answer (the client retried with the same key).
-    retries: u32,
+    pub retries: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -134,7 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wall_ms() -> f64 {
+pub(crate) fn wall_ms() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
@@ -305,7 +305,7 @@ fn summarize(runs: &[Run]) -> Value {
 
 /// The cluster as the master sees it (asked of every running node until one is the
 /// master).
-async fn master_status(cluster: &LocalCluster) -> Option<Value> {
+pub(crate) async fn master_status(cluster: &LocalCluster) -> Option<Value> {
     for node in cluster.nodes.iter().filter(|n| n.is_running()) {
         if let Some(s) = cluster.status(node.id).await {
             if s["raft"]["leader"].as_u64() == Some(node.id) {
@@ -318,6 +318,16 @@ async fn master_status(cluster: &LocalCluster) -> Option<Value> {
 
 /// Wait until every node is up and every function has its two copies, none catching up.
 async fn healed(cluster: &LocalCluster) -> anyhow::Result<Value> {
+    healed_with(cluster, FUNCTIONS.len(), 1).await
+}
+
+/// Wait until every node is up and each of the `functions` deployed has `backups`
+/// backups, none catching up.
+pub(crate) async fn healed_with(
+    cluster: &LocalCluster,
+    functions: usize,
+    backups: usize,
+) -> anyhow::Result<Value> {
     let started = Instant::now();
     loop {
         if let Some(s) = master_status(cluster).await {
@@ -325,9 +335,9 @@ async fn healed(cluster: &LocalCluster) -> anyhow::Result<Value> {
                 .as_array()
                 .is_some_and(|n| n.iter().all(|n| n["health"] == "up"));
             let replicated = s["functions"].as_array().is_some_and(|fs| {
-                fs.len() == FUNCTIONS.len()
+                fs.len() == functions
                     && fs.iter().all(|f| {
-                        f["backups"].as_array().is_some_and(|b| b.len() == 1)
+                        f["backups"].as_array().is_some_and(|b| b.len() == backups)
                             && f["catching_up"].as_array().is_some_and(Vec::is_empty)
                     })
             });
@@ -344,14 +354,20 @@ async fn healed(cluster: &LocalCluster) -> anyhow::Result<Value> {
 
 /// Clients sending transfers through `urls`, each one retried with its key until it is
 /// answered.
-struct Workload {
+pub(crate) struct Workload {
     stop: Arc<AtomicBool>,
-    records: Arc<Mutex<Vec<Record>>>,
+    pub records: Arc<Mutex<Vec<Record>>>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Workload {
-    fn start(client: &reqwest::Client, urls: Vec<String>, clients: usize, tag: &str) -> Workload {
+    pub fn start(
+        client: &reqwest::Client,
+        urls: Vec<String>,
+        clients: usize,
+        tag: &str,
+        functions: &'static [&'static str],
+    ) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let records = Arc::new(Mutex::new(Vec::new()));
         let tasks = (0..clients)
@@ -363,7 +379,7 @@ impl Workload {
                     let mut n = 0usize;
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
-                        let function = FUNCTIONS[(n + c) % FUNCTIONS.len()];
+                        let function = functions[(n + c) % functions.len()];
                         let from = ACCOUNTS[(n + c) % ACCOUNTS.len()];
                         let to = ACCOUNTS[(n + c + 1) % ACCOUNTS.len()];
                         let input = json!({ "from": from, "to": to, "amount": (n % 7 + 1) as u64 });
@@ -382,7 +398,7 @@ impl Workload {
         }
     }
 
-    async fn finish(self) -> anyhow::Result<Vec<Record>> {
+    pub async fn finish(self) -> anyhow::Result<Vec<Record>> {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             t.await??;
@@ -391,7 +407,7 @@ impl Workload {
     }
 }
 
-async fn transfer(
+pub(crate) async fn transfer(
     client: &reqwest::Client,
     base: &str,
     function: &'static str,
@@ -475,7 +491,13 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         .filter(|n| n.id != victim)
         .map(|n| n.url())
         .collect();
-    let load = Workload::start(cluster.client(), survivors, args.clients, &format!("r{i}"));
+    let load = Workload::start(
+        cluster.client(),
+        survivors,
+        args.clients,
+        &format!("r{i}"),
+        &FUNCTIONS,
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let t0 = Instant::now();
@@ -646,7 +668,7 @@ async fn soak(args: &Args, cluster: &LocalCluster) -> anyhow::Result<Run> {
             args.clients, args.soak_seconds
         );
     }
-    let load = Workload::start(cluster.client(), urls, args.clients, "soak");
+    let load = Workload::start(cluster.client(), urls, args.clients, "soak", &FUNCTIONS);
     tokio::time::sleep(Duration::from_secs(args.soak_seconds)).await;
     let records = load.finish().await?;
     let status = master_status(cluster).await.unwrap_or_default();

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod drill;
 pub mod http;
 pub mod ids;

@@ -131,6 +131,9 @@ enum Command {
     /// after run; prints the failover timeline and checks that nothing acknowledged
     /// was lost.
     Drill(understudy::drill::Args),
+    /// The main demo: a local 3-node cluster, the bank example under load, its primary
+    /// killed with SIGKILL, the failover timeline, the checks, the node back as a backup.
+    Demo(understudy::demo::Args),
     /// Cluster certificates: a CA, and a certificate per node for QUIC with mutual TLS.
     Cluster {
         #[command(subcommand)]
@@ -428,6 +431,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drill(args) => {
             init_tracing_quiet();
             understudy::drill::run(args)
+        }
+        Command::Demo(args) => {
+            init_tracing_quiet();
+            understudy::demo::run(args)
         }
     }
 }

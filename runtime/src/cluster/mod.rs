@@ -858,9 +858,15 @@ impl Cluster {
                     old.remove_peer(n);
                 }
             }
+            // A backup that learned of the new epoch first refuses the old one's appends
+            // (the old copy is then fenced): nothing more will be released there, and its
+            // waiters retry on the new copy with their keys.
             let started = Instant::now();
-            while !old.drained() && started.elapsed() < Duration::from_secs(1) {
+            while old.serving() && !old.drained() && started.elapsed() < Duration::from_secs(1) {
                 tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if old.serving() && !old.drained() {
+                tracing::warn!(%function, epoch = old.epoch.0, peers = ?old.peers(), status = %old.status(&[]), "the old configuration did not release everything it had sent within 1 s; its waiters are told to retry");
             }
         }
         self.replicas.become_primary(function, epoch, &backups);

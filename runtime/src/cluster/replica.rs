@@ -182,8 +182,10 @@ impl PrimaryCopy {
                     });
                 }
                 primary::Command::Fenced { epoch } => {
+                    // Usually this node is about to take the newer epoch itself (a backup
+                    // learned of it first); otherwise it was deposed.
                     if self.serving() {
-                        tracing::warn!(function = %self.function, epoch = self.epoch.0, newer = epoch.0, "fenced: a backup knows a newer epoch; no longer serving");
+                        tracing::info!(function = %self.function, epoch = self.epoch.0, newer = epoch.0, "fenced: a backup knows a newer epoch; this configuration no longer serves");
                     }
                     self.fenced.store(true, Ordering::Relaxed);
                     self.ended.send_replace(Some(NotReleased::Fenced {
