@@ -48,7 +48,10 @@ async fn demo(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     let bank = std::fs::read(&args.bank)
         .with_context(|| format!("cannot read {}", args.bank.display()))?;
 
-    step(1, "Starting a three-node cluster on loopback (separate processes, QUIC with mutual TLS)");
+    step(
+        1,
+        "Starting a three-node cluster on loopback (separate processes, QUIC with mutual TLS)",
+    );
     let mut cluster = LocalCluster::start(
         dir,
         &Options {
@@ -66,12 +69,19 @@ async fn demo(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
             n.id,
             n.pid().unwrap_or(0),
             n.url(),
-            if n.id == master { "master (Raft leader)" } else { "" }
+            if n.id == master {
+                "master (Raft leader)"
+            } else {
+                ""
+            }
         );
     }
     println!("data and logs: {}", dir.display());
 
-    step(2, "Deploying the bank example through node 3, with three copies");
+    step(
+        2,
+        "Deploying the bank example through node 3, with three copies",
+    );
     let placed = cluster.deploy(3, "bank", bank, 3).await?;
     let primary = placed["primary"].as_u64().context("no primary")?;
     let epoch = placed["epoch"].as_u64().unwrap_or(0);
@@ -233,10 +243,16 @@ async fn demo(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     let expected = INITIAL * ACCOUNTS.len() as u64;
     println!("bank total: {} (expected {expected})", total["total"]);
     if lost > 0 || total["total"].as_u64() != Some(expected) {
-        bail!("FAILED: {lost} acknowledged transfers lost, total {}", total["total"]);
+        bail!(
+            "FAILED: {lost} acknowledged transfers lost, total {}",
+            total["total"]
+        );
     }
 
-    step(6, &format!("Restarting node {primary}: it rejoins as a backup"));
+    step(
+        6,
+        &format!("Restarting node {primary}: it rejoins as a backup"),
+    );
     cluster.restart(primary).await?;
     let healed = healed_with(&cluster, 1, 2).await?;
     let f = healed["functions"][0].clone();
@@ -259,10 +275,7 @@ async fn demo(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         let url = format!("{}/v1/functions/bank", cluster.node(id).url());
         async move {
             let v: Value = client.get(url).send().await.ok()?.json().await.ok()?;
-            Some((
-                v["seq"].as_u64()?,
-                v["state_digest"].as_str()?.to_owned(),
-            ))
+            Some((v["seq"].as_u64()?, v["state_digest"].as_str()?.to_owned()))
         }
     };
     let new_primary = f["primary"].as_u64().unwrap_or(0);
@@ -297,6 +310,9 @@ async fn demo(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
             r.answered.duration_since(t0).as_secs_f64() * 1000.0
         ))
     );
-    println!("more: `understudy drill --runs 20` measures this over many kills; logs are in {}", dir.display());
+    println!(
+        "more: `understudy drill --runs 20` measures this over many kills; logs are in {}",
+        dir.display()
+    );
     Ok(())
 }

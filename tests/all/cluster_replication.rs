@@ -365,3 +365,58 @@ fn a_backup_that_was_down_while_commits_happened_catches_up_and_then_matches() {
         s["catch_ups"]
     );
 }
+
+#[test]
+fn a_new_node_joins_a_running_cluster_and_takes_copies() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let members = members3();
+    let nodes = start_cluster(certs.path(), &members);
+    converged_leader(&nodes.iter().collect::<Vec<_>>());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(["cluster", "add-node", "--dir"])
+        .arg(certs.path())
+        .args(["--node", "4=127.0.0.1"])
+        .output()
+        .expect("run add-node");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let port = free_port();
+    let joiner = NodeProcess::start_with(crate::support::NodeOptions {
+        config_toml: Some(format!(
+            "[cluster]\nnode_id = 4\npeer_listen = \"127.0.0.1:{port}\"\ncerts_dir = \"{}\"\nmembers = []\njoin = \"2@127.0.0.1:{}\"\n",
+            certs.path().display(),
+            members[1].1
+        )),
+        ..crate::support::NodeOptions::default()
+    });
+    let started = Instant::now();
+    loop {
+        let s = status(&nodes[0]).expect("status");
+        if s["raft"]["voters"] == json!([1, 2, 3, 4])
+            && s["nodes"].as_array().is_some_and(|n| n.len() == 4)
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < SETTLE_TIMEOUT,
+            "node 4 never joined: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let placed = deploy(&joiner, "counter", "counter", 4);
+    assert_eq!(
+        placed["backups"].as_array().map(Vec::len),
+        Some(3),
+        "{placed}"
+    );
+    for _ in 0..5 {
+        joiner.api().ok("counter", "increment", json!(null));
+    }
+    let all: Vec<&NodeProcess> = nodes.iter().chain(std::iter::once(&joiner)).collect();
+    let (seq, _) = settled_copies(&all, "counter");
+    assert_eq!(seq, 5);
+}

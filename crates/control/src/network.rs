@@ -80,6 +80,7 @@ impl Connection {
             RaftReply::InstallSnapshot(_) => "InstallSnapshot",
             RaftReply::Propose(_) => "Propose",
             RaftReply::Pong { .. } => "Pong",
+            RaftReply::Join(_) => "Join",
         };
         RPCError::Network(NetworkError::new(&WrongReply {
             target: self.target,

@@ -385,6 +385,32 @@ impl ControlPlane {
         self.change(ChangeMembers::ReplaceAllVoters(voters)).await
     }
 
+    /// Admit `node` to the cluster: register it in the cluster state, then add it to the
+    /// Raft group (a voter or witness votes once it has caught up; a member only
+    /// learns). Leader only: elsewhere [`Error::NotLeader`].
+    pub async fn join(&self, node: crate::state::Node) -> Result<(), Error> {
+        let (id, addr, role) = (node.id, node.peer_addr.clone(), node.role);
+        let registered = self
+            .propose(Command::RegisterNode {
+                id,
+                peer_addr: node.peer_addr,
+                http_addr: node.http_addr,
+                role,
+            })
+            .await?;
+        if let Response::Rejected(why) = registered {
+            return Err(Error::Forward(why.to_string()));
+        }
+        let status = self.status();
+        if status.voters.contains(&id) {
+            return Ok(());
+        }
+        match role {
+            Role::Voter | Role::Witness => self.add_voter(id, &addr).await,
+            Role::Member => self.add_learner(id, &addr).await,
+        }
+    }
+
     /// Take `id` out of the Raft group, voter or learner. Leader only. The cluster state
     /// is separate: propose [`Command::RemoveNode`] too.
     pub async fn remove_member(&self, id: NodeId) -> Result<(), Error> {
@@ -457,6 +483,18 @@ impl ControlPlane {
                         None
                     },
                 }
+            }
+            RaftMessage::Join(node) => {
+                RaftReply::Join(self.join(node).await.map_err(|e| match e {
+                    Error::NotLeader {
+                        leader,
+                        leader_addr,
+                    } => ForwardError::NotLeader {
+                        leader,
+                        leader_addr,
+                    },
+                    other => ForwardError::Failed(other.to_string()),
+                }))
             }
             RaftMessage::Propose(command) => {
                 RaftReply::Propose(self.propose(command).await.map_err(|e| match e {

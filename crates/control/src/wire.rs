@@ -69,6 +69,8 @@ pub enum RaftMessage {
     /// A node to the master: alive, and asking for a lease (see the runtime's
     /// `cluster::lease`).
     Ping,
+    /// A new node asks to join the cluster (the receiver forwards it to the leader).
+    Join(crate::state::Node),
 }
 
 /// The answer to a [`RaftMessage`], in the variant of the same name.
@@ -84,6 +86,7 @@ pub enum RaftReply {
         leader: Option<NodeId>,
         applied: Option<u64>,
     },
+    Join(Result<(), ForwardError>),
 }
 
 /// Why a forwarded command was not applied.

@@ -69,7 +69,12 @@ pub struct Config {
     /// The founding members. On first start, the member with the lowest id bootstraps
     /// the Raft group with all of them; later starts recover from the data directory.
     pub members: Vec<Member>,
-    /// How often the master pings every node.
+    /// `ID@HOST:PORT`, the peer address of any member of an existing cluster: on its
+    /// first start this node asks to join it (its `members` may then be empty).
+    #[serde(default)]
+    pub join: Option<String>,
+    /// How often every node pings the master (for its lease; the master's failure
+    /// detector listens).
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
     /// Silence after which the master declares a node down and fails its functions over.
@@ -180,7 +185,11 @@ impl Cluster {
             }
             members.insert(NodeId(m.id), node);
         }
-        if !members.contains_key(&NodeId(config.node_id)) {
+        let join = match &config.join {
+            Some(target) => Some(parse_join(target)?),
+            None => None,
+        };
+        if join.is_none() && !members.contains_key(&NodeId(config.node_id)) {
             return Err(Error::Config(format!(
                 "node {} is not among the members",
                 config.node_id
@@ -269,6 +278,20 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             });
+        }
+        if let Some((target, addr)) = join {
+            if control.status().last_log_index.is_none() {
+                let me = understudy_control::Node::new(
+                    NodeId(config.node_id),
+                    config.peer_listen.to_string(),
+                    http_addr.to_string(),
+                    role,
+                );
+                let transport = transport.clone();
+                tokio::spawn(async move {
+                    join_cluster(&transport, target, addr, me).await;
+                });
+            }
         }
         tracing::info!(node = config.node_id, peer_addr = %config.peer_listen, "joined the cluster links");
         Ok(cluster)
@@ -979,6 +1002,70 @@ impl Cluster {
             tracing::warn!(error = %e, "control plane shutdown");
         }
         self.transport.close().await;
+    }
+}
+
+/// `ID@HOST:PORT`.
+fn parse_join(target: &str) -> Result<(NodeId, SocketAddr), Error> {
+    let bad = || {
+        Error::Config(format!(
+            "join must be ID@HOST:PORT (a member's id and peer address), got {target:?}"
+        ))
+    };
+    let (id, addr) = target.split_once('@').ok_or_else(bad)?;
+    Ok((
+        NodeId(id.parse().map_err(|_| bad())?),
+        addr.parse().map_err(|_| bad())?,
+    ))
+}
+
+/// Ask `target` (a member) to admit `me`, following it to the leader, until one says yes.
+async fn join_cluster(
+    transport: &Transport,
+    mut target: NodeId,
+    mut addr: SocketAddr,
+    me: understudy_control::Node,
+) {
+    loop {
+        let reply = match RaftMessage::Join(me.clone()).encode() {
+            Ok(body) => {
+                transport
+                    .request_within(
+                        target.0,
+                        addr,
+                        Channel::Control,
+                        Bytes::from(body),
+                        Duration::from_secs(30),
+                    )
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a join request");
+                return;
+            }
+        };
+        match reply
+            .map_err(|e| e.to_string())
+            .and_then(|r| RaftReply::decode(&r).map_err(|e| e.to_string()))
+        {
+            Ok(RaftReply::Join(Ok(()))) => {
+                tracing::info!(via = %target, "joined the cluster");
+                return;
+            }
+            Ok(RaftReply::Join(Err(understudy_control::ForwardError::NotLeader {
+                leader: Some(leader),
+                leader_addr: Some(leader_addr),
+            }))) => {
+                if let Ok(a) = leader_addr.parse() {
+                    target = leader;
+                    addr = a;
+                    continue;
+                }
+            }
+            Ok(other) => tracing::warn!(answer = ?other, "joining the cluster: not yet"),
+            Err(e) => tracing::warn!(error = %e, %target, "joining the cluster: no answer"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
