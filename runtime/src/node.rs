@@ -668,6 +668,8 @@ impl Node {
             applied.map_err(|e| e.to_string())?;
             lsn_last = lsn;
         }
+        // A backup's log grows with what it receives: it needs snapshots as a primary does.
+        self.maybe_checkpoint();
         Ok(lsn_last)
     }
 
@@ -699,6 +701,7 @@ impl Node {
             .append(&record, |lsn| inner.store.apply(lsn, &record))
             .map_err(|e| e.to_string())?;
         applied.map_err(|e| e.to_string())?;
+        self.maybe_checkpoint();
         Ok(lsn)
     }
 

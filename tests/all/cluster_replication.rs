@@ -420,3 +420,53 @@ fn a_new_node_joins_a_running_cluster_and_takes_copies() {
     let (seq, _) = settled_copies(&all, "counter");
     assert_eq!(seq, 5);
 }
+
+#[test]
+fn backups_snapshot_their_logs_and_recover_from_them() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let members = members3();
+    let mut nodes: Vec<NodeProcess> = members
+        .iter()
+        .map(|(id, _, _)| {
+            NodeProcess::start_with(crate::support::NodeOptions {
+                config_toml: Some(format!(
+                    "checkpoint_log_bytes = 8192\n{}",
+                    crate::cluster_form::config(*id, certs.path(), &members)
+                )),
+                ..crate::support::NodeOptions::default()
+            })
+        })
+        .collect();
+    converged_leader(&nodes.iter().collect::<Vec<_>>());
+    let placed = deploy(&nodes[0], "counter", "counter", 3);
+    let primary = placed["primary"].as_u64().expect("primary");
+    let backup = placed["backups"][0].as_u64().expect("backup");
+    let p = (primary - 1) as usize;
+    for _ in 0..300 {
+        nodes[p].api().ok("counter", "increment", json!(null));
+    }
+    let b = (backup - 1) as usize;
+    let started = Instant::now();
+    while crate::support::wal_snapshots(&nodes[b].wal_dir()).is_empty() {
+        assert!(
+            started.elapsed() < SETTLE_TIMEOUT,
+            "the backup never wrote a snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (seq, digest) = settled_copies(&nodes.iter().collect::<Vec<_>>(), "counter");
+    nodes[b].kill9();
+    nodes[b].restart();
+    let copy = local_copy(&nodes[b], "counter").expect("recovered copy");
+    assert_eq!(
+        copy["seq"], seq,
+        "the backup recovered from its snapshot and log"
+    );
+    assert_eq!(copy["state_digest"], digest.as_str());
+    // And it is a copy again (after the master dropped it while it was down and took it
+    // back as a catching-up backup).
+    nodes[p].api().ok("counter", "increment", json!(null));
+    let (after, _) = settled_copies(&nodes.iter().collect::<Vec<_>>(), "counter");
+    assert_eq!(after, seq + 1);
+}
