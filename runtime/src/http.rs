@@ -103,6 +103,8 @@ pub fn router(node: Node) -> Router {
         .route("/v1/functions/{name}", put(deploy).delete(delete))
         .route("/v1/functions/{name}/stop", post(stop))
         .route("/v1/functions/{name}/start", post(start))
+        .route("/v1/cluster/nodes/{id}/drain", post(drain_node))
+        .route("/v1/cluster/nodes/{id}/remove", post(remove_node))
         .layer(DefaultBodyLimit::max(component_max));
     let public = Router::new()
         .route("/v1/functions", get(list))
@@ -226,6 +228,38 @@ async fn start(
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
     set_running(node, name, true).await
+}
+
+async fn drain_node(
+    State(node): State<Node>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&node, &headers)?;
+    let cluster = clustered(&node)?;
+    run_to_completion(async move { cluster.drain(id).await }).await??;
+    Ok(Json(json!({ "node": id, "status": "draining" })).into_response())
+}
+
+async fn remove_node(
+    State(node): State<Node>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&node, &headers)?;
+    let cluster = clustered(&node)?;
+    run_to_completion(async move { cluster.remove(id).await }).await??;
+    Ok(Json(json!({ "node": id, "status": "removed" })).into_response())
+}
+
+fn clustered(node: &Node) -> Result<std::sync::Arc<crate::cluster::Cluster>, ApiError> {
+    node.cluster().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-clustered",
+            "this node runs alone (no [cluster] in its config)",
+        )
+    })
 }
 
 async fn set_running(node: Node, name: String, running: bool) -> Result<Response, ApiError> {

@@ -162,6 +162,19 @@ enum ClusterCommand {
         #[arg(long = "node", value_parser = parse_node_spec)]
         node: understudy_net::NodeSpec,
     },
+    /// Drain a node: no new copies go there, and its copies move away (its primaries
+    /// handed over first).
+    Drain {
+        id: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a drained node from the cluster and its Raft group (ask the master).
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 fn parse_node_spec(text: &str) -> Result<understudy_net::NodeSpec, String> {
@@ -422,6 +435,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 node.id,
                 dir.display()
             );
+            Ok(())
+        }
+        Command::Cluster {
+            command: ClusterCommand::Drain { id, remote },
+        } => {
+            send(remote.authorized(
+                client()?.post(format!("{}/v1/cluster/nodes/{id}/drain", remote.node)),
+            ))?;
+            println!("node {id} is draining: its copies move to other nodes");
+            Ok(())
+        }
+        Command::Cluster {
+            command: ClusterCommand::Remove { id, remote },
+        } => {
+            send(remote.authorized(
+                client()?.post(format!("{}/v1/cluster/nodes/{id}/remove", remote.node)),
+            ))?;
+            println!("node {id} removed");
             Ok(())
         }
         Command::Bench(args) => {

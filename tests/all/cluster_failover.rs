@@ -330,3 +330,69 @@ fn paused_primary_cannot_commit_and_its_clients_are_answered_by_the_new_primary(
             .is_some_and(|b| b.contains(&json!(primary)))
     });
 }
+
+#[test]
+fn a_drained_node_hands_its_copies_over_under_load_and_is_removed() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let nodes = start_cluster(certs.path(), &members3());
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    nodes[0]
+        .api()
+        .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
+        .expect_status(201);
+    let placed = deploy_bank(&nodes[0], 2);
+    let drained = placed["primary"].as_u64().expect("primary");
+    assert_ne!(drained, master);
+    let others: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != drained).collect();
+    let apis: Vec<Api> = others.iter().map(|i| nodes[*i].api().clone()).collect();
+    let load = Workload::start(apis, 4);
+    wait_for("some transfers before the drain", || load.acked() >= 50);
+
+    nodes[others[0]]
+        .api()
+        .post(&format!("/v1/cluster/nodes/{drained}/drain"))
+        .expect_status(200);
+    wait_for("every copy off the drained node", || {
+        let s = status(&nodes[others[0]]).unwrap_or_default();
+        s["functions"].as_array().is_some_and(|fs| {
+            fs.iter().all(|f| {
+                f["primary"] != drained
+                    && !f["backups"]
+                        .as_array()
+                        .is_some_and(|b| b.contains(&json!(drained)))
+                    && !f["catching_up"]
+                        .as_array()
+                        .is_some_and(|b| b.contains(&json!(drained)))
+            })
+        })
+    });
+    let before = load.acked();
+    wait_for("transfers after the handover", || {
+        load.acked() >= before + 50
+    });
+    let (acked, (retried, longest_ms)) = load.finish();
+    println!(
+        "drain under load: {} acknowledged, {retried} retried, longest wait {longest_ms:.1} ms",
+        acked.len()
+    );
+    let o = others[0];
+    check_nothing_lost(nodes[o].api(), &acked);
+    let total = nodes[o].api().ok("bank", "total", json!(null));
+    assert_eq!(total["total"], INITIAL * ACCOUNTS.len() as u64);
+
+    nodes[(master - 1) as usize]
+        .api()
+        .post(&format!("/v1/cluster/nodes/{drained}/remove"))
+        .expect_status(200);
+    wait_for("the removed node out of the voters", || {
+        let s = status(&nodes[o]).unwrap_or_default();
+        s["raft"]["voters"]
+            .as_array()
+            .is_some_and(|v| !v.contains(&json!(drained)))
+            && s["nodes"]
+                .as_array()
+                .and_then(|n| n.iter().find(|n| n["id"] == drained).cloned())
+                .is_some_and(|n| n["status"] == "removed")
+    });
+}

@@ -411,6 +411,12 @@ impl Api {
         .expect("deploy request")
     }
 
+    /// `POST path` with no body.
+    pub fn post(&self, path: &str) -> Reply {
+        self.send(self.client.post(self.url(path)))
+            .expect("POST request")
+    }
+
     /// `PUT path` with `bytes` as the body.
     pub fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Reply {
         self.send(self.client.put(self.url(path)).body(bytes))

@@ -104,6 +104,17 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
         for node in up {
             c.declare(node, Health::Up, Duration::ZERO).await;
         }
+        // Draining nodes: their copies move away, one step per tick.
+        let draining: Vec<NodeId> = state
+            .nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Draining && n.health == Health::Up)
+            .filter(|n| !state.functions_on(n.id).is_empty())
+            .map(|n| n.id)
+            .collect();
+        for node in draining {
+            c.drain_step(node).await;
+        }
         if repaired_at.elapsed() >= REPAIR_EVERY {
             repaired_at = Instant::now();
             let plan = plan_repair(&c.control.state());
@@ -168,7 +179,7 @@ impl Cluster {
 
     /// Propose `plan`'s commands in order; returns what was applied and when, for the
     /// record.
-    async fn carry_out(&self, plan: &FailoverPlan) -> Vec<(String, Instant)> {
+    pub(super) async fn carry_out(&self, plan: &FailoverPlan) -> Vec<(String, Instant)> {
         let mut done = Vec::new();
         for command in &plan.commands {
             match self.control.propose(command.clone()).await {

@@ -490,6 +490,112 @@ impl Cluster {
         }
     }
 
+    /// Drain node `n`: no new copies go there, and the master moves its copies away (its
+    /// primaries handed over first), through the master.
+    pub async fn drain(&self, n: u64) -> Result<(), AdminError> {
+        self.propose_node(understudy_control::Command::DrainNode { node: NodeId(n) })
+            .await
+    }
+
+    /// Remove drained node `n` from the cluster and from the Raft group. Refused while it
+    /// still holds a copy.
+    pub async fn remove(&self, n: u64) -> Result<(), AdminError> {
+        self.propose_node(understudy_control::Command::RemoveNode { node: NodeId(n) })
+            .await?;
+        let leader = self
+            .control
+            .leader()
+            .ok_or_else(|| AdminError::Unavailable("no master right now".into()))?;
+        if leader == self.id {
+            return self
+                .control
+                .remove_member(NodeId(n))
+                .await
+                .map_err(|e| AdminError::Unavailable(e.to_string()));
+        }
+        // The Raft membership change is the leader's: ask it through the HTTP API.
+        let http = self
+            .control
+            .state()
+            .nodes
+            .get(&leader)
+            .map(|l| l.http_addr.clone())
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| {
+                AdminError::Unavailable(format!(
+                    "the master, node {leader}, has no known HTTP address"
+                ))
+            })?;
+        Err(AdminError::Rejected(format!(
+            "node {n} is marked removed; take it out of the Raft group on the master: POST http://{http}/v1/cluster/nodes/{n}/remove"
+        )))
+    }
+
+    async fn propose_node(&self, command: understudy_control::Command) -> Result<(), AdminError> {
+        match self.control.propose_via_leader(command).await {
+            Ok(understudy_control::Response::Rejected(why)) => {
+                Err(AdminError::Rejected(why.to_string()))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(AdminError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// As master: move one step of a draining node's copies away. A primary is asked to
+    /// step down (it stops serving, under its lock) before the promotion is committed,
+    /// so it never answers from a state another primary is already changing.
+    async fn drain_step(&self, n: NodeId) {
+        let state = self.control.state();
+        let plan = understudy_control::plan_failover(&state, n, |_, _| true);
+        let Some(first) = plan.commands.first() else {
+            return;
+        };
+        if let understudy_control::Command::Promote {
+            function,
+            expected_epoch,
+            ..
+        } = first
+        {
+            if n == self.id {
+                if let Ok(name) = FunctionName::new(function) {
+                    let _locked = self.node.lock_function(&name).await;
+                    self.replicas.step_down(&name, Epoch(expected_epoch.0));
+                }
+                let one = understudy_control::FailoverPlan {
+                    commands: vec![first.clone()],
+                    shortfalls: Vec::new(),
+                };
+                self.carry_out(&one).await;
+                return;
+            }
+            let Some(addr) = self.peer_addr(n) else {
+                return;
+            };
+            let request = wire::encode(&Invoke::StepDown {
+                function: function.clone(),
+                epoch: expected_epoch.0,
+            });
+            let reply = self
+                .transport
+                .request_within(n.0, addr, Channel::Invoke, request, Duration::from_secs(2))
+                .await;
+            let stepped = reply
+                .ok()
+                .and_then(|r| wire::decode::<InvokeReply>(&r).ok())
+                .is_some_and(|r| matches!(r, InvokeReply::SteppedDown));
+            if !stepped {
+                // Not reachable: if it is dead, the failure detector takes over.
+                return;
+            }
+        }
+        let one = understudy_control::FailoverPlan {
+            commands: vec![first.clone()],
+            shortfalls: Vec::new(),
+        };
+        let done = self.carry_out(&one).await;
+        tracing::info!(node = %n, steps = ?done, "draining");
+    }
+
     /// `function`'s copy on node `n`, as it describes it.
     async fn describe_on(&self, n: NodeId, function: &str) -> Option<crate::node::FunctionInfo> {
         if n == self.id {
@@ -710,6 +816,18 @@ impl Cluster {
             Invoke::Describe { function } => {
                 InvokeReply::Described(self.node.describe(&function).ok())
             }
+            Invoke::StepDown { function, epoch } => match FunctionName::new(&function) {
+                Ok(name) => {
+                    // Under the function's lock: no transaction is half-way when it stops.
+                    let _locked = self.node.lock_function(&name).await;
+                    self.replicas.step_down(&name, Epoch(epoch));
+                    InvokeReply::SteppedDown
+                }
+                Err(e) => InvokeReply::Failed {
+                    code: "bad-name".into(),
+                    message: e,
+                },
+            },
             Invoke::Call {
                 function,
                 method,
@@ -836,6 +954,10 @@ impl Cluster {
         let epoch = Epoch(a.epoch.0);
         let backups: Vec<Peer> = a.backups.iter().map(|n| Peer(n.0)).collect();
         let catching_up: Vec<Peer> = a.catching_up.iter().map(|n| Peer(n.0)).collect();
+        if self.replicas.stepped_down(function, epoch) {
+            // Handed over: the master is promoting another copy.
+            return;
+        }
         let current = self.replicas.get(function);
         if let Some(Copy::Primary(p)) = &current {
             if p.epoch > epoch {

@@ -443,6 +443,9 @@ pub struct Replicas {
     me: NodeId,
     node: Node,
     copies: RwLock<HashMap<FunctionName, Copy>>,
+    /// Primary roles this node gave up on the master's request (a drain), by epoch: not
+    /// to be taken again in that epoch.
+    stepped_down: Mutex<std::collections::HashSet<(FunctionName, Epoch)>>,
     senders: Arc<Senders>,
 }
 
@@ -452,6 +455,7 @@ impl Replicas {
             me,
             node: node.clone(),
             copies: RwLock::new(HashMap::new()),
+            stepped_down: Mutex::new(std::collections::HashSet::new()),
             senders: Arc::new(Senders {
                 transport,
                 node: node.clone(),
@@ -616,6 +620,24 @@ impl Replicas {
         }
         tracing::info!(%function, primary = %from, seq, "installed the primary's snapshot");
         wire::BulkReply::Installed { seq }
+    }
+
+    /// Stop serving `function` as its primary in `epoch` (the master is about to promote
+    /// another copy). Waiters whose commits were not released are told to retry.
+    pub fn step_down(&self, function: &FunctionName, epoch: Epoch) {
+        self.stepped_down.lock().insert((function.clone(), epoch));
+        if let Some(Copy::Primary(p)) = self.copies.read().get(function) {
+            if p.epoch <= epoch {
+                p.retire();
+            }
+        }
+        tracing::info!(%function, epoch = epoch.0, "stepped down as primary");
+    }
+
+    pub fn stepped_down(&self, function: &FunctionName, epoch: Epoch) -> bool {
+        self.stepped_down
+            .lock()
+            .contains(&(function.clone(), epoch))
     }
 
     /// Hold no copy of `function` any more.

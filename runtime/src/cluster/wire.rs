@@ -80,6 +80,9 @@ pub enum Invoke {
     },
     /// This node's copy of a function, if it has one.
     Describe { function: String },
+    /// From the master, before it promotes another copy (a drain): stop serving
+    /// `function` as its primary in `epoch`.
+    StepDown { function: String, epoch: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,6 +102,7 @@ pub enum InvokeReply {
         message: String,
     },
     Described(Option<FunctionInfo>),
+    SteppedDown,
 }
 
 /// Bytes, encoded as a msgpack binary rather than an array of numbers.
