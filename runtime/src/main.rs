@@ -69,6 +69,10 @@ enum Command {
         /// Memory cap per instance in MiB (default 64).
         #[arg(long)]
         memory_max_mib: Option<usize>,
+        /// Join a running cluster through a member: `ID@HOST:PORT` (its id and peer
+        /// address). Overrides `join` in the config's `[cluster]` section.
+        #[arg(long)]
+        join: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
@@ -218,6 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin_token,
             deadline_ms,
             memory_max_mib,
+            join,
             log_format,
         } => {
             init_tracing(log_format);
@@ -242,6 +247,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(v) = memory_max_mib {
                 cfg.wasm.memory_max_bytes = v << 20;
+            }
+            if let Some(target) = join {
+                match cfg.cluster.as_mut() {
+                    Some(cluster) => cluster.join = Some(target),
+                    None => bail!("--join needs a [cluster] section in the config (node id, peer address, certificates)"),
+                }
             }
             cfg.validate()?;
             run_node(cfg)
