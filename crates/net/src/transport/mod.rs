@@ -821,7 +821,8 @@ mod tests {
     use super::*;
 
     // The ALPN ids and error codes are the wire contract between nodes of different builds:
-    // changing one splits a cluster during a rolling upgrade.
+    // changing one splits a cluster during a rolling upgrade (adding one, as `invoke/1`
+    // was, only means older nodes do not serve it).
     #[test]
     fn wire_identifiers_are_stable() {
         let alpns: Vec<&[u8]> = Channel::ALL.iter().map(|c| c.alpn()).collect();
@@ -830,7 +831,8 @@ mod tests {
             [
                 &b"understudy-control/1"[..],
                 b"understudy-replication/1",
-                b"understudy-bulk/1"
+                b"understudy-bulk/1",
+                b"understudy-invoke/1"
             ]
         );
         for channel in Channel::ALL {
