@@ -396,3 +396,159 @@ fn a_drained_node_hands_its_copies_over_under_load_and_is_removed() {
                 .is_some_and(|n| n["status"] == "removed")
     });
 }
+
+/// iptables rules that drop every QUIC packet to and from one node's peer port (its
+/// HTTP API stays reachable), deleted on drop, even when the test fails.
+struct CutOff {
+    rules: Vec<Vec<String>>,
+}
+
+impl CutOff {
+    /// `None` when this machine cannot do it (not root, or no iptables).
+    fn node(peer_port: u16) -> Option<CutOff> {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if !root {
+            return None;
+        }
+        let tag = format!("understudy-test-{}-{peer_port}", std::process::id());
+        let rules: Vec<Vec<String>> = ["--dport", "--sport"]
+            .iter()
+            .map(|dir| {
+                [
+                    "INPUT",
+                    "-p",
+                    "udp",
+                    dir,
+                    &peer_port.to_string(),
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &tag,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            })
+            .collect();
+        let mut cut = CutOff { rules: Vec::new() };
+        for rule in rules {
+            let ok = std::process::Command::new("iptables")
+                .arg("-I")
+                .args(&rule)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return None;
+            }
+            cut.rules.push(rule);
+        }
+        Some(cut)
+    }
+}
+
+impl Drop for CutOff {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let _ = std::process::Command::new("iptables")
+                .arg("-D")
+                .args(rule)
+                .status();
+        }
+    }
+}
+
+#[test]
+fn primary_cut_off_from_the_cluster_cannot_commit_and_rejoins_as_a_backup() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let members = members3();
+    let nodes = start_cluster(certs.path(), &members);
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    nodes[0]
+        .api()
+        .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
+        .expect_status(201);
+    let placed = deploy_bank(&nodes[0], 3);
+    let primary = placed["primary"].as_u64().expect("primary");
+    let epoch_before = placed["epoch"].as_u64().expect("epoch");
+    assert_ne!(primary, master);
+    let others: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != primary).collect();
+    let apis: Vec<Api> = others.iter().map(|i| nodes[*i].api().clone()).collect();
+    let load = Workload::start(apis, 4);
+    wait_for("some transfers before the cut", || load.acked() >= 50);
+
+    let port = members[(primary - 1) as usize].1;
+    let Some(cut) = CutOff::node(port) else {
+        let _ = load.finish();
+        eprintln!("skipped: cutting a node off needs root and iptables (CI has both)");
+        return;
+    };
+    let o = others[0];
+    wait_for("a new primary while the old one is cut off", || {
+        let f = bank(&nodes[o]);
+        f["primary"].as_u64().is_some_and(|p| p != primary)
+            && f["epoch"].as_u64().is_some_and(|e| e > epoch_before)
+    });
+    let before = load.acked();
+    wait_for("transfers on the new primary", || {
+        load.acked() >= before + 100
+    });
+    // The cut-off node still takes HTTP requests: it must neither commit nor answer
+    // from its stale state (its lease ran out; it cannot reach the new primary).
+    let cut_off = &nodes[(primary - 1) as usize];
+    let asked = Instant::now();
+    for i in 0..1u64 {
+        let reply = cut_off.api().invoke_keyed(
+            "bank",
+            "transfer",
+            &json!({ "from": "a", "to": "b", "amount": 1 }),
+            &format!("cut-{i}"),
+        );
+        assert!(
+            reply.status != 200 || served_by(&reply).is_some_and(|(n, _)| n != primary),
+            "the cut-off primary answered itself: {} {:?}",
+            reply.status,
+            reply.body
+        );
+        let read = cut_off.api().invoke("bank", "total", &json!(null));
+        assert!(
+            read.status != 200 || served_by(&read).is_some_and(|(n, _)| n != primary),
+            "a stale read from the cut-off primary: {:?}",
+            read.body
+        );
+        println!(
+            "the cut-off node answered {} {} and {} {}",
+            reply.status, reply.body, read.status, read.body
+        );
+    }
+    println!("asking the cut-off node took {:?}", asked.elapsed());
+    let healed = Instant::now();
+    drop(cut);
+    wait_for("the healed node is a backup again", || {
+        bank(&nodes[o])["backups"]
+            .as_array()
+            .is_some_and(|b| b.contains(&json!(primary)))
+    });
+    println!(
+        "rejoined as a backup {:?} after the cut was healed",
+        healed.elapsed()
+    );
+    // Its clients are answered by the new primary now.
+    let reply = cut_off.api().invoke_keyed(
+        "bank",
+        "transfer",
+        &json!({ "from": "a", "to": "b", "amount": 1 }),
+        "after-heal",
+    );
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_ne!(served_by(&reply).map(|s| s.0), Some(primary));
+    let (acked, _) = load.finish();
+    check_nothing_lost(nodes[o].api(), &acked);
+    let total = nodes[o].api().ok("bank", "total", json!(null));
+    assert_eq!(total["total"], INITIAL * ACCOUNTS.len() as u64);
+}
