@@ -406,10 +406,23 @@ impl Node {
 
     /// The remembered answer for `key`, once the commit that remembered it is durable.
     async fn replay(&self, f: &Function, key: &str) -> Result<Option<Answer>, InvokeError> {
+        match self.remembered(f, key) {
+            Some(found) => self.replay_found(f, found).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The answer remembered for `key`, with the position that must be durable first.
+    fn remembered(&self, f: &Function, key: &str) -> Option<(Lsn, Idempotency)> {
         let expiry = now_ms().saturating_sub(self.inner.config.idempotency_window_s * 1000);
-        let Some((lsn, entry)) = f.idempotent_answer(key, expiry) else {
-            return Ok(None);
-        };
+        f.idempotent_answer(key, expiry)
+    }
+
+    async fn replay_found(
+        &self,
+        f: &Function,
+        (lsn, entry): (Lsn, Idempotency),
+    ) -> Result<Answer, InvokeError> {
         self.wait_durable(lsn).await?;
         let mut served_by = None;
         if let Some(cluster) = self.inner.cluster.get() {
@@ -428,12 +441,12 @@ impl Node {
             Outcome::Ok(output) => Ok(output),
             Outcome::Err { code, message } => Err(GuestError { code, message }),
         };
-        Ok(Some(Answer {
+        Ok(Answer {
             outcome,
             txn: TxnId(0),
             replayed: true,
             served_by,
-        }))
+        })
     }
 
     async fn attempt(
@@ -475,8 +488,11 @@ impl Node {
             None => None,
         };
         if let Some(key) = idempotency_key {
-            if let Some(answer) = self.replay(f, key).await? {
-                return Ok(answer);
+            if let Some(found) = self.remembered(f, key) {
+                // Waiting for it to be durable and replicated must not hold the lock (a
+                // catch-up that would release it needs the lock).
+                drop(held);
+                return self.replay_found(f, found).await;
             }
         }
         let loaded = self.loaded(meta.deploy.digest)?;
@@ -546,8 +562,13 @@ impl Node {
                 None => Vec::new(),
             };
         if !writes.is_empty() || idempotency.is_some() {
+            // Only the functions this commit enters the log of (not those it only read).
             let epochs = copies
                 .iter()
+                .filter(|(_, g)| {
+                    writes.iter().any(|w| w.function == g.name)
+                        || idempotency.as_ref().is_some_and(|i| i.function == g.name)
+                })
                 .map(|(c, g)| FunctionEpoch {
                     function: g.name.clone(),
                     epoch: c.epoch.0,
@@ -710,7 +731,10 @@ impl Node {
     pub async fn lock_function(&self, function: &FunctionName) -> Option<impl Drop> {
         let f = self.inner.store.get(function)?;
         let id = TxnId(self.inner.txn_next.fetch_add(1, Ordering::Relaxed));
-        f.lock.acquire(id, Mode::First).await.ok()?;
+        // A full queue is no reason to change a role without the lock: wait for room.
+        while f.lock.acquire(id, Mode::First).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         Some(FunctionLock {
             function: f,
             txn: id,
@@ -1028,7 +1052,9 @@ fn check_lease(
     copy: Option<&crate::cluster::replica::PrimaryCopy>,
 ) -> Result<(), InvokeError> {
     if let Some(copy) = copy {
-        if !copy.serving() {
+        // The cluster state as applied here must still name this copy: after a pause the
+        // lease may be renewed (the demotion applied) before the copy is retired.
+        if !copy.serving() || !cluster.names_primary(&copy.function, copy.epoch) {
             return Err(InvokeError::Unavailable(format!(
                 "this node no longer serves {} as primary",
                 copy.function

@@ -78,7 +78,7 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
         let mut down = Vec::new();
         let mut up = Vec::new();
         {
-            let pinged = c.pinged.lock();
+            let mut grants = c.grants.lock();
             for n in state.nodes.values() {
                 if n.id == c.id || n.status == NodeStatus::Removed {
                     continue;
@@ -89,12 +89,27 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
                     Some((old, contact)) if old == n.id => contact,
                     _ => since,
                 };
-                let last = pinged.get(&n.id).copied().map_or(floor, |p| p.max(floor));
+                let last = grants
+                    .pinged
+                    .get(&n.id)
+                    .copied()
+                    .map_or(floor, |p| p.max(floor));
                 let silent = now.saturating_duration_since(last);
                 match (silent >= timeout, n.health) {
-                    (true, Health::Up) => down.push((n.id, silent)),
-                    (false, Health::Down) => up.push(n.id),
-                    _ => {}
+                    (true, Health::Up) => {
+                        // From now on it gets no lease; the verdict waits for the last one
+                        // it got to run out (see `declare`).
+                        grants.suspected.insert(n.id);
+                        down.push((n.id, silent));
+                    }
+                    (false, Health::Down) => {
+                        grants.suspected.remove(&n.id);
+                        up.push(n.id);
+                    }
+                    (false, Health::Up) => {
+                        grants.suspected.remove(&n.id);
+                    }
+                    (true, Health::Down) => {}
                 }
             }
         }
@@ -126,6 +141,17 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
 impl Cluster {
     /// Commit `health` for `node`, then the plan that follows from it.
     async fn declare(&self, node: NodeId, health: Health, silent: Duration) {
+        if health == Health::Down {
+            // The node may still hold a lease this master granted: no one takes its
+            // place before that has run out.
+            let granted = self.grants.lock().granted.get(&node).copied();
+            if let Some(end) = granted.map(|g| g + self.lease_for) {
+                let now = Instant::now();
+                if end > now {
+                    tokio::time::sleep(end - now).await;
+                }
+            }
+        }
         let started = Instant::now();
         let at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -29,19 +29,67 @@ pub struct Lease {
     granted: Option<(Instant, u64)>,
     /// As master: when a quorum last acknowledged this node's leadership.
     quorum_acked_at: Option<Instant>,
+    /// When the lease task last ran its tick: after a pause of the whole process, an
+    /// old Raft report must not pass for a fresh one (see `run`).
+    ticked_at: Option<Instant>,
 }
 
 pub type Shared = Mutex<Lease>;
 
+/// As master: what it knows of the other nodes' leases.
+#[derive(Debug, Default)]
+pub struct Grants {
+    /// When each node's last ping arrived (the failure detector's evidence).
+    pub pinged: std::collections::HashMap<NodeId, Instant>,
+    /// When this master last granted each node a lease: the node's lease ends at most
+    /// `lease_for` after it.
+    pub granted: std::collections::HashMap<NodeId, Instant>,
+    /// Nodes the failure detector suspects: they get no lease until judged up again.
+    pub suspected: std::collections::HashSet<NodeId>,
+}
+
 impl Cluster {
-    /// Whether this node may answer as a primary now.
+    /// Whether the cluster state applied here names this node primary of `function` in
+    /// `epoch`.
+    pub fn names_primary(
+        &self,
+        function: &crate::ids::FunctionName,
+        epoch: crate::replication::Epoch,
+    ) -> bool {
+        self.control
+            .state()
+            .assignments
+            .get(function.as_str())
+            .is_some_and(|a| a.primary == self.id && a.epoch.0 == epoch.0)
+    }
+
+    /// As master: answer `from`'s ping, granting it a lease unless this master holds no
+    /// lease itself (it may have been deposed) or suspects `from`.
+    pub fn answer_ping(&self, from: NodeId) -> RaftReply {
+        let leader = self.control.leader();
+        let mut grants = self.grants.lock();
+        let now = Instant::now();
+        grants.pinged.insert(from, now);
+        let grant = leader == Some(self.id) && !grants.suspected.contains(&from) && self.lease_ok();
+        let applied = if grant {
+            grants.granted.insert(from, now);
+            self.control.last_applied()
+        } else {
+            None
+        };
+        RaftReply::Pong { leader, applied }
+    }
     pub fn lease_ok(&self) -> bool {
         let now = Instant::now();
         let lease = self.lease.lock();
         if self.control.leader() == Some(self.id) {
-            return lease
-                .quorum_acked_at
-                .is_some_and(|t| now.duration_since(t) < self.lease_for);
+            let live = lease
+                .ticked_at
+                .is_some_and(|t| now.duration_since(t) < self.lease_for / 2);
+            return live
+                && lease
+                    .quorum_acked_at
+                    .is_some_and(|t| now.duration_since(t) < self.master_lease_for);
         }
         match lease.granted {
             Some((until, applied)) => {
@@ -61,9 +109,22 @@ pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
         Some(c) => c.control.metrics(),
         None => return,
     };
+    let mut last_tick = Instant::now();
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
+            _ = ticker.tick() => {
+                let Some(c) = cluster.upgrade() else { return };
+                let now = Instant::now();
+                let mut lease = c.lease.lock();
+                if now.duration_since(last_tick) > c.lease_for / 2 {
+                    // This task was held up (the process paused?): a Raft report from
+                    // before says nothing of now. Wait for a new one.
+                    lease.quorum_acked_at = None;
+                    metrics.borrow_and_update();
+                }
+                lease.ticked_at = Some(now);
+                last_tick = now;
+            }
             changed = metrics.changed() => {
                 if changed.is_err() {
                     return;
@@ -126,9 +187,4 @@ pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
             }
         }
     }
-}
-
-/// The master records when a node's ping arrived (its failure detector's evidence).
-pub fn ping_arrived(cluster: &Cluster, from: NodeId) {
-    cluster.pinged.lock().insert(from, Instant::now());
 }

@@ -138,11 +138,14 @@ pub struct Cluster {
     /// Functions this run has seen in the cluster state: one that disappears from it was
     /// deleted (as opposed to not yet known after a restart).
     seen: Mutex<HashSet<String>>,
-    /// As master: when each node's last ping arrived (see `health`, `lease`).
-    pinged: Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
+    /// As master: pings, grants and suspicions (see `health`, `lease`).
+    grants: Mutex<lease::Grants>,
     lease: lease::Shared,
     /// How long a lease lasts: shorter than the failure timeout.
     lease_for: Duration,
+    /// How long the master's own lease lasts after a quorum acknowledged it: shorter than
+    /// the election timeout, which must pass before another voter can even campaign.
+    master_lease_for: Duration,
     /// Serialises reconciliation passes.
     reconciling: tokio::sync::Mutex<()>,
     /// The master's last verdicts on nodes (see `health`).
@@ -237,9 +240,13 @@ impl Cluster {
             node: node.clone(),
             replicas,
             seen: Mutex::new(HashSet::new()),
-            pinged: Mutex::new(std::collections::HashMap::new()),
+            grants: Mutex::new(lease::Grants::default()),
             lease: Mutex::new(lease::Lease::default()),
             lease_for: Duration::from_millis(config.failure_timeout_ms.max(2) * 3 / 4),
+            master_lease_for: Duration::from_millis(
+                (config.failure_timeout_ms.max(2) * 3 / 4)
+                    .min(understudy_control::config::ELECTION_TIMEOUT_MIN_MS_DEFAULT / 2),
+            ),
             reconciling: tokio::sync::Mutex::new(()),
             events: Mutex::new(Vec::new()),
             auto_keys: std::sync::atomic::AtomicU64::new(crate::node::now_ms() * 1000),
@@ -1298,8 +1305,24 @@ impl Handler for Dispatch {
                         }
                     };
                     if matches!(message, RaftMessage::Ping) {
-                        if let Some(cluster) = self.cluster.get() {
-                            lease::ping_arrived(cluster, NodeId(peer));
+                        let Some(cluster) = self.cluster.get() else {
+                            return Bytes::new();
+                        };
+                        return match cluster.answer_ping(NodeId(peer)).encode() {
+                            Ok(bytes) => Bytes::from(bytes),
+                            Err(_) => Bytes::new(),
+                        };
+                    }
+                    if let RaftMessage::Join(node) = &message {
+                        // A node joins as itself: the id in its certificate.
+                        if node.id != NodeId(peer) {
+                            tracing::warn!(peer, claimed = %node.id, "refused a join for another node id");
+                            return RaftReply::Join(Err(understudy_control::ForwardError::Failed(
+                                format!("node {peer} cannot join as node {}", node.id),
+                            )))
+                            .encode()
+                            .map(Bytes::from)
+                            .unwrap_or_default();
                         }
                     }
                     let reply = control.handle_raft(message).await;

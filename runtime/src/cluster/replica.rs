@@ -210,6 +210,9 @@ impl PrimaryCopy {
 pub struct BackupCopy {
     pub function: FunctionName,
     engine: Mutex<Backup>,
+    /// Replaced (this node became primary): what arrives for it is not applied. Set under
+    /// the engine's lock, so no apply is half-way when the new role reads the position.
+    retired: AtomicBool,
 }
 
 impl BackupCopy {
@@ -516,8 +519,21 @@ impl Replicas {
     /// the function's lock, so no commit is half-way; the previous primary copy, if any,
     /// has released everything (see `drained`).
     pub fn become_primary(&self, function: &FunctionName, epoch: Epoch, backups: &[NodeId]) {
+        // A backup copy may be applying what the old primary sent: stop it first, under
+        // its engine's lock, so the position read below is final.
+        let old_backup = match self.get(function) {
+            Some(Copy::Backup(b)) => Some(b),
+            _ => None,
+        };
+        let applying = old_backup.as_ref().map(|b| {
+            let engine = b.engine.lock();
+            b.retired.store(true, Ordering::Release);
+            engine
+        });
         let f = self.node.store().get(function);
         let (seq, epoch_last) = f.map_or((0, 0), |f| (f.seq(), f.epoch_last()));
+        // Released before `copies` is locked (`status` takes them the other way round).
+        drop(applying);
         let (engine, commands) =
             Primary::new(Instant::now(), epoch, Seq(seq), Epoch(epoch_last), backups);
         let copy = Arc::new(PrimaryCopy {
@@ -562,6 +578,7 @@ impl Replicas {
             Copy::Backup(Arc::new(BackupCopy {
                 function: function.clone(),
                 engine: Mutex::new(Backup::new(epoch, Seq(seq), Epoch(epoch_last))),
+                retired: AtomicBool::new(false),
             })),
         );
         tracing::info!(%function, epoch = epoch.0, seq, "backup");
@@ -601,6 +618,12 @@ impl Replicas {
         let (seq, epoch_last) = (image.seq, image.epoch_last);
         let lsn = {
             let mut engine = copy.engine.lock();
+            if copy.retired.load(Ordering::Acquire) {
+                return wire::BulkReply::Error(format!(
+                    "node {} is no longer a backup of {function}",
+                    self.me
+                ));
+            }
             if epoch < engine.epoch().0 {
                 return wire::BulkReply::Stale {
                     epoch: engine.epoch().0,
@@ -675,6 +698,11 @@ impl Replicas {
             };
             let epoch = append.epoch;
             let mut engine = copy.engine.lock();
+            if copy.retired.load(Ordering::Acquire) {
+                // This node has just become the primary: the old primary's entries are moot.
+                replies.push(Vec::new());
+                continue;
+            }
             let commands = engine.step(backup::Event::Received { from, append });
             let mut out = Vec::new();
             for command in commands {

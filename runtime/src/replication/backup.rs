@@ -148,12 +148,16 @@ impl Backup {
         ];
         if self.resyncing {
             // Still waiting for a snapshot. A new primary must learn that it owes one
-            // (`matched` then records that it was told, until `reset`).
+            // (`matched` then records that it was told, until `reset`); every later
+            // message is answered the same way, in case that answer was lost.
             if self.matched.is_none() {
                 self.matched = Some((append.epoch, from));
                 return diverged;
             }
-            return Vec::new();
+            return reply(Reply::Diverged {
+                epoch: self.epoch,
+                seq_applied: self.seq_applied,
+            });
         }
         if append.seq_prev > self.seq_applied {
             return reply(Reply::Gap {

@@ -335,19 +335,27 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
             backup::Command::Resync { from: NodeId(7) },
         ]
     );
-    // Until the snapshot is installed, entries are refused.
+    // Until the snapshot is installed, entries are refused, and every message is answered
+    // with the same news (the first answer may have been lost).
     let append = Append {
         epoch: Epoch(2),
         seq_prev: Seq(4),
         epoch_prev: Epoch(1),
         entries: vec![(Seq(5), 50)],
     };
-    assert!(backup
-        .step(backup::Event::Received {
+    assert_eq!(
+        backup.step(backup::Event::Received {
             from: NodeId(7),
             append
-        })
-        .is_empty());
+        }),
+        vec![backup::Command::Reply {
+            to: NodeId(7),
+            reply: Reply::Diverged {
+                epoch: Epoch(2),
+                seq_applied: Seq(5)
+            }
+        }]
+    );
     backup.reset(Epoch(2), Seq(4), Epoch(1));
     let append = Append {
         epoch: Epoch(2),
