@@ -61,6 +61,23 @@ pub fn status(node: &NodeProcess) -> Option<Value> {
     (reply.status == 200).then_some(reply.body)
 }
 
+/// `node`'s status once it has applied the membership (a follower may name the leader,
+/// having voted for it, before it holds the first entry).
+pub fn status_with_members(node: &NodeProcess, members: usize) -> Value {
+    let started = Instant::now();
+    loop {
+        let s = status(node).expect("status");
+        if s["nodes"].as_array().map(Vec::len) == Some(members) {
+            return s;
+        }
+        assert!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "the membership never reached this node: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn leader_of(node: &NodeProcess) -> Option<u64> {
     status(node)?["raft"]["leader"].as_u64()
 }
@@ -210,7 +227,7 @@ fn two_data_nodes_and_a_witness_form_a_cluster() {
     ];
     let mut nodes = start_cluster(certs.path(), &members);
     let leader = converged_leader(&nodes.iter().collect::<Vec<_>>());
-    let s = status(&nodes[0]).expect("status");
+    let s = status_with_members(&nodes[0], 3);
     let witness = s["nodes"]
         .as_array()
         .expect("nodes")

@@ -67,22 +67,29 @@ impl Cluster {
     /// lease itself (it may have been deposed) or suspects `from`.
     pub fn answer_ping(&self, from: NodeId) -> RaftReply {
         let leader = self.control.leader();
+        let holds = leader == Some(self.id) && self.lease_ok();
+        let applied = self.control.last_applied();
         let mut grants = self.grants.lock();
         let now = Instant::now();
         grants.pinged.insert(from, now);
-        let grant = leader == Some(self.id) && !grants.suspected.contains(&from) && self.lease_ok();
+        let grant = holds && !grants.suspected.contains(&from);
         let applied = if grant {
             grants.granted.insert(from, now);
-            self.control.last_applied()
+            applied
         } else {
             None
         };
         RaftReply::Pong { leader, applied }
     }
     pub fn lease_ok(&self) -> bool {
+        // Raft's metrics are read before the lease's lock is taken, never under it: a
+        // watch borrow waits behind openraft's writer, which may wait for a borrow held
+        // by a task that wants this lock.
+        let leading = self.control.leader() == Some(self.id);
+        let applied = self.control.last_applied();
         let now = Instant::now();
         let lease = self.lease.lock();
-        if self.control.leader() == Some(self.id) {
+        if leading {
             let live = lease
                 .ticked_at
                 .is_some_and(|t| now.duration_since(t) < self.lease_for / 2);
@@ -92,55 +99,68 @@ impl Cluster {
                     .is_some_and(|t| now.duration_since(t) < self.master_lease_for);
         }
         match lease.granted {
-            Some((until, applied)) => {
-                now < until && self.control.last_applied().is_some_and(|a| a >= applied)
-            }
+            Some((until, granted_at)) => now < until && applied.is_some_and(|a| a >= granted_at),
             None => false,
         }
     }
 }
 
+/// How often the lease task checks that it runs: a gap longer than half a lease means
+/// the process (or this runtime) stalled.
+const STALL_CHECK: Duration = Duration::from_millis(1);
+
 /// Ask the master for a lease every `interval`; as master, follow Raft's quorum
 /// acknowledgements instead. Runs on the links runtime.
 pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
+    let mut ticker = tokio::time::interval(STALL_CHECK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut metrics = match cluster.upgrade() {
         Some(c) => c.control.metrics(),
         None => return,
     };
     let mut last_tick = Instant::now();
+    let mut last_ping = Instant::now() - interval;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 let Some(c) = cluster.upgrade() else { return };
                 let now = Instant::now();
-                let mut lease = c.lease.lock();
-                if now.duration_since(last_tick) > c.lease_for / 2 {
+                let stalled = now.duration_since(last_tick) > c.lease_for / 2;
+                if stalled {
                     // This task was held up (the process paused?): a Raft report from
                     // before says nothing of now. Wait for a new one.
-                    lease.quorum_acked_at = None;
                     metrics.borrow_and_update();
                 }
-                lease.ticked_at = Some(now);
+                {
+                    let mut lease = c.lease.lock();
+                    if stalled {
+                        lease.quorum_acked_at = None;
+                    }
+                    lease.ticked_at = Some(now);
+                }
                 last_tick = now;
+                if now.duration_since(last_ping) < interval {
+                    continue;
+                }
+                last_ping = now;
             }
             changed = metrics.changed() => {
                 if changed.is_err() {
                     return;
                 }
                 // As master: openraft reports how long ago a quorum acknowledged it, as
-                // of the report; the report is a little older than now, which only makes
-                // the lease look younger by that much (well within its margin).
+                // of the report; read promptly (the stall check above covers the rest),
+                // the report is at most a little older than now.
                 let Some(c) = cluster.upgrade() else { return };
-                let m = metrics.borrow_and_update();
-                if m.current_leader == Some(c.id) {
-                    if let Some(ms) = m.millis_since_quorum_ack {
-                        let at = Instant::now()
-                            .checked_sub(Duration::from_millis(ms + 1))
-                            .unwrap_or_else(Instant::now);
-                        c.lease.lock().quorum_acked_at = Some(at);
-                    }
+                let acked = {
+                    let m = metrics.borrow_and_update();
+                    (m.current_leader == Some(c.id)).then_some(m.millis_since_quorum_ack).flatten()
+                };
+                if let Some(ms) = acked {
+                    let at = Instant::now()
+                        .checked_sub(Duration::from_millis(ms + 1))
+                        .unwrap_or_else(Instant::now);
+                    c.lease.lock().quorum_acked_at = Some(at);
                 }
                 continue;
             }

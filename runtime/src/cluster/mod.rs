@@ -245,7 +245,7 @@ impl Cluster {
             lease_for: Duration::from_millis(config.failure_timeout_ms.max(2) * 3 / 4),
             master_lease_for: Duration::from_millis(
                 (config.failure_timeout_ms.max(2) * 3 / 4)
-                    .min(understudy_control::config::ELECTION_TIMEOUT_MIN_MS_DEFAULT / 2),
+                    .min(understudy_control::config::ELECTION_TIMEOUT_MIN_MS_DEFAULT * 2 / 3),
             ),
             reconciling: tokio::sync::Mutex::new(()),
             events: Mutex::new(Vec::new()),
