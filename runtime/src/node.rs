@@ -754,6 +754,11 @@ impl Node {
     /// Check and compile `bytes` and keep the file, without deploying anything: what a
     /// node does before it asks the master to deploy a component.
     pub async fn prepare(&self, bytes: Vec<u8>) -> Result<Digest, AdminError> {
+        Ok(self.compile_and_keep(bytes).await?.digest)
+    }
+
+    /// Check and compile `bytes` (off the async threads) and keep the file under its digest.
+    async fn compile_and_keep(&self, bytes: Vec<u8>) -> Result<Arc<Loaded>, AdminError> {
         let node = self.clone();
         let (loaded, bytes) = tokio::task::spawn_blocking(move || {
             let loaded = node.inner.runtime.load(&bytes);
@@ -763,7 +768,32 @@ impl Node {
         .map_err(|e| AdminError::Storage(format!("compilation task failed: {e}")))?;
         let loaded = loaded?;
         self.save_artifact(loaded.digest, &bytes)?;
-        Ok(loaded.digest)
+        Ok(loaded)
+    }
+
+    /// Log (durably) and apply the deploy of `loaded` as `function` at `version`; the
+    /// caller holds the admin lock.
+    async fn log_deploy(
+        &self,
+        function: &FunctionName,
+        loaded: &Arc<Loaded>,
+        version: u64,
+    ) -> Result<(), AdminError> {
+        let inner = &self.inner;
+        inner.loaded.write().insert(loaded.digest, loaded.clone());
+        let record = Record::Deploy(Deploy {
+            function: function.clone(),
+            digest: loaded.digest,
+            version,
+            at_ms: now_ms(),
+        });
+        self.log_admin(&record).await?;
+        inner
+            .metrics
+            .functions_deployed
+            .set(inner.store.list().len() as i64);
+        self.prune_loaded();
+        Ok(())
     }
 
     /// Deploy `bytes` as `function` at `version`, as the master decided (in a cluster).
@@ -776,15 +806,7 @@ impl Node {
         running: bool,
     ) -> Result<(), AdminError> {
         let inner = &self.inner;
-        let node = self.clone();
-        let (loaded, bytes) = tokio::task::spawn_blocking(move || {
-            let loaded = node.inner.runtime.load(&bytes);
-            (loaded, bytes)
-        })
-        .await
-        .map_err(|e| AdminError::Storage(format!("compilation task failed: {e}")))?;
-        let loaded = loaded?;
-        self.save_artifact(loaded.digest, &bytes)?;
+        let loaded = self.compile_and_keep(bytes).await?;
         let _admin = inner.admin.lock().await;
         if let Some(f) = inner.store.get(function) {
             let meta = f.meta();
@@ -792,14 +814,7 @@ impl Node {
                 return Ok(());
             }
         }
-        inner.loaded.write().insert(loaded.digest, loaded.clone());
-        let record = Record::Deploy(Deploy {
-            function: function.clone(),
-            digest: loaded.digest,
-            version,
-            at_ms: now_ms(),
-        });
-        self.log_admin(&record).await?;
+        self.log_deploy(function, &loaded, version).await?;
         if !running {
             self.log_admin(&Record::SetRunning {
                 function: function.clone(),
@@ -807,11 +822,6 @@ impl Node {
             })
             .await?;
         }
-        inner
-            .metrics
-            .functions_deployed
-            .set(inner.store.list().len() as i64);
-        self.prune_loaded();
         tracing::info!(function = %function, digest = %loaded.digest, version, "installed");
         Ok(())
     }
@@ -833,34 +843,14 @@ impl Node {
     pub async fn deploy(&self, function: &str, bytes: Vec<u8>) -> Result<FunctionInfo, AdminError> {
         let inner = &self.inner;
         let name = FunctionName::new(function).map_err(AdminError::BadName)?;
-        let node = self.clone();
-        let (loaded, bytes) = tokio::task::spawn_blocking(move || {
-            let loaded = node.inner.runtime.load(&bytes);
-            (loaded, bytes)
-        })
-        .await
-        .map_err(|e| AdminError::Storage(format!("compilation task failed: {e}")))?;
-        let loaded = loaded?;
-        self.save_artifact(loaded.digest, &bytes)?;
+        let loaded = self.compile_and_keep(bytes).await?;
         let _admin = inner.admin.lock().await;
         let version = inner
             .store
             .get(&name)
             .map_or(0, |f| f.meta().deploy.version)
             + 1;
-        inner.loaded.write().insert(loaded.digest, loaded.clone());
-        let record = Record::Deploy(Deploy {
-            function: name.clone(),
-            digest: loaded.digest,
-            version,
-            at_ms: now_ms(),
-        });
-        self.log_admin(&record).await?;
-        inner
-            .metrics
-            .functions_deployed
-            .set(inner.store.list().len() as i64);
-        self.prune_loaded();
+        self.log_deploy(&name, &loaded, version).await?;
         tracing::info!(function = %name, digest = %loaded.digest, version, "deployed");
         self.describe(name.as_str())
     }

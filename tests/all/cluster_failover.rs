@@ -15,6 +15,22 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 const ACCOUNTS: [&str; 4] = ["a", "b", "c", "d"];
 const INITIAL: u64 = 1000;
 
+/// Placement puts the first function's primary on the node with the lowest id, the next
+/// one elsewhere: a filler deployed first moves the bank's primary off the founder, the
+/// likely master.
+fn deploy_filler(node: &NodeProcess) {
+    node.api()
+        .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
+        .expect_status(201);
+}
+
+/// The indexes of the nodes other than node `id`, and their APIs.
+fn others(nodes: &[NodeProcess], id: u64) -> (Vec<usize>, Vec<Api>) {
+    let indexes: Vec<usize> = (0..nodes.len()).filter(|i| *i as u64 + 1 != id).collect();
+    let apis = indexes.iter().map(|i| nodes[*i].api().clone()).collect();
+    (indexes, apis)
+}
+
 fn deploy_bank(node: &NodeProcess, replicas: u8) -> Value {
     let reply = node
         .api()
@@ -169,12 +185,7 @@ fn kill_primary_under_load(kill_master_too: bool) {
     let mut nodes = start_cluster(certs.path(), &members3());
     let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
     if !kill_master_too {
-        // Placement puts the first function's primary on the node with the lowest id, the
-        // next one elsewhere: move the bank's primary off the founder, the likely master.
-        nodes[0]
-            .api()
-            .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
-            .expect_status(201);
+        deploy_filler(&nodes[0]);
     }
     let placed = deploy_bank(&nodes[0], 3);
     let primary = placed["primary"].as_u64().expect("primary");
@@ -188,8 +199,7 @@ fn kill_primary_under_load(kill_master_too: bool) {
             (false, false) => unreachable!(),
         }
     );
-    let survivors: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != victim).collect();
-    let apis: Vec<Api> = survivors.iter().map(|i| nodes[*i].api().clone()).collect();
+    let (survivors, apis) = others(&nodes, victim);
     let load = Workload::start(apis, 4);
     wait_for("some transfers before the kill", || load.acked() >= 50);
 
@@ -267,17 +277,13 @@ fn paused_primary_cannot_commit_and_its_clients_are_answered_by_the_new_primary(
     cluster_init(certs.path(), &[1, 2, 3]);
     let nodes = start_cluster(certs.path(), &members3());
     let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
-    nodes[0]
-        .api()
-        .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
-        .expect_status(201);
+    deploy_filler(&nodes[0]);
     let placed = deploy_bank(&nodes[0], 3);
     let primary = placed["primary"].as_u64().expect("primary");
     let epoch_before = placed["epoch"].as_u64().expect("epoch");
     assert_ne!(primary, master, "the filler moved the bank off the master");
     let zombie = &nodes[(primary - 1) as usize];
-    let survivors: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != primary).collect();
-    let apis: Vec<Api> = survivors.iter().map(|i| nodes[*i].api().clone()).collect();
+    let (survivors, apis) = others(&nodes, primary);
     let load = Workload::start(apis, 4);
     wait_for("some transfers before the pause", || load.acked() >= 50);
 
@@ -337,15 +343,11 @@ fn a_drained_node_hands_its_copies_over_under_load_and_is_removed() {
     cluster_init(certs.path(), &[1, 2, 3]);
     let nodes = start_cluster(certs.path(), &members3());
     let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
-    nodes[0]
-        .api()
-        .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
-        .expect_status(201);
+    deploy_filler(&nodes[0]);
     let placed = deploy_bank(&nodes[0], 2);
     let drained = placed["primary"].as_u64().expect("primary");
     assert_ne!(drained, master);
-    let others: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != drained).collect();
-    let apis: Vec<Api> = others.iter().map(|i| nodes[*i].api().clone()).collect();
+    let (others, apis) = others(&nodes, drained);
     let load = Workload::start(apis, 4);
     wait_for("some transfers before the drain", || load.acked() >= 50);
 
@@ -469,16 +471,12 @@ fn primary_cut_off_from_the_cluster_cannot_commit_and_rejoins_as_a_backup() {
     let members = members3();
     let nodes = start_cluster(certs.path(), &members);
     let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
-    nodes[0]
-        .api()
-        .put_bytes("/v1/functions/filler?replicas=2", component("counter"))
-        .expect_status(201);
+    deploy_filler(&nodes[0]);
     let placed = deploy_bank(&nodes[0], 3);
     let primary = placed["primary"].as_u64().expect("primary");
     let epoch_before = placed["epoch"].as_u64().expect("epoch");
     assert_ne!(primary, master);
-    let others: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != primary).collect();
-    let apis: Vec<Api> = others.iter().map(|i| nodes[*i].api().clone()).collect();
+    let (others, apis) = others(&nodes, primary);
     let load = Workload::start(apis, 4);
     wait_for("some transfers before the cut", || load.acked() >= 50);
 

@@ -471,19 +471,12 @@ impl ControlPlane {
                 }
                 RaftReply::InstallSnapshot(reply)
             }
-            RaftMessage::Ping => {
-                let metrics = self.inner.raft.metrics();
-                let m = metrics.borrow();
-                let leading = m.current_leader == Some(m.id) && m.state == ServerState::Leader;
-                RaftReply::Pong {
-                    leader: m.current_leader,
-                    applied: if leading {
-                        m.last_applied.map(|id| id.index)
-                    } else {
-                        None
-                    },
-                }
-            }
+            // Leases are the runtime's to grant (it answers pings before they get here):
+            // this only names the leader.
+            RaftMessage::Ping => RaftReply::Pong {
+                leader: self.leader(),
+                applied: None,
+            },
             RaftMessage::Join(node) => {
                 RaftReply::Join(self.join(node).await.map_err(|e| match e {
                     Error::NotLeader {
