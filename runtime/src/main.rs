@@ -73,6 +73,14 @@ enum Command {
         /// address). Overrides `join` in the config's `[cluster]` section.
         #[arg(long)]
         join: Option<String>,
+        /// A virtual address the master holds and a new master takes over (with
+        /// gratuitous ARP), `ADDR/PREFIX`. Needs --vip-dev, root (or CAP_NET_ADMIN and
+        /// CAP_NET_RAW) and a `[cluster]` section.
+        #[arg(long, requires = "vip_dev")]
+        vip: Option<String>,
+        /// The interface for --vip.
+        #[arg(long, requires = "vip")]
+        vip_dev: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
@@ -223,6 +231,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             deadline_ms,
             memory_max_mib,
             join,
+            vip,
+            vip_dev,
             log_format,
         } => {
             init_tracing(log_format);
@@ -252,6 +262,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 match cfg.cluster.as_mut() {
                     Some(cluster) => cluster.join = Some(target),
                     None => bail!("--join needs a [cluster] section in the config (node id, peer address, certificates)"),
+                }
+            }
+            if vip.is_some() {
+                match cfg.cluster.as_mut() {
+                    Some(cluster) => {
+                        cluster.vip = vip;
+                        cluster.vip_dev = vip_dev;
+                    }
+                    None => bail!("--vip needs a [cluster] section in the config: only a cluster's master holds a virtual address"),
                 }
             }
             cfg.validate()?;

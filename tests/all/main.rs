@@ -5,10 +5,12 @@
 //! The guest components must be built first: `scripts/build-guests.sh`.
 //! Run: `cargo test --release --test all`.
 
+mod netns;
 mod support;
 
 mod cluster_failover;
 mod cluster_form;
+mod cluster_netns;
 mod cluster_replication;
 mod crash_recovery;
 mod http_admin;

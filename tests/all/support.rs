@@ -73,7 +73,15 @@ pub struct NodeOptions {
     pub admin_token: Option<String>,
     /// A TOML config file's text, for settings without a flag (`checkpoint_log_bytes`).
     pub config_toml: Option<String>,
+    /// Run in this network namespace, listening on every address (port `NETNS_PORT`),
+    /// reached at this address (see `netns`).
+    pub netns: Option<(String, std::net::Ipv4Addr)>,
+    /// More flags for `understudy node`.
+    pub extra_args: Vec<String>,
 }
+
+/// The HTTP port of a node in a network namespace of its own.
+pub const NETNS_PORT: u16 = 7070;
 
 impl NodeOptions {
     fn args(&self, root: &Path) -> Vec<String> {
@@ -95,6 +103,7 @@ impl NodeOptions {
         if let Some(v) = &self.admin_token {
             args.extend(["--admin-token".into(), v.clone()]);
         }
+        args.extend(self.extra_args.iter().cloned());
         args
     }
 }
@@ -235,20 +244,37 @@ impl NodeProcess {
     fn spawn(&mut self) {
         let child = self.spawn_child();
         self.child = Some(child);
-        self.api = Api::new(&format!("http://127.0.0.1:{}", self.port));
+        let host = match &self.options.netns {
+            Some((_, addr)) => addr.to_string(),
+            None => "127.0.0.1".into(),
+        };
+        self.api = Api::new(&format!("http://{host}:{}", self.port));
         self.wait_ready();
     }
 
     fn spawn_child(&mut self) -> Child {
         self.runs += 1;
-        self.port = free_port();
         let stderr = File::create(self.log_path()).expect("create the node's log file");
-        Command::new(env!("CARGO_BIN_EXE_understudy"))
+        let exe = env!("CARGO_BIN_EXE_understudy");
+        let (mut command, listen) = match &self.options.netns {
+            Some((ns, _)) => {
+                self.port = NETNS_PORT;
+                let mut command = Command::new("ip");
+                // `ip netns exec` execs the node: the child's pid is the node's.
+                command.args(["netns", "exec", ns, exe]);
+                (command, format!("0.0.0.0:{NETNS_PORT}"))
+            }
+            None => {
+                self.port = free_port();
+                (Command::new(exe), format!("127.0.0.1:{}", self.port))
+            }
+        };
+        command
             .arg("node")
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(listen)
             .args(self.options.args(self.root.path()))
             // The test decides about the admin token, not the environment it runs in.
             .env_remove("UNDERSTUDY_ADMIN_TOKEN")

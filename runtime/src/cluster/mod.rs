@@ -16,6 +16,7 @@
 pub mod health;
 pub mod lease;
 pub mod replica;
+pub mod vip;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashSet};
@@ -80,6 +81,12 @@ pub struct Config {
     /// Silence after which the master declares a node down and fails its functions over.
     #[serde(default = "default_failure_timeout_ms")]
     pub failure_timeout_ms: u64,
+    /// A virtual address the master holds, `ADDR/PREFIX` (see `vip`); needs `vip_dev`.
+    #[serde(default)]
+    pub vip: Option<String>,
+    /// The interface the virtual address goes on.
+    #[serde(default)]
+    pub vip_dev: Option<String>,
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -125,6 +132,8 @@ pub enum Error {
     Net(#[from] understudy_net::transport::Error),
     #[error("control plane: {0}")]
     Control(#[from] understudy_control::Error),
+    #[error(transparent)]
+    Vip(#[from] vip::Error),
 }
 
 /// This node's place in the cluster.
@@ -152,6 +161,10 @@ pub struct Cluster {
     events: Mutex<Vec<health::Event>>,
     /// Numbers the idempotency keys this node assigns to forwarded invocations.
     auto_keys: std::sync::atomic::AtomicU64,
+    /// The interface of the virtual address, when this node may hold it.
+    vip: Option<Arc<vip::Link>>,
+    /// Set by `shutdown`: background tasks stop taking things on.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -198,6 +211,15 @@ impl Cluster {
                 config.node_id
             )));
         }
+        let vip = match (&config.vip, &config.vip_dev) {
+            (Some(cidr), Some(dev)) => Some(vip::Vip::parse(cidr, dev)?),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "vip and vip_dev go together: the address and the interface it goes on".into(),
+                ))
+            }
+        };
         let identity = Identity::load(&config.certs_dir, config.node_id)?;
         // The QUIC endpoint, Raft and the failure detector run on threads of their own,
         // so that guest execution, HTTP and disk waits cannot delay a heartbeat (a busy
@@ -222,6 +244,14 @@ impl Cluster {
                 })
                 .await
                 .map_err(|e| Error::Config(format!("the links runtime failed: {e}")))??
+        };
+        let vip = match vip {
+            Some(vip) => {
+                Some(Arc::new(links.spawn(vip::Link::open(vip)).await.map_err(
+                    |e| Error::Config(format!("the links runtime failed: {e}")),
+                )??))
+            }
+            None => None,
         };
         let dispatch = Arc::new(Dispatch {
             cluster: OnceLock::new(),
@@ -250,6 +280,8 @@ impl Cluster {
             reconciling: tokio::sync::Mutex::new(()),
             events: Mutex::new(Vec::new()),
             auto_keys: std::sync::atomic::AtomicU64::new(crate::node::now_ms() * 1000),
+            vip: vip.clone(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         // Before anything is served: from now on the node runs transactions only as a
         // primary of the cluster.
@@ -269,6 +301,9 @@ impl Cluster {
             Duration::from_millis(config.heartbeat_ms.max(1)),
             Duration::from_millis(config.failure_timeout_ms.max(1)),
         ));
+        if let Some(link) = vip {
+            links.spawn(vip::run(Arc::downgrade(&cluster), link));
+        }
         let founder = members.keys().next().copied();
         if founder == Some(NodeId(config.node_id)) && control.status().last_log_index.is_none() {
             // In the background: the other members may not be up yet, and the node
@@ -1125,8 +1160,22 @@ impl Cluster {
         }
     }
 
-    /// Leave cleanly: stop Raft and close the QUIC endpoint.
+    /// Leave cleanly: give up the virtual address, stop Raft and close the QUIC
+    /// endpoint.
     pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(link) = &self.vip {
+            match link.remove().await {
+                Ok(true) => {
+                    tracing::info!(vip = %link.vip, "gave up the virtual address (stopping)")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(vip = %link.vip, error = %e, "cannot give up the virtual address")
+                }
+            }
+        }
         if let Err(e) = self.control.shutdown().await {
             tracing::warn!(error = %e, "control plane shutdown");
         }
