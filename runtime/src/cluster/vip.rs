@@ -325,7 +325,7 @@ mod tests {
 
     #[test]
     fn parses_an_address_with_its_prefix() {
-        let vip = Vip::parse("10.1.2.3/24", "eth0").unwrap();
+        let vip = Vip::parse("10.1.2.3/24", "eth0").expect("a valid address");
         assert_eq!(vip.addr, Ipv4Addr::new(10, 1, 2, 3));
         assert_eq!(vip.prefix, 24);
         assert_eq!(vip.to_string(), "10.1.2.3/24 on eth0");
