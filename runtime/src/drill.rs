@@ -1,14 +1,14 @@
 //! `understudy drill`: prove failover on a real cluster. It starts a three-node cluster
 //! of node processes on loopback, deploys the bank example as three functions (their
 //! primaries spread over the nodes), drives transfers with idempotency keys through the
-//! nodes that will survive, and, run after run, kills (SIGKILL) or pauses (SIGSTOP) the
-//! primary of one function or the master. For each run it reports the time from the
+//! nodes that will survive, and, run after run, kills (SIGKILL), pauses (SIGSTOP) or
+//! partitions (iptables) the primary of one function or the master. For each run it reports the time from the
 //! fault to detection, to the promotion committed by the master, to the first commit on
 //! the new primary and to every affected function served again; then it checks every
 //! acknowledged transfer (its key must replay the same answer: none lost), the total of
 //! every bank (money conserved) and what happened to the transfers in flight at the
-//! fault. The node comes back (restart or SIGCONT) and rejoins as a backup before the
-//! next run.
+//! fault. The node comes back (restart, SIGCONT or healed) and rejoins as a backup before
+//! the next run.
 //!
 //! `--fault none` runs the workload without faults for `--soak-seconds` and counts
 //! failovers: a busy node must not be taken for a dead one.
@@ -41,7 +41,8 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
     /// kill (SIGKILL, then restart), pause (SIGSTOP past the failure timeout, then
-    /// SIGCONT) or none (a soak: the workload alone, counting false failovers).
+    /// SIGCONT), partition (iptables drops every packet of the node's QUIC port, then
+    /// heals; needs root) or none (a soak: the workload alone, counting false failovers).
     #[arg(long, default_value = "kill")]
     pub fault: String,
     /// Whose node to hit: primary (of one function, in turn) or master.
@@ -50,7 +51,7 @@ pub struct Args {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
-    /// How long a paused node stays stopped.
+    /// How long a paused or partitioned node stays so.
     #[arg(long, default_value_t = 500)]
     pub pause_ms: u64,
     /// With `--fault none`: how long to run.
@@ -188,8 +189,11 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
     if args.fault == "none" {
         return soak(args, &cluster).await.map(|r| vec![r]);
     }
-    if !matches!(args.fault.as_str(), "kill" | "pause") {
-        bail!("--fault must be kill, pause or none, not {:?}", args.fault);
+    if !matches!(args.fault.as_str(), "kill" | "pause" | "partition") {
+        bail!(
+            "--fault must be kill, pause, partition or none, not {:?}",
+            args.fault
+        );
     }
     let mut runs = Vec::new();
     if !args.json {
@@ -241,25 +245,32 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
         println!();
         println!("over {} runs (ms after the fault):", runs.len());
         println!(
-            "{:>16} {:>8} {:>8} {:>8} {:>8}",
-            "", "min", "median", "p90", "max"
+            "{:>16} {:>8} {:>8} {:>8} {:>8} {:>4}",
+            "", "min", "median", "p90", "max", "runs"
         );
         for (name, key) in [
             ("detection", "detect_ms"),
             ("promotion", "promote_ms"),
             ("first commit", "first_commit_ms"),
             ("all served", "all_served_ms"),
+            ("  primary only", "first_commit_ms_primary_only"),
+            ("  master too", "first_commit_ms_master"),
         ] {
             let d = &summary[key];
+            if d.is_null() {
+                continue;
+            }
             println!(
-                "{:>16} {:>8} {:>8} {:>8} {:>8}",
+                "{:>16} {:>8} {:>8} {:>8} {:>8} {:>4}",
                 name,
                 fmt(&d["min"]),
                 fmt(&d["median"]),
                 fmt(&d["p90"]),
-                fmt(&d["max"])
+                fmt(&d["max"]),
+                d["n"]
             );
         }
+        println!("(the first commit on a new primary, split by whether the victim was also the master: a master's death needs an election first)");
         println!(
             "acknowledged {}, lost {}, in flight at the fault {} ({} committed, {} rolled back and run again), zombie commits {}, money conserved in every run: {}",
             summary["acknowledged"],
@@ -279,8 +290,8 @@ fn fmt(v: &Value) -> String {
 }
 
 fn summarize(runs: &[Run]) -> Value {
-    let dist = |f: &dyn Fn(&Run) -> Option<f64>| {
-        let mut v: Vec<f64> = runs.iter().filter_map(f).collect();
+    let dist_of = |runs: &[&Run], f: &dyn Fn(&Run) -> Option<f64>| {
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| f(r)).collect();
         v.sort_by(f64::total_cmp);
         if v.is_empty() {
             return json!(null);
@@ -288,7 +299,15 @@ fn summarize(runs: &[Run]) -> Value {
         let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
         json!({ "min": v[0], "median": at(0.5), "p90": at(0.9), "max": v[v.len() - 1], "n": v.len() })
     };
+    let all: Vec<&Run> = runs.iter().collect();
+    let dist = |f: &dyn Fn(&Run) -> Option<f64>| dist_of(&all, f);
+    // A master's death needs an election before anyone can be promoted: its runs are
+    // told apart from those where only a primary died.
+    let (master, primary_only): (Vec<&Run>, Vec<&Run>) =
+        runs.iter().partition(|r| r.victim_was_master);
     json!({
+        "first_commit_ms_primary_only": dist_of(&primary_only, &|r| r.first_commit_ms),
+        "first_commit_ms_master": dist_of(&master, &|r| r.first_commit_ms),
         "detect_ms": dist(&|r| r.detect_ms),
         "promote_ms": dist(&|r| r.promote_ms),
         "first_commit_ms": dist(&|r| r.first_commit_ms),
@@ -504,6 +523,7 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
     let t0_ms = wall_ms();
     match args.fault.as_str() {
         "kill" => cluster.node_mut(victim).kill9(),
+        "partition" => cluster.node(victim).partition(true)?,
         _ => cluster.node(victim).pause(true)?,
     }
     // Until every function with a copy on the victim has answered in a newer epoch.
@@ -529,10 +549,14 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    if args.fault == "pause" {
+    if args.fault == "pause" || args.fault == "partition" {
         let stopped = Duration::from_millis(args.pause_ms).saturating_sub(t0.elapsed());
         tokio::time::sleep(stopped).await;
-        cluster.node(victim).pause(false)?;
+        if args.fault == "pause" {
+            cluster.node(victim).pause(false)?;
+        } else {
+            cluster.node(victim).partition(false)?;
+        }
         // Give the zombie the time to try.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -607,7 +631,8 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         })
         .count();
 
-    // Back to full strength: the killed node restarts, the paused one already runs.
+    // Back to full strength: the killed node restarts, the paused or cut-off one
+    // already runs.
     if args.fault == "kill" {
         cluster.restart(victim).await?;
     }

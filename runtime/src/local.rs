@@ -25,6 +25,8 @@ pub struct LocalNode {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Cut off by `partition` and not yet healed.
+    cut: std::sync::atomic::AtomicBool,
 }
 
 impl LocalNode {
@@ -86,6 +88,31 @@ impl LocalNode {
         if !status.success() {
             bail!("kill {signal} {pid} failed");
         }
+        Ok(())
+    }
+}
+
+impl LocalNode {
+    /// Cut the node off from its peers (`cut = true`), or heal it: iptables rules in
+    /// the `INPUT` chain drop every packet to or from its QUIC port (a DROP in `OUTPUT`
+    /// would make the sender's own send fail instead of losing the packet). Its HTTP API
+    /// stays reachable. Needs root and iptables.
+    pub fn partition(&self, cut: bool) -> anyhow::Result<()> {
+        let port = self.peer.port().to_string();
+        let tag = format!("understudy-drill-{}-{port}", std::process::id());
+        for direction in ["--dport", "--sport"] {
+            let status = Command::new("iptables")
+                .arg(if cut { "-I" } else { "-D" })
+                .args(["INPUT", "-p", "udp", direction, &port])
+                .args(["-m", "comment", "--comment", &tag, "-j", "DROP"])
+                .stderr(Stdio::null())
+                .status()
+                .context("cannot run iptables (a partition needs root and iptables)")?;
+            if !status.success() && cut {
+                bail!("iptables refused to cut node {} off (a partition needs root)", self.id);
+            }
+        }
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -182,6 +209,7 @@ impl LocalCluster {
                 config,
                 log: node_dir.join("node.log"),
                 child: None,
+                cut: std::sync::atomic::AtomicBool::new(false),
             };
             node.spawn()?;
             nodes.push(node);
@@ -307,6 +335,9 @@ impl Drop for LocalCluster {
             // A paused process must be resumed to die promptly (SIGKILL works anyway,
             // but its sockets linger less).
             let _ = node.pause(false);
+            if node.cut.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = node.partition(false);
+            }
             node.kill9();
         }
     }
