@@ -101,6 +101,9 @@ pub struct Run {
     pub promote_ms: Option<f64>,
     pub first_commit_ms: Option<f64>,
     pub all_served_ms: Option<f64>,
+    /// The longest time any function (affected or not) went without an answer across
+    /// the fault: a master's death pauses every primary until a new master grants leases.
+    pub longest_pause_ms: Option<f64>,
     pub acknowledged: usize,
     pub lost: usize,
     pub in_flight: usize,
@@ -253,6 +256,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
             ("promotion", "promote_ms"),
             ("first commit", "first_commit_ms"),
             ("all served", "all_served_ms"),
+            ("longest pause", "longest_pause_ms"),
             ("  primary only", "first_commit_ms_primary_only"),
             ("  master too", "first_commit_ms_master"),
         ] {
@@ -312,6 +316,7 @@ fn summarize(runs: &[Run]) -> Value {
         "promote_ms": dist(&|r| r.promote_ms),
         "first_commit_ms": dist(&|r| r.first_commit_ms),
         "all_served_ms": dist(&|r| r.all_served_ms),
+        "longest_pause_ms": dist(&|r| r.longest_pause_ms),
         "acknowledged": runs.iter().map(|r| r.acknowledged).sum::<usize>(),
         "lost": runs.iter().map(|r| r.lost).sum::<usize>(),
         "in_flight": runs.iter().map(|r| r.in_flight).sum::<usize>(),
@@ -611,6 +616,22 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         .map(|f| first_new(f))
         .collect::<Option<Vec<f64>>>()
         .and_then(|v| v.into_iter().reduce(f64::max));
+    let longest_pause_ms = FUNCTIONS
+        .iter()
+        .filter_map(|f| {
+            let mut answered: Vec<Instant> = records
+                .iter()
+                .filter(|r| r.function == *f && r.status == 200)
+                .map(|r| r.answered)
+                .collect();
+            answered.sort();
+            answered
+                .windows(2)
+                .filter(|w| w[1] > t0)
+                .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
+                .reduce(f64::max)
+        })
+        .reduce(f64::max);
     let in_flight: Vec<&Record> = records
         .iter()
         .filter(|r| r.sent < t0 && r.answered > t0)
@@ -674,6 +695,7 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         promote_ms,
         first_commit_ms,
         all_served_ms,
+        longest_pause_ms,
         acknowledged: acked.len(),
         lost,
         in_flight: in_flight.len(),

@@ -109,7 +109,10 @@ impl LocalNode {
                 .status()
                 .context("cannot run iptables (a partition needs root and iptables)")?;
             if !status.success() && cut {
-                bail!("iptables refused to cut node {} off (a partition needs root)", self.id);
+                bail!(
+                    "iptables refused to cut node {} off (a partition needs root)",
+                    self.id
+                );
             }
         }
         self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);

@@ -17,7 +17,7 @@ use crate::cluster_form::converged_leader;
 use crate::netns::Net;
 use crate::support::{component, Api, NodeOptions, NodeProcess};
 
-const TOKEN: &str = "netns-test-token";
+pub(crate) const TOKEN: &str = "netns-test-token";
 
 /// `understudy cluster init` for hosts 0..n of `net` (node ids 1..=n), into `dir`.
 fn cluster_init(dir: &std::path::Path, net: &Net, n: usize) {
@@ -35,7 +35,7 @@ fn cluster_init(dir: &std::path::Path, net: &Net, n: usize) {
 }
 
 /// Nodes 1..=n, node `i + 1` on host `i`, QUIC on port 7000 of its host.
-fn start_nodes(
+pub(crate) fn start_nodes(
     net: &Net,
     n: usize,
     extra_args: &[String],
@@ -66,7 +66,7 @@ fn start_nodes(
     (certs, nodes)
 }
 
-fn deploy(api: &Api, name: &str, component_name: &str, replicas: u8) -> Value {
+pub(crate) fn deploy(api: &Api, name: &str, component_name: &str, replicas: u8) -> Value {
     api.with_token(TOKEN)
         .put_bytes(
             &format!("/v1/functions/{name}?replicas={replicas}"),
@@ -76,7 +76,7 @@ fn deploy(api: &Api, name: &str, component_name: &str, replicas: u8) -> Value {
         .body
 }
 
-fn open_accounts(api: &Api) {
+pub(crate) fn open_accounts(api: &Api) {
     for account in ACCOUNTS {
         api.ok(
             "bank",

@@ -5,6 +5,7 @@
 //! The guest components must be built first: `scripts/build-guests.sh`.
 //! Run: `cargo test --release --test all`.
 
+mod history;
 mod netns;
 mod support;
 
@@ -19,6 +20,7 @@ mod http_errors;
 mod http_examples;
 mod http_idempotency;
 mod http_metrics;
+mod nemesis;
 mod node_shutdown;
 mod regressions;
 mod storage_artifacts;

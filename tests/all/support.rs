@@ -411,6 +411,17 @@ impl Api {
         }
     }
 
+    /// The same address with a client that gives up on a request after `timeout`.
+    pub fn with_timeout(&self, timeout: Duration) -> Api {
+        Api {
+            client: Client::builder()
+                .timeout(timeout)
+                .build()
+                .expect("build an HTTP client"),
+            ..self.clone()
+        }
+    }
+
     /// The same client, sending `Authorization: Bearer <token>` on every request.
     pub fn with_token(&self, token: &str) -> Api {
         Api {

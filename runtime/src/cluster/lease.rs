@@ -120,6 +120,7 @@ pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
     };
     let mut last_tick = Instant::now();
     let mut last_ping = Instant::now() - interval;
+    let mut known_leader = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
@@ -152,10 +153,19 @@ pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
                 // of the report; read promptly (the stall check above covers the rest),
                 // the report is at most a little older than now.
                 let Some(c) = cluster.upgrade() else { return };
-                let acked = {
+                let (leader, acked) = {
                     let m = metrics.borrow_and_update();
-                    (m.current_leader == Some(c.id)).then_some(m.millis_since_quorum_ack).flatten()
+                    let acked = (m.current_leader == Some(c.id))
+                        .then_some(m.millis_since_quorum_ack)
+                        .flatten();
+                    (m.current_leader, acked)
                 };
+                if leader != known_leader {
+                    // A new master: ask it for a lease at the next tick rather than up to
+                    // a heartbeat later (a promoted primary waits for it).
+                    known_leader = leader;
+                    last_ping = Instant::now() - interval;
+                }
                 if let Some(ms) = acked {
                     let at = Instant::now()
                         .checked_sub(Duration::from_millis(ms + 1))
