@@ -225,7 +225,7 @@ fn start_clients(apis: Vec<Api>, seed: u64, epoch: Instant) -> Clients {
                     None => r.unanswered += 1,
                 }
                 drop(r);
-                if n % 5 == 0 {
+                if n.is_multiple_of(5) {
                     let (answer, window) = ask(&apis, c + 1, "bank", "total", &json!(null), None);
                     let mut r = recorded.lock().expect("recorded");
                     if let Some(w) = window {
