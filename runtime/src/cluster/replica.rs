@@ -629,11 +629,21 @@ impl Replicas {
                     epoch: engine.epoch().0,
                 };
             }
+            let primary = crate::replication::NodeId(from.0);
+            if engine.snapshot_is_behind(primary, Epoch(epoch), Seq(seq)) {
+                // An older install that arrived late: this copy already follows the
+                // primary past it, and may have acknowledged what came after.
+                tracing::info!(%function, primary = %from, seq, applied = engine.seq_applied().0, "ignored a snapshot older than this copy");
+                // Claim no more than is durable here: the primary counts it as held.
+                return wire::BulkReply::Installed {
+                    seq: seq.min(engine.seq_durable().0),
+                };
+            }
             let lsn = match self.node.restore(image) {
                 Ok(lsn) => lsn,
                 Err(e) => return wire::BulkReply::Error(e),
             };
-            engine.reset(Epoch(epoch), Seq(seq), Epoch(epoch_last));
+            engine.install(primary, Epoch(epoch), Seq(seq), Epoch(epoch_last));
             lsn
         };
         if self.node.wal_durability() == Durability::Disk {
@@ -724,7 +734,7 @@ impl Replicas {
                     }
                     backup::Command::Reply { reply, .. } => out.push(reply),
                     backup::Command::Resync { from } => {
-                        tracing::error!(%function, primary = %from, "this copy diverged from the primary and needs a snapshot, which this version cannot receive yet");
+                        tracing::warn!(%function, primary = %from, "this copy diverged from the primary's log; it waits for the primary's snapshot");
                     }
                 }
             }

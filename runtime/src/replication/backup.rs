@@ -72,6 +72,25 @@ impl Backup {
         self.seq_durable
     }
 
+    /// Whether a snapshot at `seq` from `from`, primary of `epoch`, is behind this backup:
+    /// it already follows that primary past `seq` (the snapshot is an older install that
+    /// arrived late, after a newer one and the entries that followed it). Installing it
+    /// would take back entries this backup may have acknowledged: it must be ignored.
+    pub fn snapshot_is_behind(&self, from: NodeId, epoch: Epoch, seq: Seq) -> bool {
+        !self.resyncing && self.matched == Some((epoch, from)) && seq < self.seq_applied
+    }
+
+    /// The state was replaced by a snapshot of `from`'s log at `seq`, whose last entry is
+    /// of `epoch_last`, `from` being the primary of `epoch`: this backup's log now matches
+    /// that primary's up to `seq`, and it follows it.
+    pub fn install(&mut self, from: NodeId, epoch: Epoch, seq: Seq, epoch_last: Epoch) {
+        self.reset(epoch, seq, epoch_last);
+        if epoch >= self.epoch {
+            self.primary = Some(from);
+            self.matched = Some((epoch, from));
+        }
+    }
+
     /// The state was replaced by a snapshot at `seq`, whose last entry is of `epoch_last`
     /// (after `Resync`, or to join).
     pub fn reset(&mut self, epoch: Epoch, seq: Seq, epoch_last: Epoch) {

@@ -98,4 +98,6 @@ pub enum Reply {
 }
 
 #[cfg(test)]
+mod failover_sim;
+#[cfg(test)]
 mod sim;
