@@ -41,9 +41,6 @@ use crate::wasm::GuestError;
 use replica::{Copy, Replicas};
 use wire::{Bulk, BulkReply, Invoke, InvokeReply};
 
-/// How long an invocation waits for its function's primary to be ready (just deployed,
-/// or changing hands) before it fails.
-const ROUTE_WAIT: Duration = Duration::from_secs(2);
 /// How long a deploy waits for every copy to have installed the component.
 const DEPLOY_READY_WAIT: Duration = Duration::from_secs(30);
 /// How often the data plane re-checks the assignments even when nothing changed (to
@@ -81,6 +78,10 @@ pub struct Config {
     /// Silence after which the master declares a node down and fails its functions over.
     #[serde(default = "default_failure_timeout_ms")]
     pub failure_timeout_ms: u64,
+    /// How long an invocation waits for its function's primary to be ready (just
+    /// deployed, or changing hands in a failover) before it fails.
+    #[serde(default = "default_route_wait_ms")]
+    pub route_wait_ms: u64,
     /// A virtual address the master holds, `ADDR/PREFIX` (see `vip`); needs `vip_dev`.
     #[serde(default)]
     pub vip: Option<String>,
@@ -95,6 +96,10 @@ fn default_heartbeat_ms() -> u64 {
 
 fn default_failure_timeout_ms() -> u64 {
     20
+}
+
+fn default_route_wait_ms() -> u64 {
+    2000
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +170,8 @@ pub struct Cluster {
     vip: Option<Arc<vip::Link>>,
     /// Set by `shutdown`: background tasks stop taking things on.
     stopping: std::sync::atomic::AtomicBool,
+    /// How long an invocation waits for its function's primary (`route_wait_ms`).
+    route_wait: Duration,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -282,6 +289,7 @@ impl Cluster {
             auto_keys: std::sync::atomic::AtomicU64::new(crate::node::now_ms() * 1000),
             vip: vip.clone(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            route_wait: Duration::from_millis(config.route_wait_ms),
         });
         // Before anything is served: from now on the node runs transactions only as a
         // primary of the cluster.
@@ -663,7 +671,7 @@ impl Cluster {
     }
 
     /// Run `method` of `function` on its primary, wherever it is. Waits (up to
-    /// `ROUTE_WAIT`) while the function has no primary ready.
+    /// `route_wait_ms`) while the function has no primary ready.
     pub async fn invoke(
         &self,
         function: &str,
@@ -671,7 +679,7 @@ impl Cluster {
         input: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<Answer, InvokeError> {
-        let deadline = Instant::now() + ROUTE_WAIT;
+        let deadline = Instant::now() + self.route_wait;
         let mut changes = self.control.watch();
         // An invocation may be cut off by a failover (or a change of configuration
         // before its commit was replicated) and retried, here or on the new primary: it
@@ -733,7 +741,8 @@ impl Cluster {
                 }
                 Err(InvokeError::NotPrimary(name)) => {
                     return Err(InvokeError::Unavailable(format!(
-                        "function {name} has no primary ready after {ROUTE_WAIT:?}"
+                        "function {name} has no primary ready after {:?}",
+                        self.route_wait
                     )))
                 }
                 other => return other,

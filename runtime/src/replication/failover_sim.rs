@@ -13,7 +13,8 @@
 //! holds every released entry (no acknowledged commit is lost); at the end, with the
 //! network healed, everything appended in the last epoch is released and every backup's
 //! log equals the primary's. A failing seed replays exactly:
-//! `SIM_SEED=N cargo test --release --lib failover_sim`.
+//! `SIM_SEED=N cargo test --release --lib failover_sim` (`SIM_TRACE=1` to see it);
+//! `SIM_SEEDS=5000` runs that many.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -735,11 +736,14 @@ impl Sim {
     }
 }
 
+/// `SIM_SEED=N` replays one seed; `SIM_SEEDS=N` runs seeds 1 to N (a long run); by
+/// default, 60.
 fn seeds() -> Vec<u64> {
-    match std::env::var("SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("SIM_SEED is a number")],
-        Err(_) => (1..=60).collect(),
+    if let Ok(seed) = std::env::var("SIM_SEED") {
+        return vec![seed.parse().expect("SIM_SEED is a number")];
     }
+    let n = std::env::var("SIM_SEEDS").map_or(60, |n| n.parse().expect("SIM_SEEDS is a number"));
+    (1..=n).collect()
 }
 
 #[test]
