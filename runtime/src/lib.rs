@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod node;
 pub mod replication;
 pub mod store;
+pub mod twophase;
 pub mod txn;
 pub mod wal;
 pub mod wasm;
