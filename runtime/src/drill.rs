@@ -222,10 +222,11 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
                 "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14}",
                 r.run,
                 r.victim,
-                if r.victim_was_master {
-                    "master+primary"
-                } else {
-                    "primary"
+                match (r.victim_was_master, r.victim_primaries.is_empty()) {
+                    (true, false) => "master+primary",
+                    (true, true) => "master",
+                    (false, false) => "primary",
+                    (false, true) => "backup",
                 },
                 ms(r.detect_ms),
                 ms(r.promote_ms),
@@ -358,11 +359,15 @@ pub(crate) async fn healed_with(
             let nodes_up = s["nodes"]
                 .as_array()
                 .is_some_and(|n| n.iter().all(|n| n["health"] == "up"));
+            // Steady again: fully replicated, and no primary left on the master where a
+            // backup can serve (it hands them over).
+            let master = s["node"].as_u64();
             let replicated = s["functions"].as_array().is_some_and(|fs| {
                 fs.len() == functions
                     && fs.iter().all(|f| {
                         f["backups"].as_array().is_some_and(|b| b.len() == backups)
                             && f["catching_up"].as_array().is_some_and(Vec::is_empty)
+                            && (backups == 0 || f["primary"].as_u64() != master)
                     })
             });
             if nodes_up && replicated {

@@ -65,6 +65,11 @@ impl Net {
         for i in 0..hosts {
             let ns = format!("us{number}h{i}");
             let port = format!("us{number}p{i}");
+            // A port of this number left by an earlier run (a namespace's removal is
+            // finished by the kernel later, with its interfaces) would clash: this
+            // number's bridge was free, so it belongs to nobody now.
+            let _ = Command::new("ip").args(["link", "del", &port]).output();
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
             run("ip", &["netns", "add", &ns]);
             net.hosts.push(ns.clone());
             run(
@@ -188,7 +193,11 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for ns in &self.hosts {
+        for (i, ns) in self.hosts.iter().enumerate() {
+            // The port first: the namespace's own removal completes later, and its end
+            // of the pair with it.
+            let port = format!("us{}p{i}", self.number);
+            let _ = Command::new("ip").args(["link", "del", &port]).output();
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         let _ = Command::new("ip")

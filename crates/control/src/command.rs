@@ -73,6 +73,8 @@ pub enum Command {
         node: NodeId,
         expected_epoch: Epoch,
     },
+    /// A new master announces itself (placement keeps primaries off it).
+    MasterIs { node: NodeId },
 }
 
 /// What applying a command did.
@@ -209,6 +211,10 @@ impl ClusterState {
                 Response::Done
             }),
             Command::DrainNode { node } => self.set_status(*node, NodeStatus::Draining),
+            Command::MasterIs { node } => self.node_mut(*node).map(|_| ()).map(|()| {
+                self.master = Some(*node);
+                Response::Done
+            }),
             Command::ActivateNode { node } => self.set_status(*node, NodeStatus::Active),
             Command::RemoveNode { node } => self.remove_node(*node),
             Command::Deploy {

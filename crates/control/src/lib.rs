@@ -27,7 +27,9 @@ pub use command::{Command, HostProblem, Rejection, Response};
 pub use config::ControlConfig;
 pub use ids::{Epoch, NodeId};
 pub use openraft::ServerState;
-pub use placement::{plan_failover, plan_repair, FailoverPlan, Placement, Shortfall};
+pub use placement::{
+    plan_failover, plan_rebalance, plan_repair, FailoverPlan, Placement, Shortfall,
+};
 pub use plane::{ControlPlane, Error, Status};
 pub use state::{Assignment, ClusterState, Function, Health, Load, Node, NodeStatus, Role};
 pub use types::{Peer, TypeConfig};

@@ -65,7 +65,7 @@ pub fn place(state: &ClusterState, replicas: u8) -> Result<Placement, Error> {
     }
     hosts.sort_by_key(|id| {
         let load = load_of(&loads, *id);
-        (load.primaries, load.copies, *id)
+        (Some(*id) == state.master, load.primaries, load.copies, *id)
     });
     let primary = hosts.remove(0);
     hosts.sort_by_key(|id| backup_key(&loads, *id));
@@ -179,8 +179,61 @@ where
                 .get(id)
                 .is_some_and(|n| n.status != NodeStatus::Active);
             let load = load_of(&loads, *id);
-            (draining, load.primaries, load.copies, *id)
+            (
+                draining,
+                Some(*id) == state.master,
+                load.primaries,
+                load.copies,
+                *id,
+            )
         })
+}
+
+/// As master: hand one primary that lives on the master over to one of its backups (the
+/// master's node then takes a copy again as a catching-up backup, where it fits). The
+/// first command is the promotion: the master steps down as that primary before it is
+/// carried out. Empty when every primary is elsewhere, or when a function's backups
+/// cannot take over (none up and active and caught up).
+pub fn plan_rebalance(state: &ClusterState) -> FailoverPlan {
+    let mut work = state.clone();
+    let mut plan = FailoverPlan::default();
+    let Some(master) = state.master else {
+        return plan;
+    };
+    let loads = state.loads();
+    for (function, a) in &state.assignments {
+        if a.primary != master {
+            continue;
+        }
+        let Some(new_primary) = a
+            .backups
+            .iter()
+            .copied()
+            .filter(|id| {
+                state.nodes.get(id).is_some_and(|n| {
+                    n.health == Health::Up
+                        && n.status == NodeStatus::Active
+                        && n.role != Role::Witness
+                })
+            })
+            .min_by_key(|id| {
+                let load = load_of(&loads, *id);
+                (load.primaries, load.copies, *id)
+            })
+        else {
+            continue;
+        };
+        let command = Command::Promote {
+            function: function.clone(),
+            new_primary,
+            expected_epoch: a.epoch,
+        };
+        if step(&mut work, &mut plan, command) {
+            top_up(&mut work, &mut plan, function, &[]);
+            return plan;
+        }
+    }
+    plan
 }
 
 /// Add catching-up backups to `function` until it has its replicas or no node is free.
@@ -593,5 +646,85 @@ mod tests {
             }
             assert_no_double_copies(&state);
         }
+    }
+
+    #[test]
+    fn primaries_stay_off_the_master_where_another_node_can_serve() {
+        let mut state = cluster(3);
+        apply_all(&mut state, &[Command::MasterIs { node: NodeId(1) }]);
+        for name in ["a", "b", "c", "d"] {
+            let a = deploy(&mut state, name, 2);
+            assert_ne!(
+                a.primary,
+                NodeId(1),
+                "{name} placed its primary on the master"
+            );
+        }
+        // A failover prefers a backup that is not the master.
+        let a = state.assignments["a"].clone();
+        let mut work = state.clone();
+        apply_all(
+            &mut work,
+            &[Command::SetHealth {
+                node: a.primary,
+                health: Health::Down,
+            }],
+        );
+        let plan = plan_failover(&work, a.primary, |_, _| true);
+        if let Some(Command::Promote { new_primary, .. }) = plan.commands.first() {
+            let others: Vec<NodeId> = a
+                .backups
+                .iter()
+                .copied()
+                .filter(|b| *b != NodeId(1))
+                .collect();
+            if !others.is_empty() {
+                assert_ne!(*new_primary, NodeId(1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_master_hands_its_primaries_over_one_at_a_time() {
+        let mut state = cluster(3);
+        for name in ["a", "b", "c"] {
+            deploy(&mut state, name, 3);
+        }
+        let on_2: Vec<String> = state
+            .assignments
+            .iter()
+            .filter(|(_, a)| a.primary == NodeId(2))
+            .map(|(n, _)| n.clone())
+            .collect();
+        assert!(
+            !on_2.is_empty(),
+            "node 2 holds a primary: {:?}",
+            state.assignments
+        );
+        apply_all(&mut state, &[Command::MasterIs { node: NodeId(2) }]);
+        for _ in 0..on_2.len() {
+            let plan = plan_rebalance(&state);
+            let Some(Command::Promote { new_primary, .. }) = plan.commands.first() else {
+                panic!("expected a handover, got {plan:?}");
+            };
+            assert_ne!(*new_primary, NodeId(2));
+            // Node 2 comes back as a catching-up copy (3 copies wanted).
+            assert!(
+                plan.commands
+                    .iter()
+                    .any(|c| matches!(c, Command::AddBackup { node, .. } if *node == NodeId(2))),
+                "{plan:?}"
+            );
+            apply_all(&mut state, &plan.commands);
+            assert_no_double_copies(&state);
+        }
+        assert!(state.assignments.values().all(|a| a.primary != NodeId(2)));
+        assert!(plan_rebalance(&state).commands.is_empty());
+        // Without a backup to take over, the primary stays.
+        let mut lone = cluster(2);
+        deploy(&mut lone, "solo", 1);
+        let holder = lone.assignments["solo"].primary;
+        apply_all(&mut lone, &[Command::MasterIs { node: holder }]);
+        assert!(plan_rebalance(&lone).commands.is_empty());
     }
 }

@@ -18,6 +18,11 @@ pub struct ClusterState {
     pub functions: BTreeMap<String, Function>,
     /// One entry per function in `functions`, under the same name.
     pub assignments: BTreeMap<String, Assignment>,
+    /// The master as it announced itself (`Command::MasterIs`). Placement keeps
+    /// primaries off it where another node can serve: a primary there would fail over
+    /// only after an election, and every primary already waits on the master's leases.
+    #[serde(default)]
+    pub master: Option<NodeId>,
 }
 
 /// A node as the cluster knows it.

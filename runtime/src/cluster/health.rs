@@ -13,7 +13,7 @@ use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use understudy_control::{
-    plan_failover, plan_repair, Command, FailoverPlan, Health, NodeId, NodeStatus,
+    plan_failover, plan_rebalance, plan_repair, Command, FailoverPlan, Health, NodeId, NodeStatus,
 };
 
 use super::Cluster;
@@ -21,6 +21,10 @@ use super::Cluster;
 /// How often the master re-checks for under-replicated functions when nothing else
 /// happens.
 const REPAIR_EVERY: Duration = Duration::from_secs(1);
+/// A new master hands the primaries it holds over to their backups (see
+/// `plan_rebalance`) once it has led this long, one function per `REBALANCE_EVERY`.
+const REBALANCE_AFTER: Duration = Duration::from_millis(200);
+const REBALANCE_EVERY: Duration = Duration::from_millis(50);
 
 /// A failover or recovery the master carried out, for status and the drill.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -53,6 +57,7 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
     let mut followed: Option<NodeId> = None;
     let mut old_leader: Option<(NodeId, Instant)> = None;
     let mut repaired_at = Instant::now();
+    let mut rebalanced_at = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -130,6 +135,22 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
         for node in draining {
             c.drain_step(node).await;
         }
+        // Announce this master, so that placement keeps primaries off it; then, while
+        // every node is up, hand over the primaries it holds.
+        if state.master != Some(c.id) {
+            if let Err(e) = c.control.propose(Command::MasterIs { node: c.id }).await {
+                tracing::warn!(error = %e, "cannot announce this master");
+            }
+        } else if now.duration_since(since) >= REBALANCE_AFTER
+            && rebalanced_at.elapsed() >= REBALANCE_EVERY
+            && state
+                .nodes
+                .values()
+                .all(|n| n.health == Health::Up || n.status == NodeStatus::Removed)
+        {
+            rebalanced_at = Instant::now();
+            c.rebalance_step().await;
+        }
         if repaired_at.elapsed() >= REPAIR_EVERY {
             repaired_at = Instant::now();
             let plan = plan_repair(&c.control.state());
@@ -205,6 +226,28 @@ impl Cluster {
 
     /// Propose `plan`'s commands in order; returns what was applied and when, for the
     /// record.
+    /// As master: hand one primary this node holds over to a backup (it steps down under
+    /// the function's lock first, as a drained node does), and take a copy back as a
+    /// catching-up backup.
+    async fn rebalance_step(&self) {
+        let plan = plan_rebalance(&self.control.state());
+        let Some(Command::Promote {
+            function,
+            new_primary,
+            expected_epoch,
+        }) = plan.commands.first().cloned()
+        else {
+            return;
+        };
+        if let Ok(name) = crate::ids::FunctionName::new(&function) {
+            let _locked = self.node.lock_function(&name).await;
+            self.replicas
+                .step_down(&name, crate::replication::Epoch(expected_epoch.0));
+        }
+        let done = self.carry_out(&plan).await;
+        tracing::info!(%function, to = %new_primary, steps = ?done, "handed a primary over: the master keeps none where a backup can serve");
+    }
+
     pub(super) async fn carry_out(&self, plan: &FailoverPlan) -> Vec<(String, Instant)> {
         let mut done = Vec::new();
         for command in &plan.commands {
