@@ -58,6 +58,7 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
     let mut old_leader: Option<(NodeId, Instant)> = None;
     let mut repaired_at = Instant::now();
     let mut rebalanced_at = Instant::now();
+    let rebalancing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -149,7 +150,15 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
                 .all(|n| n.health == Health::Up || n.status == NodeStatus::Removed)
         {
             rebalanced_at = Instant::now();
-            c.rebalance_step().await;
+            // In a task of its own: it waits for a function's lock, which a transaction
+            // may hold for a while, and the detector must not.
+            if !rebalancing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let (c, rebalancing) = (c.clone(), rebalancing.clone());
+                tokio::spawn(async move {
+                    c.rebalance_step().await;
+                    rebalancing.store(false, std::sync::atomic::Ordering::Release);
+                });
+            }
         }
         if repaired_at.elapsed() >= REPAIR_EVERY {
             repaired_at = Instant::now();

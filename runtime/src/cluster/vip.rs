@@ -6,9 +6,11 @@
 //! keeps working through a failover of the master; the master forwards each invocation
 //! to its function's primary.
 //!
-//! A node holds the address only while it is master and holds its master lease (see
-//! `lease`), and lets it go as soon as it is not: a master cut off from its quorum drops
-//! the address within a lease, before another can be elected. A node removes the
+//! A node takes the address only while it is master and holds its master lease (see
+//! `lease`), and lets it go as soon as another is master or its lease has lapsed for
+//! 20 ms: a master cut off from its quorum drops the address about when another can be
+//! elected (a moment of overlap misdirects nothing: every node forwards invocations, and
+//! primaries answer under leases of their own). A node removes the
 //! address when it starts (a crashed master leaves it on the interface) and when it
 //! stops.
 //!
@@ -25,6 +27,8 @@ use super::Cluster;
 
 /// How often the holder re-checks that it is still master.
 const CHECK_EVERY: Duration = Duration::from_millis(2);
+/// How long the holder keeps the address through a lapse of its master lease.
+const LEASE_LAPSE_TOLERATED: Duration = Duration::from_millis(20);
 /// Gratuitous ARPs sent on taking the address: at once, then again after each of these
 /// delays (a switch or host that missed the first burst learns from a later one).
 const ANNOUNCE_AGAIN: [Duration; 3] = [
@@ -272,18 +276,34 @@ pub async fn run(cluster: Weak<Cluster>, link: std::sync::Arc<Link>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut held = false;
     let mut announce_at: Vec<Instant> = Vec::new();
+    let mut lease_lost_at: Option<Instant> = None;
     loop {
         ticker.tick().await;
         let Some(c) = cluster.upgrade() else {
             let _ = link.remove().await;
             return;
         };
-        let master = c.control.leader() == Some(c.id) && c.lease_ok();
+        let leader = c.control.leader() == Some(c.id);
+        let lease = leader && c.lease_ok();
         if c.stopping.load(std::sync::atomic::Ordering::Acquire) {
             // `Cluster::shutdown` removes the address.
             return;
         }
         drop(c);
+        // A lease that lapses for a moment (a stall of a millisecond or two) does not
+        // move the address; one lost for longer, or another master, does. (Holding it a
+        // little too long misdirects no data: every node forwards to the primaries, and
+        // a primary answers only under its own lease.)
+        let now = Instant::now();
+        if lease {
+            lease_lost_at = None;
+        } else if leader {
+            lease_lost_at.get_or_insert(now);
+        }
+        let master = lease
+            || (held
+                && leader
+                && lease_lost_at.is_some_and(|t| now.duration_since(t) < LEASE_LAPSE_TOLERATED));
         if master && !held {
             if let Err(e) = link.add().await {
                 tracing::error!(vip = %link.vip, error = %e, "cannot take the virtual address");
@@ -291,7 +311,6 @@ pub async fn run(cluster: Weak<Cluster>, link: std::sync::Arc<Link>) {
             }
             held = true;
             tracing::info!(vip = %link.vip, "took the virtual address (this node is master)");
-            let now = Instant::now();
             announce_at = std::iter::once(now)
                 .chain(ANNOUNCE_AGAIN.iter().map(|d| now + *d))
                 .collect();
@@ -300,7 +319,6 @@ pub async fn run(cluster: Weak<Cluster>, link: std::sync::Arc<Link>) {
             announce_at.clear();
             release(&link).await;
         }
-        let now = Instant::now();
         if announce_at.first().is_some_and(|at| *at <= now) {
             announce_at.remove(0);
             if let Err(e) = link.announce() {
