@@ -1321,6 +1321,22 @@ struct Dispatch {
 }
 
 /// A runtime on threads of its own for the node's links, kept for the life of the process.
+/// Ask the kernel to favour the calling thread over the node's others (nice -10): the
+/// heartbeats, leases and Raft run on the links runtime, and a node busy with its own
+/// guests must not look dead (corosync runs its heartbeats at real-time priority for the
+/// same reason). Needs CAP_SYS_NICE (root); without it the thread keeps its priority.
+#[allow(unsafe_code)]
+fn favour_this_thread() {
+    // SAFETY: gettid and setpriority take and return plain integers; no memory is shared.
+    let result = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -10)
+    };
+    if result != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "the links threads keep the default priority");
+    }
+}
+
 fn links_runtime() -> Result<tokio::runtime::Handle, Error> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -1329,6 +1345,7 @@ fn links_runtime() -> Result<tokio::runtime::Handle, Error> {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_name("understudy-links")
+                .on_thread_start(favour_this_thread)
                 .enable_all()
                 .build()
             {
