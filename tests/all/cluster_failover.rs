@@ -239,8 +239,9 @@ fn kill_primary_under_load(kill_master_too: bool) {
             .as_array()
             .is_some_and(|b| b.contains(&json!(victim)))
     });
+    // (It may be handed the primary back later: a new master hands its own primaries
+    // over to backups.) Its copy equals the primary's.
     let f = bank(&nodes[o]);
-    assert_ne!(f["primary"], victim);
     let copy = nodes[(victim - 1) as usize]
         .api()
         .get("/v1/functions/bank")

@@ -233,8 +233,6 @@ impl Cluster {
         events.drain(..excess);
     }
 
-    /// Propose `plan`'s commands in order; returns what was applied and when, for the
-    /// record.
     /// As master: hand one primary this node holds over to a backup (it steps down under
     /// the function's lock first, as a drained node does), and take a copy back as a
     /// catching-up backup.
@@ -257,6 +255,8 @@ impl Cluster {
         tracing::info!(%function, to = %new_primary, steps = ?done, "handed a primary over: the master keeps none where a backup can serve");
     }
 
+    /// Propose `plan`'s commands in order; returns what was applied and when, for the
+    /// record.
     pub(super) async fn carry_out(&self, plan: &FailoverPlan) -> Vec<(String, Instant)> {
         let mut done = Vec::new();
         for command in &plan.commands {
