@@ -246,11 +246,8 @@ impl Cluster {
         else {
             return;
         };
-        if let Ok(name) = crate::ids::FunctionName::new(&function) {
-            let _locked = self.node.lock_function(&name).await;
-            self.replicas
-                .step_down(&name, crate::replication::Epoch(expected_epoch.0));
-        }
+        self.step_down_here(&function, crate::replication::Epoch(expected_epoch.0))
+            .await;
         let done = self.carry_out(&plan).await;
         tracing::info!(%function, to = %new_primary, steps = ?done, "handed a primary over: the master keeps none where a backup can serve");
     }

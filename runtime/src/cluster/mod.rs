@@ -607,10 +607,7 @@ impl Cluster {
         } = first
         {
             if n == self.id {
-                if let Ok(name) = FunctionName::new(function) {
-                    let _locked = self.node.lock_function(&name).await;
-                    self.replicas.step_down(&name, Epoch(expected_epoch.0));
-                }
+                self.step_down_here(function, Epoch(expected_epoch.0)).await;
                 let one = understudy_control::FailoverPlan {
                     commands: vec![first.clone()],
                     shortfalls: Vec::new(),
@@ -644,6 +641,15 @@ impl Cluster {
         };
         let done = self.carry_out(&one).await;
         tracing::info!(node = %n, steps = ?done, "draining");
+    }
+
+    /// Stop serving `function` as its primary in `epoch` here, under its lock (no commit
+    /// half-way), before the master promotes another copy.
+    async fn step_down_here(&self, function: &str, epoch: Epoch) {
+        if let Ok(name) = FunctionName::new(function) {
+            let _locked = self.node.lock_function(&name).await;
+            self.replicas.step_down(&name, epoch);
+        }
     }
 
     /// `function`'s copy on node `n`, as it describes it.

@@ -17,26 +17,7 @@ use std::time::{Duration, Instant};
 use super::coordinator::{self, Coordinator};
 use super::participant::{self, Participant};
 use super::{Message, TxnId};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+use crate::sim_support::{seeds, Rng};
 
 const PARTIES: u8 = 4;
 
@@ -545,14 +526,6 @@ impl Sim {
         }
         (self.begun.len(), committed, aborted)
     }
-}
-
-fn seeds() -> Vec<u64> {
-    if let Ok(seed) = std::env::var("SIM_SEED") {
-        return vec![seed.parse().expect("SIM_SEED is a number")];
-    }
-    let n = std::env::var("SIM_SEEDS").map_or(60, |n| n.parse().expect("SIM_SEEDS is a number"));
-    (1..=n).collect()
 }
 
 #[test]
