@@ -7,6 +7,10 @@
 //! older than the holder and everyone queued; otherwise it dies (aborts and is retried
 //! with its original age, so it eventually becomes the oldest and wins). Waits thus
 //! always point from older to younger transactions, and no cycle can form.
+//!
+//! A transaction's identity and its age are apart: each attempt of a retried
+//! transaction is a new identity (so that a lock a dead attempt still holds on another
+//! node is not mistaken for the new attempt's), with the age of its first attempt.
 
 use std::collections::VecDeque;
 
@@ -33,8 +37,9 @@ pub struct TxnLock {
 
 #[derive(Debug, Default)]
 struct State {
-    holder: Option<TxnId>,
-    waiters: VecDeque<(TxnId, oneshot::Sender<()>)>,
+    /// The holder, and its age.
+    holder: Option<(TxnId, TxnId)>,
+    waiters: VecDeque<(TxnId, TxnId, oneshot::Sender<()>)>,
 }
 
 /// How a lock is being asked for.
@@ -47,27 +52,38 @@ pub enum Mode {
 }
 
 impl TxnLock {
-    /// Take the lock for `txn`. Returns at once if `txn` already holds it.
+    /// Take the lock for `txn`, whose age is its own id. Returns at once if `txn`
+    /// already holds it. See `acquire_aged`.
+    pub async fn acquire(&self, txn: TxnId, mode: Mode) -> Result<(), Error> {
+        self.acquire_aged(txn, txn, mode).await
+    }
+
+    /// Take the lock for `txn`, which is as old as `age` (the id of its first attempt).
+    /// Returns at once if `txn` already holds it.
     ///
     /// Fails with `Die` when a nested request would wait for an older transaction, and
     /// with `Busy` when the queue is full.
     ///
     /// # Cancel safety
     /// Cancel safe: a cancelled waiter's turn passes to the next in line.
-    pub async fn acquire(&self, txn: TxnId, mode: Mode) -> Result<(), Error> {
+    pub async fn acquire_aged(&self, txn: TxnId, age: TxnId, mode: Mode) -> Result<(), Error> {
         let rx = {
             let mut state = self.state.lock();
             match state.holder {
                 None => {
-                    state.holder = Some(txn);
+                    state.holder = Some((txn, age));
                     return Ok(());
                 }
-                Some(holder) if holder == txn => return Ok(()),
-                Some(holder) => {
+                Some((holder, _)) if holder == txn => return Ok(()),
+                Some((_, holder_age)) => {
                     if mode == Mode::Nested {
-                        let oldest_ahead =
-                            state.waiters.iter().map(|(t, _)| *t).chain([holder]).min();
-                        if oldest_ahead.is_some_and(|oldest| oldest < txn) {
+                        let oldest_ahead = state
+                            .waiters
+                            .iter()
+                            .map(|(_, a, _)| *a)
+                            .chain([holder_age])
+                            .min();
+                        if oldest_ahead.is_some_and(|oldest| oldest < age) {
                             return Err(Error::Die { txn });
                         }
                     }
@@ -75,7 +91,7 @@ impl TxnLock {
                         return Err(Error::Busy);
                     }
                     let (tx, rx) = oneshot::channel();
-                    state.waiters.push_back((txn, tx));
+                    state.waiters.push_back((txn, age, tx));
                     rx
                 }
             }
@@ -94,14 +110,14 @@ impl TxnLock {
     /// Release the lock held by `txn` and hand it to the next waiter still waiting.
     pub fn release(&self, txn: TxnId) {
         let mut state = self.state.lock();
-        if state.holder != Some(txn) {
+        if state.holder.map(|(holder, _)| holder) != Some(txn) {
             // Not the holder: a cancelled waiter; remove it from the queue if present.
-            state.waiters.retain(|(t, _)| *t != txn);
+            state.waiters.retain(|(t, _, _)| *t != txn);
             return;
         }
         state.holder = None;
-        while let Some((next, tx)) = state.waiters.pop_front() {
-            state.holder = Some(next);
+        while let Some((next, age, tx)) = state.waiters.pop_front() {
+            state.holder = Some((next, age));
             if tx.send(()).is_ok() {
                 return;
             }
@@ -110,7 +126,7 @@ impl TxnLock {
     }
 
     pub fn holder(&self) -> Option<TxnId> {
-        self.state.lock().holder
+        self.state.lock().holder.map(|(holder, _)| holder)
     }
 
     pub fn waiters(&self) -> usize {
@@ -167,6 +183,29 @@ mod tests {
             Ok(()),
             "re-entrant"
         );
+    }
+
+    #[tokio::test]
+    async fn a_retry_is_as_old_as_its_first_attempt() {
+        let lock = TxnLock::default();
+        lock.acquire(TxnId(5), Mode::First)
+            .await
+            .expect("free lock");
+        // By age, attempt 12 of a transaction first tried as 9 is younger than 5.
+        assert_eq!(
+            lock.acquire_aged(TxnId(12), TxnId(9), Mode::Nested).await,
+            Err(Error::Die { txn: TxnId(12) }),
+            "younger by age dies"
+        );
+        let lock = std::sync::Arc::new(lock);
+        let l2 = lock.clone();
+        let older =
+            tokio::spawn(async move { l2.acquire_aged(TxnId(12), TxnId(3), Mode::Nested).await });
+        tokio::task::yield_now().await;
+        assert_eq!(lock.waiters(), 1, "older by age waits");
+        lock.release(TxnId(5));
+        older.await.expect("join").expect("acquired");
+        assert_eq!(lock.holder(), Some(TxnId(12)));
     }
 
     #[tokio::test]

@@ -19,13 +19,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
+use crate::cluster::wire::{Entry, Kind};
 use crate::config::Config;
 use crate::ids::{Digest, FunctionName, Lsn, TxnId};
 use crate::lock::{self, Mode};
 use crate::metrics::Metrics;
 use crate::store::{Function, Store};
 use crate::txn::Txn;
-use crate::wal::record::{Commit, Deploy, FunctionEpoch, Idempotency, Outcome, Record, Writes};
+use crate::wal::record::{
+    Commit, Decision, Deploy, End, FunctionEpoch, Idempotency, Outcome, Prepare, Record, Resolved,
+    Writes,
+};
 use crate::wal::{self, Durability, Wal};
 use crate::wasm::{self, Abort, CallFuture, Calls, Ctx, GuestError, Loaded, Runtime};
 
@@ -37,6 +41,9 @@ pub const AUTO_KEY_WINDOW_S: u64 = 30;
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 256;
 /// Largest output a handler may return.
 pub const OUTPUT_LEN_MAX: usize = 16 << 20;
+
+/// Bits of a transaction id that hold the node it began on (see `Inner::next_txn`).
+const TXN_NODE_BITS: u32 = 8;
 
 /// Errors of the invocation path that are not the handler's own answer.
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +185,10 @@ struct Inner {
     metrics: Arc<Metrics>,
     loaded: RwLock<HashMap<Digest, Arc<Loaded>>>,
     artifacts_dir: PathBuf,
+    /// The counter part of the next transaction id (see `next_txn`).
     txn_next: AtomicU64,
+    /// The low bits of every transaction id made here: the cluster node id (0 alone).
+    txn_node: u64,
     admin: tokio::sync::Mutex<()>,
     checkpointing: AtomicBool,
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
@@ -230,7 +240,7 @@ impl Node {
                 .apply(*lsn, record)
                 .map_err(|e| OpenError::Recovery(e.to_string()))?;
             if let Record::Commit(c) = record {
-                txn_max = txn_max.max(c.txn.0);
+                txn_max = txn_max.max(c.txn.0 >> TXN_NODE_BITS);
             }
         }
         let mut loaded = HashMap::new();
@@ -264,8 +274,14 @@ impl Node {
             "recovered {}",
             config.data_dir.display()
         );
-        // Transaction ids only need to grow within a run and stay unique in the log.
+        // Transaction ids only need to grow within a run and stay unique in the log
+        // (and, with the node id in their low bits, in the cluster); they start near
+        // the clock so that ages compare across nodes (wait-die).
         let txn_next = txn_max.max(now_ms() * 1000) + 1;
+        let txn_node = config
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.node_id & ((1 << TXN_NODE_BITS) - 1));
         Ok(Node {
             inner: Arc::new(Inner {
                 config,
@@ -276,6 +292,7 @@ impl Node {
                 loaded: RwLock::new(loaded),
                 artifacts_dir,
                 txn_next: AtomicU64::new(txn_next),
+                txn_node,
                 admin: tokio::sync::Mutex::new(()),
                 checkpointing: AtomicBool::new(false),
                 cluster: std::sync::OnceLock::new(),
@@ -356,16 +373,25 @@ impl Node {
                 return Ok(answer);
             }
         }
-        let id = TxnId(inner.txn_next.fetch_add(1, Ordering::Relaxed));
+        // Each attempt is a transaction of its own (a part an aborted attempt left on
+        // another node must not be taken for the next one's), as old as the first.
+        let age = inner.next_txn();
+        let mut id = age;
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match self.attempt(&f, id, method, input, idempotency_key).await {
+            if attempt > 1 {
+                id = inner.next_txn();
+            }
+            match self
+                .attempt(&f, id, age, method, input, idempotency_key)
+                .await
+            {
                 Err(InvokeError::Conflict(_)) if attempt <= inner.config.conflict_retries_max => {
                     // Back off a little, more each time, staggered by transaction so that
                     // two conflicting transactions do not retry in lockstep.
                     let jitter_us =
-                        (id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) * u64::from(attempt);
+                        (age.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) * u64::from(attempt);
                     tokio::time::sleep(Duration::from_micros(100 * u64::from(attempt) + jitter_us))
                         .await;
                 }
@@ -453,15 +479,25 @@ impl Node {
         &self,
         f: &Arc<Function>,
         id: TxnId,
+        age: TxnId,
         method: &str,
         input: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<Answer, InvokeError> {
         let inner = &self.inner;
-        f.lock.acquire(id, Mode::First).await.map_err(lock_error)?;
+        let gate_until = Instant::now() + Duration::from_millis(inner.config.wasm.deadline_ms);
+        lock_unprepared(f, id, age, Mode::First, gate_until)
+            .await
+            .map_err(|blocked| match blocked {
+                Blocked::Lock(e) => lock_error(e),
+                Blocked::Prepared(other) => InvokeError::Busy(format!(
+                    "function {} is held by distributed transaction {other}, whose outcome is not known yet",
+                    f.name
+                )),
+            })?;
         // The deadline bounds running, not queueing: it starts once the lock is ours.
         let deadline = Instant::now() + Duration::from_millis(inner.config.wasm.deadline_ms);
-        let txn = Arc::new(Mutex::new(Txn::new(id, deadline, inner.config.limits)));
+        let txn = Arc::new(Mutex::new(Txn::new(id, age, deadline, inner.config.limits)));
         txn.lock().add_held(f.clone());
         let held = HeldLocks { txn: txn.clone() };
 
@@ -495,6 +531,19 @@ impl Node {
                 return self.replay_found(f, found).await;
             }
         }
+        // In a cluster the transaction may call functions on other nodes: it coordinates.
+        let mut parts = inner.cluster.get().map(|cluster| {
+            let mut t = txn.lock();
+            t.coordinator = Some(f.name.clone());
+            t.home = true;
+            drop(t);
+            PartsGuard {
+                distributed: cluster.distributed().clone(),
+                coordinator: f.name.clone(),
+                txn: txn.clone(),
+                armed: true,
+            }
+        });
         let loaded = self.loaded(meta.deploy.digest)?;
         let ctx = Ctx::new(txn.clone(), f.clone(), 0, inner.clone(), &inner.config.wasm);
         let result = inner
@@ -509,6 +558,24 @@ impl Node {
             Ok(outcome) => outcome,
         };
 
+        // Parts elsewhere that wrote take part in two-phase commit (unless the handler's
+        // error aborts everything); the others are released now.
+        let elsewhere = txn.lock().parts_elsewhere();
+        let participants: Vec<FunctionName> = elsewhere
+            .iter()
+            .filter(|(_, wrote)| *wrote && outcome.is_ok())
+            .map(|(name, _)| name.clone())
+            .collect();
+        if let Some(guard) = parts.as_mut() {
+            let released: Vec<FunctionName> = elsewhere
+                .iter()
+                .map(|(name, _)| name.clone())
+                .filter(|name| !participants.contains(name))
+                .collect();
+            guard.distributed.abandon(&f.name, id, &released);
+            guard.armed = false;
+        }
+
         let writes = if outcome.is_ok() {
             txn.lock().writes()
         } else {
@@ -517,8 +584,11 @@ impl Node {
         // An answer is remembered for the key, except for keys the cluster assigned
         // itself to a transaction that changed nothing: running that again is harmless,
         // and remembering it would turn every forwarded read into a write.
-        let idempotency_key = idempotency_key
-            .filter(|key| !(key.starts_with(crate::store::AUTO_KEY_PREFIX) && writes.is_empty()));
+        let idempotency_key = idempotency_key.filter(|key| {
+            !(key.starts_with(crate::store::AUTO_KEY_PREFIX)
+                && writes.is_empty()
+                && participants.is_empty())
+        });
         let idempotency = idempotency_key.map(|key| Idempotency {
             function: f.name.clone(),
             key: key.to_owned(),
@@ -532,7 +602,7 @@ impl Node {
             at_ms: now_ms(),
         });
         // What this answer depends on: everything it read, and its own commit.
-        let mut lsn_wait = txn
+        let lsn_read = txn
             .lock()
             .held()
             .iter()
@@ -561,45 +631,40 @@ impl Node {
                 }
                 None => Vec::new(),
             };
-        if !writes.is_empty() || idempotency.is_some() {
-            // Only the functions this commit enters the log of (not those it only read).
-            let epochs = copies
-                .iter()
-                .filter(|(_, g)| {
-                    writes.iter().any(|w| w.function == g.name)
-                        || idempotency.as_ref().is_some_and(|i| i.function == g.name)
+        let commit = Commit {
+            txn: id,
+            writes,
+            idempotency,
+            epochs: Vec::new(),
+            decision: None,
+        };
+        if !participants.is_empty() {
+            let copy = copy.expect("a transaction with parts elsewhere runs in a cluster");
+            let node = self.clone();
+            let f = f.clone();
+            // On its own task: once the prepare round has begun, the transaction must
+            // reach its end even if the client goes away.
+            let run = tokio::spawn(async move {
+                node.commit_distributed(Distributed {
+                    f,
+                    copy,
+                    held,
+                    _parts: parts,
+                    commit,
+                    participants,
+                    copies,
+                    outcome,
                 })
-                .map(|(c, g)| FunctionEpoch {
-                    function: g.name.clone(),
-                    epoch: c.epoch.0,
-                })
-                .collect();
-            let record = Record::Commit(Commit {
-                txn: id,
-                writes,
-                idempotency,
-                epochs,
-            });
-            let (lsn, applied) = inner
-                .wal
-                .append(&record, |lsn| inner.store.apply(lsn, &record))
-                .map_err(|e| InvokeError::Storage(e.to_string()))?;
-            applied.map_err(|e| InvokeError::Storage(e.to_string()))?;
-            lsn_wait = lsn;
-            if let Record::Commit(commit) = record {
-                feed_copies(&copies, commit);
-            }
-        }
-        // Still under the locks: each function's position includes this commit.
-        let seqs: Vec<(Arc<crate::cluster::replica::PrimaryCopy>, u64)> =
-            copies.into_iter().map(|(c, g)| (c, g.seq())).collect();
-        drop(held);
-        self.wait_durable(lsn_wait).await?;
-        for (copy, seq) in seqs {
-            copy.released(seq)
                 .await
-                .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+            });
+            return run
+                .await
+                .map_err(|e| InvokeError::Storage(format!("commit task failed: {e}")))?;
         }
+        drop(parts);
+        let (lsn_wait, seqs) = self.log_commit(commit, &copies, lsn_read)?;
+        drop(held);
+        self.wait_released(lsn_wait, seqs).await?;
         if let Some(cluster) = inner.cluster.get() {
             check_lease(cluster, copy.as_deref())?;
         }
@@ -612,6 +677,109 @@ impl Node {
             txn: id,
             replayed: false,
             served_by,
+        })
+    }
+
+    /// Log and apply `commit` (if it changes anything) and feed it to the primary
+    /// copies; the caller holds every lock. Returns the position the answer waits for
+    /// (the commit's, or `lsn_read`) and each copy's position after it.
+    fn log_commit(
+        &self,
+        mut commit: Commit,
+        copies: &[(Arc<crate::cluster::replica::PrimaryCopy>, Arc<Function>)],
+        lsn_read: Lsn,
+    ) -> Result<(Lsn, Positions), InvokeError> {
+        let inner = &self.inner;
+        let mut lsn_wait = lsn_read;
+        if !commit.writes.is_empty() || commit.idempotency.is_some() || commit.decision.is_some() {
+            // Only the functions this commit enters the log of (not those it only read).
+            commit.epochs = copies
+                .iter()
+                .filter(|(_, g)| {
+                    commit.writes.iter().any(|w| w.function == g.name)
+                        || commit
+                            .idempotency
+                            .as_ref()
+                            .is_some_and(|i| i.function == g.name)
+                        || commit
+                            .decision
+                            .as_ref()
+                            .is_some_and(|d| d.coordinator == g.name)
+                })
+                .map(|(c, g)| FunctionEpoch {
+                    function: g.name.clone(),
+                    epoch: c.epoch.0,
+                })
+                .collect();
+            let record = Record::Commit(commit);
+            let (lsn, applied) = inner
+                .wal
+                .append(&record, |lsn| inner.store.apply(lsn, &record))
+                .map_err(|e| InvokeError::Storage(e.to_string()))?;
+            applied.map_err(|e| InvokeError::Storage(e.to_string()))?;
+            lsn_wait = lsn;
+            if let Record::Commit(commit) = record {
+                feed_copies(copies, commit);
+            }
+        }
+        // Still under the locks: each function's position includes this commit.
+        let seqs = copies.iter().map(|(c, g)| (c.clone(), g.seq())).collect();
+        Ok((lsn_wait, seqs))
+    }
+
+    /// Wait until `lsn` is durable and every copy has released its position.
+    async fn wait_released(&self, lsn: Lsn, seqs: Positions) -> Result<(), InvokeError> {
+        self.wait_durable(lsn).await?;
+        for (copy, seq) in seqs {
+            copy.released(seq)
+                .await
+                .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Commit a transaction that wrote functions whose primaries are on other nodes:
+    /// the prepare round (under this node's locks), then the COMMIT record (the
+    /// decision, with this node's writes), then the answer once it is released; the
+    /// participants hear of the decision only then.
+    async fn commit_distributed(self, t: Distributed) -> Result<Answer, InvokeError> {
+        let inner = &self.inner;
+        let cluster = inner.cluster.get().expect("in a cluster");
+        let d = cluster.distributed().clone();
+        let id = t.commit.txn;
+        let verdict = d.prepare_round(&t.copy, id, t.participants.clone()).await;
+        if verdict == crate::cluster::distributed::Verdict::Abort {
+            // The coordinator told every participant; the runtime tries again.
+            return Err(InvokeError::Conflict(1));
+        }
+        // Still under the locks: a change of role waits for them.
+        if let Err(e) = check_lease(cluster, Some(&t.copy)) {
+            d.not_logged(&t.copy, id);
+            return Err(e);
+        }
+        let mut commit = t.commit;
+        commit.decision = Some(Decision {
+            coordinator: t.f.name.clone(),
+            participants: t.participants,
+        });
+        let (lsn, seqs) = match self.log_commit(commit, &t.copies, Lsn::ZERO) {
+            Ok(logged) => logged,
+            Err(e) => {
+                d.not_logged(&t.copy, id);
+                return Err(e);
+            }
+        };
+        drop(t.held);
+        // If this fails the outcome is unknown here: the copy's successor holds the
+        // decision if it was replicated, and delivers it; the client retries with its key.
+        self.wait_released(lsn, seqs).await?;
+        d.logged(&t.copy, id);
+        check_lease(cluster, Some(&t.copy))?;
+        Ok(Answer {
+            outcome: t.outcome,
+            txn: id,
+            replayed: false,
+            served_by: Some((cluster.replicas().me().0, t.copy.epoch.0)),
         })
     }
 
@@ -648,7 +816,7 @@ impl Node {
         &self,
         function: &FunctionName,
         epoch: u64,
-        entries: Vec<(crate::replication::Seq, crate::cluster::wire::Entry)>,
+        entries: Vec<(crate::replication::Seq, Entry)>,
     ) -> Result<Lsn, String> {
         let inner = &self.inner;
         let f = inner
@@ -670,18 +838,19 @@ impl Node {
             {
                 return Err(format!("entry {seq} carries another function's answer"));
             }
-            let record = Record::Commit(Commit {
-                txn: entry.txn,
-                writes: vec![Writes {
-                    function: function.clone(),
-                    ops: entry.ops,
-                }],
-                idempotency: entry.idempotency,
-                epochs: vec![FunctionEpoch {
-                    function: function.clone(),
-                    epoch,
-                }],
-            });
+            if entry.kind == (Kind::Resolved { commit: true })
+                || entry.kind == (Kind::Resolved { commit: false })
+            {
+                // Checked before it is logged: a record that cannot be applied would stop
+                // recovery.
+                if !f.is_prepared(entry.txn) {
+                    return Err(format!(
+                        "entry {seq} resolves transaction {}, which is not prepared here",
+                        entry.txn
+                    ));
+                }
+            }
+            let record = replicated_record(function, epoch, entry);
             let (lsn, applied) = inner
                 .wal
                 .append(&record, |lsn| inner.store.apply(lsn, &record))
@@ -692,6 +861,85 @@ impl Node {
         // A backup's log grows with what it receives: it needs snapshots as a primary does.
         self.maybe_checkpoint();
         Ok(lsn_last)
+    }
+
+    /// Log and apply `record`, a step of two-phase commit on `f` (PREPARE, outcome or
+    /// END), and hand `entry` (the same step) to its primary copy. The caller holds
+    /// `f`'s lock, so entries reach the copy in order. Returns the record's position and
+    /// `f`'s position after it.
+    ///
+    /// Fails when the log fails or the record does not apply.
+    pub(crate) fn log_step(
+        &self,
+        f: &Function,
+        copy: &Arc<crate::cluster::replica::PrimaryCopy>,
+        record: &Record,
+        entry: Entry,
+    ) -> Result<(Lsn, u64), String> {
+        let inner = &self.inner;
+        let (lsn, applied) = inner
+            .wal
+            .append(record, |lsn| inner.store.apply(lsn, record))
+            .map_err(|e| e.to_string())?;
+        applied.map_err(|e| e.to_string())?;
+        let seq = f.seq();
+        copy.appended(seq, entry);
+        Ok((lsn, seq))
+    }
+
+    /// Run a call from a transaction on another node (`Invoke::Part`) here, as the
+    /// callee's primary, inside that transaction's part on this node.
+    pub async fn run_part(
+        &self,
+        call: crate::cluster::wire::PartCall,
+    ) -> crate::cluster::wire::InvokeReply {
+        use crate::cluster::wire::{ByteBuf, InvokeReply};
+        let inner = &self.inner;
+        let failed = |e: InvokeError| InvokeReply::Failed {
+            code: e.code().to_owned(),
+            message: e.to_string(),
+        };
+        let Some(cluster) = inner.cluster.get() else {
+            return failed(InvokeError::Unavailable(
+                "this node is not in a cluster".into(),
+            ));
+        };
+        let Ok(name) = FunctionName::new(&call.function) else {
+            return failed(InvokeError::UnknownFunction(call.function));
+        };
+        // Only the primary runs it (with its lease); otherwise the caller looks again.
+        match cluster.replicas().primary(&name) {
+            Some(copy) if check_lease(cluster, Some(&copy)).is_ok() => {}
+            _ => return failed(InvokeError::NotPrimary(name)),
+        }
+        if call.deadline_ms == 0 {
+            return failed(InvokeError::Deadline(
+                "the transaction's deadline passed before the call arrived".into(),
+            ));
+        }
+        let d = cluster.distributed().clone();
+        let txn = d.join(&call, inner.config.limits);
+        let id = call.txn;
+        let result = Calls::call(
+            inner.clone(),
+            txn.clone(),
+            call.depth,
+            call.function,
+            call.method,
+            call.input,
+        )
+        .await;
+        match result {
+            Ok(outcome) => InvokeReply::PartAnswer {
+                outcome: outcome.map(ByteBuf).map_err(|e| (e.code, e.message)),
+                touched: txn.lock().touched(),
+            },
+            Err(e) => {
+                // The whole transaction fails: nothing of its part here will commit.
+                d.drop_part(id);
+                failed(classify(e))
+            }
+        }
     }
 
     /// `function` as a snapshot holds it, for a backup's catch-up. The caller holds its
@@ -730,7 +978,7 @@ impl Node {
     /// change of role. Released when the guard drops.
     pub async fn lock_function(&self, function: &FunctionName) -> Option<impl Drop> {
         let f = self.inner.store.get(function)?;
-        let id = TxnId(self.inner.txn_next.fetch_add(1, Ordering::Relaxed));
+        let id = self.inner.next_txn();
         // A full queue is no reason to change a role without the lock: wait for room.
         while f.lock.acquire(id, Mode::First).await.is_err() {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -862,7 +1110,7 @@ impl Node {
         let _admin = self.inner.admin.lock().await;
         let f = self.function(function)?;
         // Take the function's lock so no transaction is half-way through it.
-        let id = TxnId(self.inner.txn_next.fetch_add(1, Ordering::Relaxed));
+        let id = self.inner.next_txn();
         f.lock
             .acquire(id, Mode::First)
             .await
@@ -1059,11 +1307,55 @@ fn check_lease(
     Ok(())
 }
 
-fn remote_call(function: &str) -> GuestError {
-    GuestError::new(
-        "remote-call",
-        format!("function {function} has its primary on another node; calls across nodes need two-phase commit, which this version does not have yet"),
-    )
+/// The record a backup logs for `entry` of `function`'s replicated log, from `epoch`.
+fn replicated_record(function: &FunctionName, epoch: u64, entry: Entry) -> Record {
+    let Entry {
+        txn,
+        ops,
+        idempotency,
+        kind,
+    } = entry;
+    let function = function.clone();
+    let commit = |decision| {
+        Record::Commit(Commit {
+            txn,
+            writes: vec![Writes {
+                function: function.clone(),
+                ops: ops.clone(),
+            }],
+            idempotency: idempotency.clone(),
+            epochs: vec![FunctionEpoch {
+                function: function.clone(),
+                epoch,
+            }],
+            decision,
+        })
+    };
+    match kind {
+        Kind::Commit => commit(None),
+        Kind::Decision { participants } => commit(Some(Decision {
+            coordinator: function.clone(),
+            participants,
+        })),
+        Kind::Prepare { coordinator } => Record::Prepare(Prepare {
+            function,
+            txn,
+            coordinator,
+            ops,
+            epoch,
+        }),
+        Kind::Resolved { commit } => Record::Resolved(Resolved {
+            function,
+            txn,
+            commit,
+            epoch,
+        }),
+        Kind::End => Record::End(End {
+            function,
+            txn,
+            epoch,
+        }),
+    }
 }
 
 /// Give each primary copy its function's part of `commit` (under the locks, in order).
@@ -1075,6 +1367,7 @@ fn feed_copies(
         txn,
         writes,
         mut idempotency,
+        mut decision,
         ..
     } = commit;
     let mut writes: HashMap<FunctionName, Vec<crate::wal::record::Op>> =
@@ -1082,18 +1375,103 @@ fn feed_copies(
     for (copy, g) in copies {
         let ops = writes.remove(&g.name);
         let answer = idempotency.take_if(|i| i.function == g.name);
-        if ops.is_none() && answer.is_none() {
+        let decided = decision.take_if(|d| d.coordinator == g.name);
+        if ops.is_none() && answer.is_none() && decided.is_none() {
             // Read only: nothing of this commit enters its log.
             continue;
         }
         copy.appended(
             g.seq(),
-            crate::cluster::wire::Entry {
+            Entry {
                 txn,
                 ops: ops.unwrap_or_default(),
                 idempotency: answer,
+                kind: match decided {
+                    Some(d) => Kind::Decision {
+                        participants: d.participants,
+                    },
+                    None => Kind::Commit,
+                },
             },
         );
+    }
+}
+
+/// Primary copies, each with the position in its log an answer waits for.
+type Positions = Vec<(Arc<crate::cluster::replica::PrimaryCopy>, u64)>;
+
+/// What a distributed commit needs from its transaction (see `Node::commit_distributed`).
+struct Distributed {
+    f: Arc<Function>,
+    copy: Arc<crate::cluster::replica::PrimaryCopy>,
+    held: HeldLocks,
+    _parts: Option<PartsGuard>,
+    commit: Commit,
+    participants: Vec<FunctionName>,
+    copies: Vec<(Arc<crate::cluster::replica::PrimaryCopy>, Arc<Function>)>,
+    outcome: Result<Vec<u8>, GuestError>,
+}
+
+/// The coordinator's hold on its transaction's parts elsewhere: when the transaction
+/// ends before its parts were handed to commit (or released), they are told to drop
+/// everything; calls coming back stop finding the transaction.
+struct PartsGuard {
+    distributed: Arc<crate::cluster::distributed::Distributed>,
+    coordinator: FunctionName,
+    txn: Arc<Mutex<Txn>>,
+    armed: bool,
+}
+
+impl Drop for PartsGuard {
+    fn drop(&mut self) {
+        let (id, elsewhere) = {
+            let t = self.txn.lock();
+            (t.id, t.parts_elsewhere())
+        };
+        self.distributed.forget_home(id);
+        if self.armed && !elsewhere.is_empty() {
+            let names: Vec<FunctionName> = elsewhere.into_iter().map(|(n, _)| n).collect();
+            self.distributed.abandon(&self.coordinator, id, &names);
+        }
+    }
+}
+
+/// Why `lock_unprepared` gave up.
+enum Blocked {
+    Lock(lock::Error),
+    /// Another distributed transaction's part is still prepared on the function.
+    Prepared(TxnId),
+}
+
+/// Take `f`'s lock for `txn` (as old as `age`) once no part of another distributed
+/// transaction is prepared on it: those writes are promised, so nothing may read or
+/// overwrite them until their outcome is known. Gives up at `until`.
+///
+/// Waiting for a prepared part cannot deadlock: it waits for messages, never for locks.
+async fn lock_unprepared(
+    f: &Function,
+    txn: TxnId,
+    age: TxnId,
+    mode: Mode,
+    until: Instant,
+) -> Result<(), Blocked> {
+    loop {
+        f.lock
+            .acquire_aged(txn, age, mode)
+            .await
+            .map_err(Blocked::Lock)?;
+        let resolution = f.resolution();
+        let Some(other) = f.prepared_other_than(txn) else {
+            return Ok(());
+        };
+        f.lock.release(txn);
+        let now = Instant::now();
+        if now >= until {
+            return Err(Blocked::Prepared(other));
+        }
+        // Woken by the resolution; the timeout guards against a missed wake-up.
+        let _ =
+            tokio::time::timeout((until - now).min(Duration::from_millis(20)), resolution).await;
     }
 }
 
@@ -1195,6 +1573,16 @@ fn classify(error: wasmtime::Error) -> InvokeError {
     }
 }
 
+impl Inner {
+    /// A new transaction id: a counter that starts near the clock (in microseconds), with
+    /// the node id in the low bits, so that it is unique in the cluster and its order is
+    /// the transaction's age across nodes. (Nodes whose ids agree in the low 8 bits
+    /// could collide; cluster node ids are small.)
+    pub(crate) fn next_txn(&self) -> TxnId {
+        TxnId(self.txn_next.fetch_add(1, Ordering::Relaxed) << TXN_NODE_BITS | self.txn_node)
+    }
+}
+
 impl Calls for Inner {
     fn call(
         self: Arc<Self>,
@@ -1211,43 +1599,63 @@ impl Calls for Inner {
                     format!("calls may nest at most {} deep", self.config.call_depth_max),
                 )));
             }
-            let Some(f) = FunctionName::new(&function)
+            let local = FunctionName::new(&function)
                 .ok()
-                .and_then(|name| self.store.get(&name))
-            else {
-                if let Some(cluster) = self.cluster.get() {
-                    if cluster.is_deployed(&function) {
-                        return Ok(Err(remote_call(&function)));
-                    }
-                }
+                .and_then(|name| self.store.get(&name));
+            let cluster = self.cluster.get();
+            let remote = match (&local, cluster) {
+                (None, Some(cluster)) => cluster.is_deployed(&function),
+                (Some(f), Some(cluster)) => cluster.replicas().primary(&f.name).is_none(),
+                (_, None) => false,
+            };
+            if remote {
+                let cluster = cluster.expect("remote only in a cluster");
+                let d = cluster.distributed().clone();
+                return match d.call(&txn, depth, &function, &method, input).await {
+                    Ok(outcome) => Ok(outcome),
+                    Err(InvokeError::Deadline(_)) => Err(wasmtime::Error::new(Abort::Deadline(
+                        self.config.wasm.deadline_ms,
+                    ))),
+                    Err(e) => Err(wasmtime::Error::new(Propagated(e))),
+                };
+            }
+            let Some(f) = local else {
                 return Ok(Err(GuestError::new(
                     "unknown-function",
                     format!("no function named {function:?}"),
                 )));
             };
-            if let Some(cluster) = self.cluster.get() {
-                if cluster.replicas().primary(&f.name).is_none() {
-                    return Ok(Err(remote_call(&function)));
-                }
-            }
-            let (id, holds, deadline) = {
+            let (id, age, holds, lost, deadline) = {
                 let t = txn.lock();
-                (t.id, t.holds(&f.name), t.deadline)
+                let holds = t.holds(&f.name);
+                (
+                    t.id,
+                    t.age,
+                    holds,
+                    !holds && t.touched_before(&f.name),
+                    t.deadline,
+                )
             };
+            if lost {
+                // The transaction touched this function before, in a part that is gone
+                // (its node failed over, or the part expired): its writes are lost.
+                return Err(wasmtime::Error::new(Propagated(InvokeError::Conflict(1))));
+            }
             if !holds {
                 // Waiting for a lock counts against the transaction's deadline.
                 let acquired = tokio::time::timeout_at(
                     tokio::time::Instant::from_std(deadline),
-                    f.lock.acquire(id, Mode::Nested),
+                    lock_unprepared(&f, id, age, Mode::Nested, deadline),
                 )
                 .await;
                 match acquired {
-                    Err(_) => {
+                    Ok(Ok(())) => {}
+                    Ok(Err(Blocked::Lock(e))) => return Err(wasmtime::Error::new(e)),
+                    Err(_) | Ok(Err(Blocked::Prepared(_))) => {
                         return Err(wasmtime::Error::new(Abort::Deadline(
                             self.config.wasm.deadline_ms,
                         )))
                     }
-                    Ok(acquired) => acquired.map_err(wasmtime::Error::new)?,
                 }
                 let mut t = txn.lock();
                 if t.is_finished() {

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
+use crate::ids::TxnId;
 use crate::ids::{Digest, FunctionName, Lsn};
 use crate::lock::TxnLock;
-use crate::wal::record::{Deploy, Idempotency, Record};
+use crate::wal::record::{Deploy, Idempotency, Op, Prepare, Record};
 use crate::wal::snapshot::{Entry, FunctionImage, Image};
 
 /// A function's key-value state: a persistent ordered map, so a snapshot or a
@@ -36,6 +37,19 @@ pub enum Error {
         "record {lsn} refers to function {function}, which does not exist at that point of the log"
     )]
     UnknownFunction { lsn: Lsn, function: FunctionName },
+    #[error("record {lsn} resolves transaction {txn} of {function}, which is not prepared there")]
+    NotPrepared {
+        lsn: Lsn,
+        function: FunctionName,
+        txn: TxnId,
+    },
+}
+
+/// A part of a distributed transaction prepared on a function (see `Record::Prepare`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    pub coordinator: FunctionName,
+    pub ops: Vec<Op>,
 }
 
 /// One deployed function.
@@ -56,6 +70,14 @@ pub struct Function {
     /// In a cluster: the epoch of the configuration its last entry was committed in
     /// (`replication::Epoch`); 0 on a single node.
     epoch_last: AtomicU64,
+    /// Parts of distributed transactions prepared here and not yet resolved. While any
+    /// is, no other transaction may run on the function (its writes are promised).
+    prepared: Mutex<BTreeMap<TxnId, Prepared>>,
+    /// As a coordinator: committed distributed transactions, with their participants,
+    /// until every participant has confirmed the commit.
+    decided: Mutex<BTreeMap<TxnId, Vec<FunctionName>>>,
+    /// Woken whenever `prepared` loses an entry.
+    resolved: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +110,87 @@ impl Function {
             lsn_last_write: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             epoch_last: AtomicU64::new(0),
+            prepared: Mutex::new(BTreeMap::new()),
+            decided: Mutex::new(BTreeMap::new()),
+            resolved: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The distributed transaction whose prepared part blocks this function, other
+    /// than `txn`'s own, if any.
+    pub fn prepared_other_than(&self, txn: TxnId) -> Option<TxnId> {
+        self.prepared.lock().keys().find(|t| **t != txn).copied()
+    }
+
+    /// The parts prepared here and not yet resolved, with their coordinators.
+    pub fn prepared(&self) -> Vec<(TxnId, FunctionName)> {
+        self.prepared
+            .lock()
+            .iter()
+            .map(|(t, p)| (*t, p.coordinator.clone()))
+            .collect()
+    }
+
+    pub fn is_prepared(&self, txn: TxnId) -> bool {
+        self.prepared.lock().contains_key(&txn)
+    }
+
+    /// As coordinator: the committed transactions not every participant has confirmed.
+    pub fn decided(&self) -> Vec<(TxnId, Vec<FunctionName>)> {
+        self.decided
+            .lock()
+            .iter()
+            .map(|(t, p)| (*t, p.clone()))
+            .collect()
+    }
+
+    /// Resolves after a prepared part is resolved (create it before checking
+    /// `prepared_other_than`, so that no resolution is missed).
+    pub fn resolution(&self) -> tokio::sync::futures::Notified<'_> {
+        self.resolved.notified()
+    }
+
+    fn apply_ops(&self, ops: &[Op], lsn: Lsn) {
+        let mut kv = self.kv.write();
+        for op in ops {
+            match &op.value {
+                Some(value) => kv.insert(
+                    Bytes::copy_from_slice(&op.key),
+                    Bytes::copy_from_slice(value),
+                ),
+                None => kv.remove(op.key.as_slice()),
+            };
+        }
+        drop(kv);
+        self.lsn_last_write.store(lsn.0, Ordering::Release);
+    }
+
+    /// One more entry in the function's own log, from `epoch`.
+    fn count_entry(&self, epoch: u64) {
+        self.seq.fetch_add(1, Ordering::AcqRel);
+        self.epoch_last.store(epoch, Ordering::Release);
+    }
+
+    fn capture(&self) -> FunctionCapture {
+        FunctionCapture {
+            meta: self.meta(),
+            view: self.view(),
+            idempotency: self.idempotency.lock().clone(),
+            seq: self.seq(),
+            epoch_last: self.epoch_last(),
+            prepared: self
+                .prepared
+                .lock()
+                .iter()
+                .map(|(txn, p)| Prepare {
+                    function: self.name.clone(),
+                    txn: *txn,
+                    coordinator: p.coordinator.clone(),
+                    ops: p.ops.clone(),
+                    epoch: 0,
+                })
+                .collect(),
+            decided: self.decided(),
         }
     }
 
@@ -160,7 +263,17 @@ impl Function {
 
 /// A consistent capture of the store (see `Store::capture`).
 pub struct Captured {
-    functions: Vec<(Meta, Map, Answers, u64, u64)>,
+    functions: Vec<FunctionCapture>,
+}
+
+struct FunctionCapture {
+    meta: Meta,
+    view: Map,
+    idempotency: Answers,
+    seq: u64,
+    epoch_last: u64,
+    prepared: Vec<Prepare>,
+    decided: Vec<(TxnId, Vec<FunctionName>)>,
 }
 
 impl Captured {
@@ -172,27 +285,46 @@ impl Captured {
             functions: self
                 .functions
                 .into_iter()
-                .map(|(meta, view, idempotency, seq, epoch_last)| FunctionImage {
-                    deploy: meta.deploy,
-                    running: meta.running,
-                    entries: view
+                .map(|c| FunctionImage {
+                    deploy: c.meta.deploy,
+                    running: c.meta.running,
+                    entries: c
+                        .view
                         .iter()
                         .map(|(k, v)| Entry {
                             key: k.to_vec(),
                             value: v.to_vec(),
                         })
                         .collect(),
-                    idempotency: idempotency
+                    idempotency: c
+                        .idempotency
                         .values()
                         .filter(|(_, entry)| entry.at_ms >= expiry_ms)
                         .map(|(_, entry)| entry.clone())
                         .collect(),
-                    seq,
-                    epoch_last,
+                    seq: c.seq,
+                    epoch_last: c.epoch_last,
+                    prepared: c.prepared,
+                    decided: c.decided,
                 })
                 .collect(),
         }
     }
+}
+
+fn prepared_map(prepared: &[Prepare]) -> BTreeMap<TxnId, Prepared> {
+    prepared
+        .iter()
+        .map(|p| {
+            (
+                p.txn,
+                Prepared {
+                    coordinator: p.coordinator.clone(),
+                    ops: p.ops.clone(),
+                },
+            )
+        })
+        .collect()
 }
 
 /// All functions of the node.
@@ -268,24 +400,53 @@ impl Store {
                 f.lsn_last_write.store(lsn.0, Ordering::Release);
                 f.seq.store(image.seq, Ordering::Release);
                 f.epoch_last.store(image.epoch_last, Ordering::Release);
+                *f.prepared.lock() = prepared_map(&image.prepared);
+                *f.decided.lock() = image.decided.iter().cloned().collect();
+                f.resolved.notify_waiters();
+            }
+            Record::Prepare(p) => {
+                let f = self.get(&p.function).ok_or_else(|| unknown(&p.function))?;
+                f.prepared.lock().insert(
+                    p.txn,
+                    Prepared {
+                        coordinator: p.coordinator.clone(),
+                        ops: p.ops.clone(),
+                    },
+                );
+                f.count_entry(p.epoch);
+            }
+            Record::Resolved(r) => {
+                let f = self.get(&r.function).ok_or_else(|| unknown(&r.function))?;
+                let prepared = f.prepared.lock().remove(&r.txn).ok_or(Error::NotPrepared {
+                    lsn,
+                    function: r.function.clone(),
+                    txn: r.txn,
+                })?;
+                if r.commit {
+                    f.apply_ops(&prepared.ops, lsn);
+                }
+                f.count_entry(r.epoch);
+                f.resolved.notify_waiters();
+            }
+            Record::End(e) => {
+                let f = self.get(&e.function).ok_or_else(|| unknown(&e.function))?;
+                f.decided.lock().remove(&e.txn);
+                f.count_entry(e.epoch);
             }
             Record::Commit(commit) => {
                 for writes in &commit.writes {
                     let f = self
                         .get(&writes.function)
                         .ok_or_else(|| unknown(&writes.function))?;
-                    let mut kv = f.kv.write();
-                    for op in &writes.ops {
-                        match &op.value {
-                            Some(value) => kv.insert(
-                                Bytes::copy_from_slice(&op.key),
-                                Bytes::copy_from_slice(value),
-                            ),
-                            None => kv.remove(op.key.as_slice()),
-                        };
-                    }
-                    drop(kv);
-                    f.lsn_last_write.store(lsn.0, Ordering::Release);
+                    f.apply_ops(&writes.ops, lsn);
+                }
+                if let Some(decision) = &commit.decision {
+                    let f = self
+                        .get(&decision.coordinator)
+                        .ok_or_else(|| unknown(&decision.coordinator))?;
+                    f.decided
+                        .lock()
+                        .insert(commit.txn, decision.participants.clone());
                 }
                 if let Some(idem) = &commit.idempotency {
                     let f = self
@@ -300,8 +461,9 @@ impl Store {
                     .writes
                     .iter()
                     .map(|w| &w.function)
-                    .chain(commit.idempotency.as_ref().map(|i| &i.function));
-                let mut counted: Vec<&FunctionName> = Vec::with_capacity(commit.writes.len() + 1);
+                    .chain(commit.idempotency.as_ref().map(|i| &i.function))
+                    .chain(commit.decision.as_ref().map(|d| &d.coordinator));
+                let mut counted: Vec<&FunctionName> = Vec::with_capacity(commit.writes.len() + 2);
                 for name in touched {
                     if counted.contains(&name) {
                         continue;
@@ -326,13 +488,7 @@ impl Store {
     pub fn function_image(&self, name: &FunctionName, expiry_ms: u64) -> Option<FunctionImage> {
         let f = self.get(name)?;
         let captured = Captured {
-            functions: vec![(
-                f.meta(),
-                f.view(),
-                f.idempotency.lock().clone(),
-                f.seq(),
-                f.epoch_last(),
-            )],
+            functions: vec![f.capture()],
         };
         captured
             .into_image(Lsn::ZERO, expiry_ms)
@@ -346,18 +502,7 @@ impl Store {
     pub fn capture(&self) -> Captured {
         let functions = self.functions.read();
         Captured {
-            functions: functions
-                .values()
-                .map(|f| {
-                    (
-                        f.meta(),
-                        f.view(),
-                        f.idempotency.lock().clone(),
-                        f.seq(),
-                        f.epoch_last(),
-                    )
-                })
-                .collect(),
+            functions: functions.values().map(|f| f.capture()).collect(),
         }
     }
 
@@ -384,6 +529,8 @@ impl Store {
             f.lsn_last_write.store(image.lsn.0, Ordering::Release);
             *f.seq.get_mut() = fi.seq;
             *f.epoch_last.get_mut() = fi.epoch_last;
+            *f.prepared.get_mut() = prepared_map(&fi.prepared);
+            *f.decided.get_mut() = fi.decided.into_iter().collect();
             store.functions.write().insert(f.name.clone(), Arc::new(f));
         }
         store
@@ -443,6 +590,7 @@ mod tests {
             writes: vec![writes("a", b"x"), writes("b", b"y")],
             idempotency: None,
             epochs: Vec::new(),
+            decision: None,
         });
         store.apply(Lsn(3), &both).expect("commit");
         let answer_only = Record::Commit(Commit {
@@ -455,6 +603,7 @@ mod tests {
                 at_ms: 0,
             }),
             epochs: Vec::new(),
+            decision: None,
         });
         store.apply(Lsn(4), &answer_only).expect("commit");
         let a = store.get(&name("a")).expect("a");
@@ -481,6 +630,7 @@ mod tests {
             writes: vec![writes("ghost", b"x")],
             idempotency: None,
             epochs: Vec::new(),
+            decision: None,
         });
         assert!(matches!(
             store.apply(Lsn(1), &record),

@@ -57,7 +57,19 @@ pub struct Savepoint {
 
 pub struct Txn {
     pub id: TxnId,
+    /// The id of the transaction's first attempt: its age for wait-die.
+    pub age: TxnId,
     pub deadline: Instant,
+    /// In a cluster: the function whose primary coordinates the transaction (the one
+    /// it began on).
+    pub coordinator: Option<FunctionName>,
+    /// Whether this is the coordinator's own transaction (not a part of one run for a
+    /// caller on another node).
+    pub home: bool,
+    /// In a cluster: functions this transaction touched anywhere (on other primaries,
+    /// as their answers reported; or before this part, as the caller reported), and
+    /// whether it wrote to them.
+    elsewhere: BTreeMap<FunctionName, bool>,
     limits: Limits,
     /// Functions locked by this transaction, in the order they were locked.
     held: Vec<Arc<Function>>,
@@ -79,10 +91,14 @@ impl std::fmt::Debug for Txn {
 }
 
 impl Txn {
-    pub fn new(id: TxnId, deadline: Instant, limits: Limits) -> Txn {
+    pub fn new(id: TxnId, age: TxnId, deadline: Instant, limits: Limits) -> Txn {
         Txn {
             id,
+            age,
             deadline,
+            coordinator: None,
+            home: false,
+            elsewhere: BTreeMap::new(),
             limits,
             held: Vec::new(),
             writes: BTreeMap::new(),
@@ -115,6 +131,61 @@ impl Txn {
 
     pub fn held(&self) -> &[Arc<Function>] {
         &self.held
+    }
+
+    /// Note functions the transaction touched elsewhere (see `elsewhere`): a write
+    /// reported once stays reported.
+    pub fn note_elsewhere(&mut self, touched: impl IntoIterator<Item = (FunctionName, bool)>) {
+        for (name, wrote) in touched {
+            *self.elsewhere.entry(name).or_default() |= wrote;
+        }
+    }
+
+    /// Whether the transaction touched `name` before, somewhere: if it does not hold it
+    /// here, the part that did was lost (a failover, or it expired).
+    pub fn touched_before(&self, name: &FunctionName) -> bool {
+        self.elsewhere.contains_key(name)
+    }
+
+    /// Every function the transaction has touched, here and elsewhere, and whether it
+    /// wrote to it: what a part reports to its caller, and passes to its callees.
+    pub fn touched(&self) -> Vec<(FunctionName, bool)> {
+        let mut all = self.elsewhere.clone();
+        for f in &self.held {
+            let wrote = self.writes.get(&f.name).is_some_and(|ws| !ws.is_empty());
+            *all.entry(f.name.clone()).or_default() |= wrote;
+        }
+        all.into_iter().collect()
+    }
+
+    /// Functions touched on other primaries and not held here, and whether it wrote to
+    /// them: the other parts of the transaction.
+    pub fn parts_elsewhere(&self) -> Vec<(FunctionName, bool)> {
+        self.elsewhere
+            .iter()
+            .filter(|(name, _)| !self.holds(name))
+            .map(|(name, wrote)| (name.clone(), *wrote))
+            .collect()
+    }
+
+    /// Give up `name`: its lock (returned, for the caller to release) and its writes,
+    /// as log ops in key order. None if this transaction does not hold it.
+    pub fn take_function(&mut self, name: &FunctionName) -> Option<(Arc<Function>, Vec<Op>)> {
+        let at = self.held.iter().position(|f| &f.name == name)?;
+        let f = self.held.remove(at);
+        let ops = self
+            .writes
+            .remove(name)
+            .map(|ws| {
+                ws.into_iter()
+                    .map(|(k, v)| Op {
+                        key: k.to_vec(),
+                        value: v.map(|v| v.to_vec()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some((f, ops))
     }
 
     pub fn get(&self, function: &Function, key: &[u8]) -> Option<Bytes> {

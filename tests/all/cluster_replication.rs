@@ -223,6 +223,7 @@ fn replicate_as(
                                 value: Some(b"999".to_vec()),
                             }],
                             idempotency: None,
+                            kind: Default::default(),
                         },
                     )],
                 },

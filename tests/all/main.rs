@@ -9,6 +9,7 @@ mod history;
 mod netns;
 mod support;
 
+mod cluster_distributed;
 mod cluster_failover;
 mod cluster_form;
 mod cluster_netns;

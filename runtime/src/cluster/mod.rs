@@ -13,6 +13,7 @@
 //! **Invariant:** every byte between nodes goes over mutually authenticated QUIC; a peer
 //! is known by the node id in its certificate, never by what it claims in a message.
 
+pub mod distributed;
 pub mod health;
 pub mod lease;
 pub mod replica;
@@ -172,6 +173,8 @@ pub struct Cluster {
     stopping: std::sync::atomic::AtomicBool,
     /// How long an invocation waits for its function's primary (`route_wait_ms`).
     route_wait: Duration,
+    /// Distributed transactions: parts run here, two-phase commit.
+    distributed: Arc<distributed::Distributed>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -269,7 +272,8 @@ impl Cluster {
             node.clone(),
             transport.clone(),
         );
-        let cluster = Arc::new(Cluster {
+        let cluster = Arc::new_cyclic(|weak| Cluster {
+            distributed: distributed::Distributed::new(node.clone(), weak.clone()),
             id: NodeId(config.node_id),
             role,
             transport: transport.clone(),
@@ -351,6 +355,10 @@ impl Cluster {
         &self.replicas
     }
 
+    pub fn distributed(&self) -> &Arc<distributed::Distributed> {
+        &self.distributed
+    }
+
     /// Whether the cluster has a function of this name (wherever it lives).
     pub fn is_deployed(&self, function: &str) -> bool {
         self.control.state().functions.contains_key(function)
@@ -396,6 +404,7 @@ impl Cluster {
             "functions": self.functions_status(&state),
             "failovers": *self.events.lock(),
             "catch_ups": *self.replicas.senders().catch_up_log.lock(),
+            "transactions": self.distributed.status(),
         })
     }
 
@@ -882,6 +891,24 @@ impl Cluster {
                 }
                 Err(e) => InvokeReply::Failed {
                     code: "bad-name".into(),
+                    message: e,
+                },
+            },
+            Invoke::Part(call) => {
+                // On its own task: the part is left consistent even if the peer gives up.
+                let node = self.node.clone();
+                match tokio::spawn(async move { node.run_part(call).await }).await {
+                    Ok(reply) => reply,
+                    Err(e) => InvokeReply::Failed {
+                        code: "internal".into(),
+                        message: format!("call task failed: {e}"),
+                    },
+                }
+            }
+            Invoke::TwoPhase { to, message } => match self.distributed.receive(to, message) {
+                Ok(()) => InvokeReply::Taken,
+                Err(e) => InvokeReply::Failed {
+                    code: "not-primary".into(),
                     message: e,
                 },
             },

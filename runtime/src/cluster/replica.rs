@@ -515,6 +515,18 @@ impl Replicas {
         }
     }
 
+    /// Every primary copy this node serves now.
+    pub fn primaries(&self) -> Vec<Arc<PrimaryCopy>> {
+        self.copies
+            .read()
+            .values()
+            .filter_map(|c| match c {
+                Copy::Primary(p) if p.serving() => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Become (or stay) primary of `function` in `epoch` with `backups`. The caller holds
     /// the function's lock, so no commit is half-way; the previous primary copy, if any,
     /// has released everything (see `drained`).

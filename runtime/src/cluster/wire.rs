@@ -13,13 +13,40 @@ use crate::replication::{Append, Reply};
 use crate::wal::record::{Idempotency, Op};
 use crate::wal::snapshot::FunctionImage;
 
-/// One commit in one function's replicated log: that function's writes and the answer
-/// remembered for the transaction's idempotency key, if it was this function's.
+/// One entry in one function's replicated log: a commit (that function's writes and
+/// the answer remembered for the transaction's idempotency key, if it was this
+/// function's), or a step of two-phase commit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub txn: TxnId,
     pub ops: Vec<Op>,
     pub idempotency: Option<Idempotency>,
+    /// Absent (from an older peer) means a plain commit.
+    #[serde(default, skip_serializing_if = "Kind::is_plain")]
+    pub kind: Kind,
+}
+
+/// What an [`Entry`] records (see `wal::Record`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// A commit.
+    #[default]
+    Commit,
+    /// A commit that is also the coordinator's decision to commit a distributed
+    /// transaction whose other participants are these functions.
+    Decision { participants: Vec<FunctionName> },
+    /// This function's part of a distributed transaction (`ops`), prepared.
+    Prepare { coordinator: FunctionName },
+    /// The outcome of a prepared part.
+    Resolved { commit: bool },
+    /// The coordinator's committed transaction is confirmed everywhere.
+    End,
+}
+
+impl Kind {
+    pub fn is_plain(&self) -> bool {
+        *self == Kind::Commit
+    }
 }
 
 /// `Channel::Replication`, primary to backup: appends for any number of functions, in
@@ -83,6 +110,33 @@ pub enum Invoke {
     /// From the master, before it promotes another copy (a drain): stop serving
     /// `function` as its primary in `epoch`.
     StepDown { function: String, epoch: u64 },
+    /// Run a call inside a distributed transaction here, as the callee's primary.
+    Part(PartCall),
+    /// A two-phase-commit message for the primary of `to`.
+    TwoPhase {
+        to: FunctionName,
+        message: crate::twophase::Message<FunctionName>,
+    },
+}
+
+/// A call from a transaction running elsewhere: `method` of `function`, run here as a
+/// part of transaction `txn` (which began on `coordinator`'s primary).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartCall {
+    pub txn: TxnId,
+    /// The id of the transaction's first attempt (wait-die).
+    pub age: TxnId,
+    pub coordinator: FunctionName,
+    /// How deep the call is nested.
+    pub depth: u32,
+    /// What is left of the transaction's deadline.
+    pub deadline_ms: u64,
+    pub function: String,
+    pub method: String,
+    #[serde(with = "serde_bytes")]
+    pub input: Vec<u8>,
+    /// Every function the transaction touched so far, and whether it wrote to it.
+    pub touched: Vec<(FunctionName, bool)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,6 +157,14 @@ pub enum InvokeReply {
     },
     Described(Option<FunctionInfo>),
     SteppedDown,
+    /// The answer of a `Part` call (the callee's output, or its own error), and every
+    /// function the transaction has touched now, with whether it wrote to it.
+    PartAnswer {
+        outcome: Result<ByteBuf, (String, String)>,
+        touched: Vec<(FunctionName, bool)>,
+    },
+    /// A `TwoPhase` message was taken by the primary of its function.
+    Taken,
 }
 
 /// Bytes, encoded as a msgpack binary rather than an array of numbers.
@@ -146,6 +208,7 @@ mod tests {
                                 value: Some(b"v".to_vec()),
                             }],
                             idempotency: None,
+                            kind: Kind::Commit,
                         },
                     )],
                 },

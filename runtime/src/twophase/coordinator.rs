@@ -19,6 +19,9 @@ pub enum Event<F> {
     Received(Message<F>),
     /// The COMMIT record of `txn` is durable in this coordinator's replicated log.
     Logged { txn: TxnId },
+    /// The COMMIT record of `txn` could not be written (nothing of it was: the driver
+    /// found, before writing, that this copy no longer serves): abort.
+    NotLogged { txn: TxnId },
     /// Time passed.
     Tick,
     /// This coordinator was promoted: the COMMIT records its log holds without an END.
@@ -135,9 +138,14 @@ impl<F: Clone + Ord + std::fmt::Debug> Coordinator<F> {
                         t.sent_at = now;
                         out.push(Command::Decided { txn, commit: true });
                         for p in &t.participants {
-                            out.push(decision(txn, p, true));
+                            out.push(decision(&self.me, txn, p, true));
                         }
                     }
+                }
+            }
+            Event::NotLogged { txn } => {
+                if matches!(self.txns.get(&txn).map(|t| &t.phase), Some(Phase::Logging)) {
+                    self.abort(txn, &mut out);
                 }
             }
             Event::Received(Message::Ack { txn, from }) => {
@@ -155,7 +163,7 @@ impl<F: Clone + Ord + std::fmt::Debug> Coordinator<F> {
                 Some(Txn {
                     phase: Phase::Delivering(_),
                     ..
-                }) => out.push(decision(txn, &from, true)),
+                }) => out.push(decision(&self.me, txn, &from, true)),
                 // The decision is being written: it goes to everyone once durable.
                 Some(Txn {
                     phase: Phase::Logging,
@@ -167,7 +175,7 @@ impl<F: Clone + Ord + std::fmt::Debug> Coordinator<F> {
                     ..
                 }) => self.abort(txn, &mut out),
                 // No decision on record: presumed abort.
-                None => out.push(decision(txn, &from, false)),
+                None => out.push(decision(&self.me, txn, &from, false)),
             },
             Event::Received(Message::Prepare { .. } | Message::Decision { .. }) => {}
             Event::Tick => {
@@ -201,7 +209,7 @@ impl<F: Clone + Ord + std::fmt::Debug> Coordinator<F> {
                         }
                         Phase::Delivering(acked) => {
                             for p in t.participants.iter().filter(|p| !acked.contains(*p)) {
-                                out.push(decision(*txn, p, true));
+                                out.push(decision(&self.me, *txn, p, true));
                             }
                         }
                         Phase::Logging => continue,
@@ -211,8 +219,11 @@ impl<F: Clone + Ord + std::fmt::Debug> Coordinator<F> {
             }
             Event::Recovered { committed } => {
                 for (txn, participants) in committed {
+                    if self.txns.contains_key(&txn) {
+                        continue;
+                    }
                     for p in &participants {
-                        out.push(decision(txn, p, true));
+                        out.push(decision(&self.me, txn, p, true));
                     }
                     self.txns.insert(
                         txn,
@@ -245,15 +256,19 @@ impl<F: Clone + Ord + std::fmt::Debug> Coordinator<F> {
         if let Some(t) = self.txns.remove(&txn) {
             out.push(Command::Decided { txn, commit: false });
             for p in &t.participants {
-                out.push(decision(txn, p, false));
+                out.push(decision(&self.me, txn, p, false));
             }
         }
     }
 }
 
-fn decision<F: Clone>(txn: TxnId, to: &F, commit: bool) -> Command<F> {
+fn decision<F: Clone>(me: &F, txn: TxnId, to: &F, commit: bool) -> Command<F> {
     Command::Send {
         to: to.clone(),
-        message: Message::Decision { txn, commit },
+        message: Message::Decision {
+            txn,
+            commit,
+            from: me.clone(),
+        },
     }
 }

@@ -67,7 +67,7 @@ pub enum Message<F> {
     /// Participant to coordinator.
     Vote { txn: TxnId, from: F, yes: bool },
     /// Coordinator to participant: the outcome.
-    Decision { txn: TxnId, commit: bool },
+    Decision { txn: TxnId, commit: bool, from: F },
     /// Participant to coordinator: the outcome is durable here.
     Ack { txn: TxnId, from: F },
     /// Participant to coordinator: what became of `txn`?

@@ -153,7 +153,7 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
                     }
                 }
             }
-            Event::Received(Message::Decision { txn, commit }) => {
+            Event::Received(Message::Decision { txn, commit, from }) => {
                 if let Some((done, coordinator)) = self.done.get(&txn) {
                     // Decided here already: the coordinator missed the ack. (A decision
                     // that differs can only be a stale answer to an old query: a
@@ -165,9 +165,14 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
                     return out;
                 }
                 let Some(t) = self.txns.get_mut(&txn) else {
-                    // Never prepared here (the Prepare was lost): drop the part, if it is
-                    // still here. (A commit cannot happen without this participant's yes.)
-                    if !commit {
+                    if commit {
+                        // A commit needed this participant's yes, so its part was prepared
+                        // here, and is no longer: its outcome was logged before a restart
+                        // or a promotion forgot that. Confirm, so the coordinator can stop.
+                        out.push(self.ack(txn, &from));
+                    } else {
+                        // Never prepared here (the Prepare was lost, or the part only
+                        // read): drop the part, if it is still here.
                         out.push(Command::Discard { txn });
                     }
                     return out;
@@ -218,7 +223,7 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
                         .map(|(txn, commit, c)| (txn, (commit, c))),
                 );
                 for (txn, coordinator) in prepared {
-                    if self.done.contains_key(&txn) {
+                    if self.done.contains_key(&txn) || self.txns.contains_key(&txn) {
                         continue;
                     }
                     // Ask at once: the answer may have been lost with the old primary.

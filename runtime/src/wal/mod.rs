@@ -614,6 +614,7 @@ mod tests {
             }],
             idempotency: None,
             epochs: Vec::new(),
+            decision: None,
         })
     }
 

@@ -24,6 +24,50 @@ pub enum Record {
     Commit(Commit),
     /// A backup's copy of a function was replaced by its primary's snapshot (catch-up).
     Restore(Box<crate::wal::snapshot::FunctionImage>),
+    /// A function's part of a distributed transaction, made durable before its yes vote
+    /// (two-phase commit): held apart from the state until its outcome.
+    Prepare(Prepare),
+    /// The outcome of a prepared part: its writes applied (commit) or dropped.
+    Resolved(Resolved),
+    /// A coordinator's committed distributed transaction that every participant now
+    /// holds: it can be forgotten.
+    End(End),
+}
+
+/// See `Record::Prepare`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepare {
+    pub function: FunctionName,
+    pub txn: TxnId,
+    /// The function whose primary coordinates the transaction (asked about the outcome).
+    pub coordinator: FunctionName,
+    pub ops: Vec<Op>,
+    pub epoch: u64,
+}
+
+/// See `Record::Resolved`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub function: FunctionName,
+    pub txn: TxnId,
+    pub commit: bool,
+    pub epoch: u64,
+}
+
+/// See `Record::End`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct End {
+    pub function: FunctionName,
+    pub txn: TxnId,
+    pub epoch: u64,
+}
+
+/// A coordinator's decision to commit a distributed transaction, logged with its own
+/// writes: `participants` (functions on other primaries) prepared and are told.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub coordinator: FunctionName,
+    pub participants: Vec<FunctionName>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +91,9 @@ pub struct Commit {
     /// which replication's log matching checks). Absent on a single node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub epochs: Vec<FunctionEpoch>,
+    /// Present when this commit is a coordinator's decision (two-phase commit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
 }
 
 /// The epoch under which a commit entered one function's replicated log.

@@ -221,6 +221,7 @@ mod tests {
             }],
             idempotency: None,
             epochs: Vec::new(),
+            decision: None,
         })
     }
 
@@ -322,6 +323,7 @@ mod golden {
                     at_ms: 1_790_000_000_001,
                 }),
                 epochs: Vec::new(),
+                decision: None,
             }),
             Record::Commit(Commit {
                 txn: TxnId(43),
@@ -336,6 +338,7 @@ mod golden {
                     at_ms: 1_790_000_000_002,
                 }),
                 epochs: Vec::new(),
+                decision: None,
             }),
             Record::SetRunning {
                 function: name("bank"),
@@ -360,6 +363,8 @@ mod golden {
                 idempotency: vec![],
                 seq: 0,
                 epoch_last: 0,
+                prepared: vec![],
+                decided: vec![],
             }],
         }
     }

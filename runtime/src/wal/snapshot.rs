@@ -40,6 +40,13 @@ pub struct FunctionImage {
     /// single node, which means 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch_last: u64,
+    /// Parts of distributed transactions prepared and not yet resolved (two-phase commit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prepared: Vec<crate::wal::record::Prepare>,
+    /// As coordinator: committed distributed transactions not every participant has
+    /// confirmed, with their participants.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decided: Vec<(crate::ids::TxnId, Vec<crate::ids::FunctionName>)>,
 }
 
 fn is_zero(n: &u64) -> bool {

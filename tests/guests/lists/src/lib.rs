@@ -6,12 +6,27 @@
 //! | method | input | output |
 //! |---|---|---|
 //! | `txn` | `[["append", key, n] or ["read", key, null], ...]` | the same operations, each read with the list it saw |
+//! | `across` | `[["lists-b", [operations as for txn]], ...]` | the groups, each as `txn` of that function answered it |
+//!
+//! `across` runs each group as a call to `txn` of the function it names (any `lists`
+//! function, this one included), all in one transaction: the workload of
+//! transactions across functions on different nodes.
 
 use serde::{Deserialize, Serialize};
-use understudy_sdk::{state, Error, Result};
+use understudy_sdk::{call, state, Error, Result};
 
 understudy_sdk::function! {
     "txn" => txn,
+    "across" => across,
+}
+
+fn across(groups: Vec<(String, Vec<Op>)>) -> Result<Vec<(String, Vec<Op>)>> {
+    let mut done = Vec::with_capacity(groups.len());
+    for (function, ops) in groups {
+        let answered: Vec<Op> = call::invoke(&function, "txn", &ops)?;
+        done.push((function, answered));
+    }
+    Ok(done)
 }
 
 #[derive(Deserialize, Serialize)]
