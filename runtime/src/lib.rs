@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod drill;
+pub mod failpoint;
 pub mod http;
 pub mod ids;
 pub mod local;

@@ -558,14 +558,33 @@ impl Node {
             Ok(outcome) => outcome,
         };
 
-        // Parts elsewhere that wrote take part in two-phase commit (unless the handler's
-        // error aborts everything); the others are released now.
+        // In a cluster, every function the transaction wrote other than its own takes
+        // part in two-phase commit (unless the handler's error aborts everything): the
+        // ones elsewhere, and the ones here too, since each function's log may fail over
+        // to a different node. Parts elsewhere that only read are released now.
         let elsewhere = txn.lock().parts_elsewhere();
-        let participants: Vec<FunctionName> = elsewhere
-            .iter()
-            .filter(|(_, wrote)| *wrote && outcome.is_ok())
-            .map(|(name, _)| name.clone())
-            .collect();
+        let mut participants: Vec<FunctionName> = Vec::new();
+        if let (Some(guard), true) = (parts.as_ref(), outcome.is_ok()) {
+            let t = txn.lock();
+            participants.extend(
+                t.writes()
+                    .into_iter()
+                    .map(|w| w.function)
+                    .filter(|name| name != &f.name),
+            );
+            let here = !participants.is_empty();
+            participants.extend(
+                elsewhere
+                    .iter()
+                    .filter(|(_, wrote)| *wrote)
+                    .map(|(name, _)| name.clone()),
+            );
+            drop(t);
+            if here {
+                // So that their PREPARE finds their writes.
+                guard.distributed.register_home(&txn);
+            }
+        }
         if let Some(guard) = parts.as_mut() {
             let released: Vec<FunctionName> = elsewhere
                 .iter()
@@ -576,10 +595,15 @@ impl Node {
             guard.armed = false;
         }
 
-        let writes = if outcome.is_ok() {
-            txn.lock().writes()
-        } else {
-            Vec::new()
+        let writes = match &outcome {
+            // The participants' writes go through their own PREPARE records.
+            Ok(_) if !participants.is_empty() => {
+                let mut writes = txn.lock().writes();
+                writes.retain(|w| w.function == f.name);
+                writes
+            }
+            Ok(_) => txn.lock().writes(),
+            Err(_) => Vec::new(),
         };
         // An answer is remembered for the key, except for keys the cluster assigned
         // itself to a transaction that changed nothing: running that again is harmless,
@@ -747,6 +771,7 @@ impl Node {
         let cluster = inner.cluster.get().expect("in a cluster");
         let d = cluster.distributed().clone();
         let id = t.commit.txn;
+        crate::failpoint::hit("coordinator-before-prepare");
         let verdict = d.prepare_round(&t.copy, id, t.participants.clone()).await;
         if verdict == crate::cluster::distributed::Verdict::Abort {
             // The coordinator told every participant; the runtime tries again.
@@ -773,7 +798,13 @@ impl Node {
         // If this fails the outcome is unknown here: the copy's successor holds the
         // decision if it was replicated, and delivers it; the client retries with its key.
         self.wait_released(lsn, seqs).await?;
+        crate::failpoint::hit("coordinator-decided");
         d.logged(&t.copy, id);
+        if crate::failpoint::armed_at("coordinator-told") {
+            // Let the decisions leave first.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            crate::failpoint::hit("coordinator-told");
+        }
         check_lease(cluster, Some(&t.copy))?;
         Ok(Answer {
             outcome: t.outcome,

@@ -142,18 +142,7 @@ fn a_transfer_across_nodes_commits_on_both_or_neither() {
     assert_eq!(total(&api), 8 * INITIAL, "money is conserved");
 
     // Every copy of each bank holds the same state as its primary.
-    for bank in BANKS {
-        wait_for(&format!("the copies of {bank} agree"), || {
-            let digests: Vec<Value> = nodes
-                .iter()
-                .filter_map(|n| {
-                    let reply = n.api().get(&format!("/v1/functions/{bank}")).ok()?;
-                    (reply.status == 200).then(|| reply.body["state_digest"].clone())
-                })
-                .collect();
-            digests.len() >= 2 && digests.windows(2).all(|w| w[0] == w[1])
-        });
-    }
+    copies_agree(&nodes);
 }
 
 #[test]
@@ -231,4 +220,306 @@ fn an_order_reserves_charges_and_records_in_one_transaction_or_not_at_all() {
         api.ok("orders", "get", json!({ "order": "o1" }))["amount"],
         30
     );
+}
+
+/// One answered transfer: its idempotency key, input, status and answer.
+#[derive(Clone, Debug)]
+struct Answered {
+    key: String,
+    input: Value,
+    status: u16,
+    body: Value,
+}
+
+/// Clients moving money between accounts of both banks through `transfer` (so every
+/// transfer between the banks is a transaction across nodes), each request with its own
+/// idempotency key and retried with it, through any node, until answered; and a reader
+/// summing both banks in one transaction, which must see the whole amount every time.
+struct Transfers {
+    stop: Arc<AtomicBool>,
+    apis: Arc<Mutex<Vec<Api>>>,
+    answered: Arc<Mutex<Vec<Answered>>>,
+    totals_read: Arc<AtomicU64>,
+    wrong_totals: Arc<Mutex<Vec<u64>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Transfers {
+    fn start(apis: Vec<Api>, clients: usize) -> Transfers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let apis = Arc::new(Mutex::new(apis));
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let totals_read = Arc::new(AtomicU64::new(0));
+        let wrong_totals = Arc::new(Mutex::new(Vec::new()));
+        let mut threads: Vec<std::thread::JoinHandle<()>> = (0..clients)
+            .map(|c| {
+                let (stop, apis, answered) = (stop.clone(), apis.clone(), answered.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let from_bank = BANKS[(n + c) % 2];
+                        let to_bank = BANKS[(n / 2 + c) % 2];
+                        let from = ACCOUNTS[(n + c) % ACCOUNTS.len()];
+                        let mut to = ACCOUNTS[(n + 3 * c + 1) % ACCOUNTS.len()];
+                        if from_bank == to_bank && from == to {
+                            to = ACCOUNTS[(n + c + 1) % ACCOUNTS.len()];
+                        }
+                        let input =
+                            transfer_input((from_bank, from), (to_bank, to), n as u64 % 7 + 1);
+                        let key = format!("c{c}-t{n}");
+                        let started = Instant::now();
+                        let mut tries = 0usize;
+                        loop {
+                            let api = {
+                                let apis = apis.lock().expect("apis");
+                                apis[(c + tries) % apis.len()].clone()
+                            };
+                            tries += 1;
+                            match api.try_invoke("transfer", "transfer", &input, Some(&key)) {
+                                Ok(r) if r.status == 200 || r.status == 422 => {
+                                    answered.lock().expect("answered").push(Answered {
+                                        key: key.clone(),
+                                        input: input.clone(),
+                                        status: r.status,
+                                        body: r.body,
+                                    });
+                                    break;
+                                }
+                                other => {
+                                    if started.elapsed() > 2 * SETTLE_TIMEOUT {
+                                        panic!("transfer {key} got no answer: {other:?}");
+                                    }
+                                    std::thread::sleep(Duration::from_millis(5));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        {
+            let (stop, apis, read, wrong) = (
+                stop.clone(),
+                apis.clone(),
+                totals_read.clone(),
+                wrong_totals.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let api = {
+                        let apis = apis.lock().expect("apis");
+                        apis[n % apis.len()].clone()
+                    };
+                    if let Ok(r) =
+                        api.try_invoke("transfer", "total", &json!({ "banks": BANKS }), None)
+                    {
+                        if r.status == 200 {
+                            read.fetch_add(1, Ordering::Relaxed);
+                            let total = r.body["total"].as_u64().unwrap_or(0);
+                            if total != 8 * INITIAL {
+                                wrong.lock().expect("wrong").push(total);
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }));
+        }
+        Transfers {
+            stop,
+            apis,
+            answered,
+            totals_read,
+            wrong_totals,
+            threads,
+        }
+    }
+
+    fn set_apis(&self, apis: Vec<Api>) {
+        *self.apis.lock().expect("apis") = apis;
+    }
+
+    fn committed(&self) -> usize {
+        self.answered
+            .lock()
+            .expect("answered")
+            .iter()
+            .filter(|a| a.status == 200)
+            .count()
+    }
+
+    /// Stop; returns what was answered. Panics if any read of the total was wrong.
+    fn finish(self) -> Vec<Answered> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("a client thread panicked");
+        }
+        let wrong = self.wrong_totals.lock().expect("wrong").clone();
+        let read = self.totals_read.load(Ordering::Relaxed);
+        assert!(read > 0, "the total was never read");
+        assert!(
+            wrong.is_empty(),
+            "{} of {read} reads of the total across both banks saw money created or lost: {wrong:?}",
+            wrong.len()
+        );
+        println!("totals read: {read}, all {}", 8 * INITIAL);
+        let answered = self.answered.lock().expect("answered").clone();
+        answered
+    }
+}
+
+fn apis(nodes: &[NodeProcess]) -> Vec<Api> {
+    nodes.iter().map(|n| n.api().clone()).collect()
+}
+
+/// After the faults: the total is whole, every answered transfer replays its answer
+/// (so each happened exactly once, as answered), and every copy of each bank agrees.
+fn check_whole(nodes: &[NodeProcess], answered: &[Answered]) {
+    let api = nodes[0].api().with_timeout(Duration::from_secs(30));
+    assert_eq!(total(&api), 8 * INITIAL, "money was created or lost");
+    for a in answered {
+        let reply = api.invoke_keyed("transfer", "transfer", &a.input, &a.key);
+        assert_eq!(
+            (reply.status, &reply.body),
+            (a.status, &a.body),
+            "transfer {} changed its answer",
+            a.key
+        );
+        assert!(
+            reply.replayed(),
+            "transfer {} ran again: it was lost",
+            a.key
+        );
+    }
+    copies_agree(&nodes);
+}
+
+/// Every copy of each bank holds the same state (once replication has settled).
+fn copies_agree(nodes: &[NodeProcess]) {
+    for bank in BANKS {
+        let started = Instant::now();
+        loop {
+            // The copies of the current assignment (a node dropped from it may keep an
+            // old copy it no longer follows).
+            let copies: Vec<Value> = nodes
+                .iter()
+                .filter(|n| {
+                    status(n)
+                        .and_then(|s| {
+                            s["functions"]
+                                .as_array()?
+                                .iter()
+                                .find(|f| f["name"] == bank)
+                                .map(|f| !f["here"].is_null())
+                        })
+                        .unwrap_or(false)
+                })
+                .filter_map(|n| {
+                    let reply = n.api().get(&format!("/v1/functions/{bank}")).ok()?;
+                    (reply.status == 200).then_some(reply.body)
+                })
+                .collect();
+            if copies.len() >= 2
+                && copies
+                    .windows(2)
+                    .all(|w| w[0]["state_digest"] == w[1]["state_digest"])
+            {
+                break;
+            }
+            if started.elapsed() > SETTLE_TIMEOUT {
+                for n in nodes {
+                    println!("--- status: {:?}", status(n));
+                }
+                panic!("the copies of {bank} never agreed: {copies:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Nodes by id (1-based) in a 3-node cluster.
+fn index(id: u64) -> usize {
+    id as usize - 1
+}
+
+/// Wait until `done`; shows the cluster and the nodes' logs if it never happens.
+fn wait_or_dump(nodes: &[NodeProcess], what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > SETTLE_TIMEOUT {
+            for n in nodes {
+                println!("--- status: {:?}", status(n));
+                let log = n.log();
+                let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                println!(
+                    "--- log tail:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            panic!("never happened: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every function's primary is ready again on a live node and `transfer` answers.
+fn wait_served(nodes: &[NodeProcess], api: &Api) {
+    wait_or_dump(
+        nodes,
+        "transfers are served again",
+        || matches!(api.try_invoke("transfer", "total", &json!({ "banks": BANKS }), None), Ok(r) if r.status == 200),
+    );
+}
+
+/// Kill -9 node `victim` under `load`, wait until transfers are served by the others
+/// and go on, then bring it back.
+fn kill_and_restart(nodes: &mut [NodeProcess], load: &Transfers, victim: u64) {
+    nodes[index(victim)].kill9();
+    let live: Vec<Api> = apis(nodes)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != index(victim))
+        .map(|(_, a)| a)
+        .collect();
+    load.set_apis(live.clone());
+    wait_served(nodes, &live[0]);
+    let before = load.committed();
+    wait_or_dump(nodes, "transfers go on", || load.committed() > before + 30);
+    nodes[index(victim)].restart();
+    load.set_apis(apis(nodes));
+}
+
+#[test]
+fn killing_a_participant_then_the_coordinator_under_load_leaves_every_transfer_whole() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let mut nodes = bank_cluster(certs.path());
+    let load = Transfers::start(apis(&nodes), 6);
+    wait_for("some transfers commit", || load.committed() > 30);
+
+    // A participant: the primary of a bank on another node than transfer's.
+    let coordinator = primary_of(&nodes[0], "transfer").expect("transfer's primary");
+    let participant = BANKS
+        .iter()
+        .filter_map(|b| primary_of(&nodes[0], b))
+        .find(|p| *p != coordinator)
+        .expect("placement puts the banks' primaries on two nodes");
+    println!("killing node {participant}, a participant's (the coordinator is on {coordinator})");
+    kill_and_restart(&mut nodes, &load, participant);
+
+    let before = load.committed();
+    wait_for("transfers go on", || load.committed() > before + 30);
+    let coordinator = primary_of(&nodes[0], "transfer").expect("transfer's primary");
+    println!("killing node {coordinator}, the coordinator's");
+    kill_and_restart(&mut nodes, &load, coordinator);
+    std::thread::sleep(Duration::from_millis(500));
+    let answered = load.finish();
+    println!(
+        "answered {}, committed {}",
+        answered.len(),
+        answered.iter().filter(|a| a.status == 200).count()
+    );
+    check_whole(&nodes, &answered);
 }

@@ -78,6 +78,8 @@ pub struct NodeOptions {
     pub netns: Option<(String, std::net::Ipv4Addr)>,
     /// More flags for `understudy node`.
     pub extra_args: Vec<String>,
+    /// Environment variables for the node (`UNDERSTUDY_FAILPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 /// The HTTP port of a node in a network namespace of its own.
@@ -172,6 +174,23 @@ impl NodeProcess {
     /// Everything the current or last run wrote to stderr.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The environment of the next run (see `NodeOptions::env`).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.options.env = env;
+    }
+
+    /// Whether the node's process has exited by itself (a failpoint, a crash); reaps it.
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(_))) => {
+                self.child = None;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
     }
 
     /// `kill -9` the node and wait for it to be gone. Nothing it did not fsync survives.
@@ -279,6 +298,7 @@ impl NodeProcess {
             // The test decides about the admin token, not the environment it runs in.
             .env_remove("UNDERSTUDY_ADMIN_TOKEN")
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -565,11 +565,15 @@ impl Distributed {
                 .get(function)
                 .is_some_and(|s| Arc::ptr_eq(&s.copy, copy));
             if !current {
-                // A slot of an older copy: its waiters learn that their transactions
-                // abort (nothing was written for them: the copy changed under them).
-                slots.remove(function);
-                drop(slots);
-                self.open_slot(copy.clone());
+                // `copy` itself may be the old one (a task that outlived its copy): then
+                // nothing happens. Else the slot is an older copy's: its waiters learn
+                // that their transactions abort (nothing was written for them: the copy
+                // changed under them), and `copy` gets its own.
+                if self.serves(copy) {
+                    slots.remove(function);
+                    drop(slots);
+                    self.open_slot(copy.clone());
+                }
                 return None;
             }
             let slot = slots.get_mut(function).expect("checked above");
@@ -803,6 +807,7 @@ impl Distributed {
             }
         };
         if done {
+            crate::failpoint::hit("participant-prepared");
             self.with_slot_of(copy, |slot, now| {
                 let cmds = slot
                     .participant
@@ -856,6 +861,7 @@ impl Distributed {
             }
         };
         if done {
+            crate::failpoint::hit("participant-resolved");
             self.with_slot_of(copy, |slot, now| {
                 let cmds = slot
                     .participant
