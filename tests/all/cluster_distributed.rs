@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cluster_failover::{wait_for, SETTLE_TIMEOUT};
-use crate::cluster_form::{cluster_init, converged_leader, members3, start_cluster, status};
-use crate::support::{component, Api, NodeProcess};
+use crate::cluster_form::{
+    cluster_init, config, converged_leader, members3, start_cluster, status,
+};
+use crate::support::{component, Api, NodeOptions, NodeProcess};
 
 const BANKS: [&str; 2] = ["bank-east", "bank-west"];
 const ACCOUNTS: [&str; 4] = ["a", "b", "c", "d"];
@@ -45,7 +47,21 @@ pub(crate) fn primary_of(node: &NodeProcess, function: &str) -> Option<u64> {
 /// `INITIAL`, and `transfer`; returns the nodes.
 fn bank_cluster(certs: &std::path::Path) -> Vec<NodeProcess> {
     cluster_init(certs, &[1, 2, 3]);
-    let nodes = start_cluster(certs, &members3());
+    // Each node can be made to die at a failpoint named in its file (see `failpoint`).
+    let members = members3();
+    let nodes: Vec<NodeProcess> = members
+        .iter()
+        .map(|(id, _, _)| {
+            NodeProcess::start_with(NodeOptions {
+                config_toml: Some(config(*id, certs, &members)),
+                env: vec![(
+                    "UNDERSTUDY_FAILPOINT".into(),
+                    format!("file:{}", failpoint_file(certs, *id).display()),
+                )],
+                ..NodeOptions::default()
+            })
+        })
+        .collect();
     converged_leader(&nodes.iter().collect::<Vec<_>>());
     let east = deploy(&nodes[0], "bank-east", "bank", 2);
     let west = deploy(&nodes[0], "bank-west", "bank", 2);
@@ -558,4 +574,100 @@ fn conflicting_transfers_across_nodes_neither_deadlock_nor_lose_money() {
         "transfers made little progress: {committed}"
     );
     check_whole(&nodes, &answered);
+}
+
+/// The file naming the failpoint node `id` dies at (see `understudy::failpoint`).
+fn failpoint_file(certs: &std::path::Path, id: u64) -> std::path::PathBuf {
+    certs.join(format!("failpoint-{id}"))
+}
+
+/// Transfers under load while the node that plays `role` in them dies at `failpoint`
+/// (its 20th time there), as kill -9 would: the transfers in flight are finished or
+/// rolled back by the understudies, no answered transfer is lost or changed, every
+/// read of the total across both banks sees all the money, and the copies agree.
+fn dies_at(failpoint: &str, role: &str) {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let mut nodes = bank_cluster(certs.path());
+    let coordinator = primary_of(&nodes[0], "transfer").expect("transfer's primary");
+    let victim = match role {
+        "coordinator" => coordinator,
+        _ => BANKS
+            .iter()
+            .filter_map(|b| primary_of(&nodes[0], b))
+            .find(|p| *p != coordinator)
+            .expect("placement puts the banks' primaries on two nodes"),
+    };
+    let load = Transfers::start(apis(&nodes), 6);
+    wait_for("some transfers commit", || load.committed() > 20);
+    println!("node {victim} ({role}) dies at {failpoint}");
+    std::fs::write(
+        failpoint_file(certs.path(), victim),
+        format!("{failpoint}@20"),
+    )
+    .expect("arm the failpoint");
+    let exited = Instant::now();
+    while !nodes[index(victim)].exited() {
+        assert!(
+            exited.elapsed() < SETTLE_TIMEOUT,
+            "node {victim} never reached {failpoint}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_file(failpoint_file(certs.path(), victim)).expect("disarm");
+    let live: Vec<Api> = apis(&nodes)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != index(victim))
+        .map(|(_, a)| a)
+        .collect();
+    load.set_apis(live.clone());
+    wait_served(&nodes, &live[0]);
+    let before = load.committed();
+    wait_or_dump(&nodes, "transfers go on", || load.committed() > before + 30);
+    let in_doubt: Vec<Value> = nodes
+        .iter()
+        .filter_map(|n| status(n))
+        .flat_map(|s| {
+            s["transactions"]["in_doubt"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    println!("in-doubt transactions resolved by the understudies: {in_doubt:?}");
+    nodes[index(victim)].restart();
+    load.set_apis(apis(&nodes));
+    std::thread::sleep(Duration::from_millis(300));
+    let answered = load.finish();
+    println!(
+        "answered {}, committed {}",
+        answered.len(),
+        answered.iter().filter(|a| a.status == 200).count()
+    );
+    check_whole(&nodes, &answered);
+}
+
+#[test]
+fn coordinator_dies_before_asking_anyone_to_prepare() {
+    dies_at("coordinator-before-prepare", "coordinator");
+}
+
+#[test]
+fn participant_dies_after_its_prepare_is_replicated() {
+    dies_at("participant-prepared", "participant");
+}
+
+#[test]
+fn coordinator_dies_after_its_decision_is_replicated() {
+    dies_at("coordinator-decided", "coordinator");
+}
+
+#[test]
+fn coordinator_dies_after_telling_the_participants() {
+    dies_at("coordinator-told", "coordinator");
+}
+
+#[test]
+fn participant_dies_after_its_outcome_is_replicated() {
+    dies_at("participant-resolved", "participant");
 }

@@ -176,11 +176,6 @@ impl NodeProcess {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// The environment of the next run (see `NodeOptions::env`).
-    pub fn set_env(&mut self, env: Vec<(String, String)>) {
-        self.options.env = env;
-    }
-
     /// Whether the node's process has exited by itself (a failpoint, a crash); reaps it.
     pub fn exited(&mut self) -> bool {
         match self.child.as_mut().map(|c| c.try_wait()) {
