@@ -28,7 +28,7 @@ use crate::wasm::bindings::{self, understudy::function as wit};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to measure: invoke, commit, memory or all.
+    /// What to measure: invoke, commit, memory, replicated, distributed or all.
     #[arg(long, default_value = "all")]
     pub what: String,
     /// The counter example component.
@@ -37,6 +37,9 @@ pub struct Args {
     /// The hostile test component (for the memory and catch-up figures).
     #[arg(long, default_value = "target-guests/components/hostile.wasm")]
     pub hostile: PathBuf,
+    /// The lists test component (for the distributed-transaction figures).
+    #[arg(long, default_value = "target-guests/components/lists.wasm")]
+    pub lists: PathBuf,
     /// Concurrent clients for the commit benchmark.
     #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
     pub clients: Vec<usize>,
@@ -73,6 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if what == "replicated" || what == "all" {
             replicated(&args, &dir, &counter).await?;
+        }
+        if what == "distributed" || what == "all" {
+            distributed(&args, &dir).await?;
         }
         anyhow::Ok(())
     });
@@ -434,6 +440,126 @@ async fn http_commits(
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
     }
+}
+
+/// Like `http_commits`, with the body of the n-th request made by `body(n)`.
+async fn http_bodies(
+    client: &reqwest::Client,
+    url: &str,
+    clients: usize,
+    seconds: f64,
+    body: Arc<dyn Fn(u64) -> String + Send + Sync>,
+) -> Measured {
+    let (client, url) = (client.clone(), url.to_owned());
+    let n = Arc::new(AtomicU64::new(0));
+    let (ops, elapsed, lat) = drive(clients, seconds, move || {
+        let (client, url, body, n) = (client.clone(), url.clone(), body.clone(), n.clone());
+        async move {
+            let body = body(n.fetch_add(1, Ordering::Relaxed));
+            let reply = client.post(&url).body(body).send().await?;
+            if !reply.status().is_success() {
+                anyhow::bail!("{}: {}", reply.status(), reply.text().await?);
+            }
+            reply.bytes().await?;
+            Ok(())
+        }
+    })
+    .await;
+    Measured {
+        rate: ops as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+    }
+}
+
+/// Transactions across functions whose primaries are on different nodes (two-phase
+/// commit) against transactions on one function, in the same 3-node cluster.
+async fn distributed(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
+    use crate::local::{LocalCluster, Options};
+    const KEYS: u64 = 1000;
+    let lists = std::fs::read(&args.lists)
+        .with_context(|| format!("cannot read {}", args.lists.display()))?;
+    println!("== distributed transactions: list appends over HTTP, 3 node processes on loopback, disk durability, 2 copies of each function ==");
+    let cluster = LocalCluster::start(
+        &dir.join("distributed"),
+        &Options {
+            nodes: 3,
+            clustered: true,
+            durability: Durability::Disk,
+            cluster_toml: String::new(),
+        },
+    )
+    .await?;
+    let mut primaries = Vec::new();
+    for name in ["lists-a", "lists-b", "lists-c"] {
+        let placed = cluster.deploy(1, name, lists.clone(), 2).await?;
+        primaries.push(placed["primary"].as_u64().context("no primary")?);
+    }
+    println!(
+        "primaries: lists-a on node {}, lists-b on node {}, lists-c on node {}; every transaction enters through lists-a's primary",
+        primaries[0], primaries[1], primaries[2]
+    );
+    if primaries[0] == primaries[1] {
+        println!("(lists-a and lists-b share a node: the 2-function rows are not across nodes)");
+    }
+    println!(
+        "{:>30} {:>8} {:>12} {:>10} {:>10} {:>14}",
+        "transaction", "clients", "txns/s", "p50 us", "p99 us", "vs 1 function"
+    );
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let node = cluster.node(primaries[0]).url();
+    let append = |n: u64| format!(r#"["append","k{}",{n}]"#, n % KEYS);
+    for &clients in &args.clients {
+        let single: Arc<dyn Fn(u64) -> String + Send + Sync> =
+            Arc::new(move |n| format!("[{}]", append(n)));
+        let two: Arc<dyn Fn(u64) -> String + Send + Sync> =
+            Arc::new(move |n| format!(r#"[["lists-a",[{a}]],["lists-b",[{a}]]]"#, a = append(n)));
+        let three: Arc<dyn Fn(u64) -> String + Send + Sync> = Arc::new(move |n| {
+            format!(
+                r#"[["lists-a",[{a}]],["lists-b",[{a}]],["lists-c",[{a}]]]"#,
+                a = append(n)
+            )
+        });
+        let base = http_bodies(
+            &client,
+            &format!("{node}/v1/functions/lists-a/txn"),
+            clients,
+            args.seconds,
+            single,
+        )
+        .await;
+        let row = |what: &str, m: &Measured| {
+            println!(
+                "{:>30} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>14.2}",
+                what,
+                clients,
+                m.rate,
+                us(m.p50),
+                us(m.p99),
+                m.rate / base.rate
+            );
+        };
+        row("1 function (lists-a)", &base);
+        for (what, body) in [
+            ("2 functions (a, b)", two),
+            ("3 functions (a, b, c)", three),
+        ] {
+            let m = http_bodies(
+                &client,
+                &format!("{node}/v1/functions/lists-a/across"),
+                clients,
+                args.seconds,
+                body,
+            )
+            .await;
+            row(what, &m);
+        }
+    }
+    println!();
+    Ok(())
 }
 
 async fn replicated(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {

@@ -37,6 +37,20 @@ use crate::support::{Api, NodeProcess};
 
 const NODES: usize = 3;
 const LISTS: [&str; 2] = ["lists-a", "lists-b"];
+/// What the history calls the lists functions together: keys are `<function>/<key>`.
+const LISTS_NAMESPACE: &str = "lists";
+
+/// `groups` of operations on functions as one list of operations on qualified keys.
+fn qualified<'a>(groups: impl Iterator<Item = (&'a str, Vec<Op>)>) -> Vec<Op> {
+    groups
+        .flat_map(|(f, ops)| {
+            ops.into_iter().map(move |op| match op {
+                Op::Append(k, v) => Op::Append(format!("{f}/{k}"), v),
+                Op::Read(k, l) => Op::Read(format!("{f}/{k}"), l),
+            })
+        })
+        .collect()
+}
 /// Appends per key before the clients move on to a fresh key (reads return whole lists).
 const APPENDS_PER_KEY: u64 = 150;
 /// How long a client keeps retrying one request (on every node in turn) before it
@@ -161,38 +175,80 @@ fn start_clients(apis: Vec<Api>, seed: u64, epoch: Instant) -> Clients {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let function = LISTS[rng.below(LISTS.len() as u64) as usize];
+                // A third of the transactions span both functions (two-phase commit
+                // when their primaries are apart). Every key is recorded with its
+                // function, as one namespace, so the checker sees across functions.
+                let across = rng.below(3) == 0;
+                let first = rng.below(LISTS.len() as u64) as usize;
+                let functions: Vec<&str> = if across {
+                    vec![LISTS[first], LISTS[1 - first]]
+                } else {
+                    vec![LISTS[first]]
+                };
                 let window = next_value.load(Ordering::Relaxed) / APPENDS_PER_KEY;
-                let mut ops = Vec::new();
-                for _ in 0..1 + rng.below(3) {
-                    let key = format!("k{}", window + rng.below(3));
-                    if rng.below(2) == 0 {
-                        ops.push(Op::Append(key, next_value.fetch_add(1, Ordering::Relaxed)));
-                    } else {
-                        ops.push(Op::Read(key, None));
+                let mut groups: Vec<(&str, Vec<Op>)> = Vec::new();
+                for f in &functions {
+                    let mut ops = Vec::new();
+                    for _ in 0..1 + rng.below(if across { 2 } else { 3 }) {
+                        let key = format!("k{}", window + rng.below(3));
+                        if rng.below(2) == 0 {
+                            ops.push(Op::Append(key, next_value.fetch_add(1, Ordering::Relaxed)));
+                        } else {
+                            ops.push(Op::Read(key, None));
+                        }
                     }
+                    groups.push((f, ops));
                 }
-                let input = Value::Array(ops.iter().map(op_json).collect());
+                let (method, input) = if across {
+                    let body: Vec<Value> = groups
+                        .iter()
+                        .map(|(f, ops)| json!([f, ops.iter().map(op_json).collect::<Vec<_>>()]))
+                        .collect();
+                    ("across", Value::Array(body))
+                } else {
+                    (
+                        "txn",
+                        Value::Array(groups[0].1.iter().map(op_json).collect()),
+                    )
+                };
                 let sent = epoch.elapsed().as_secs_f64() * 1000.0;
                 let key = format!("l{c}-{n}");
-                let (answer, window) = ask(&apis, c, function, "txn", &input, Some(&key));
+                let (answer, window) = ask(&apis, c, functions[0], method, &input, Some(&key));
                 let answered = epoch.elapsed().as_secs_f64() * 1000.0;
                 let mut r = recorded.lock().expect("recorded");
                 if let Some(w) = window {
                     r.windows.push(w);
                 }
+                let asked = || qualified(groups.iter().map(|(f, ops)| (*f, ops.clone())));
                 let (txn_ops, answered) = match answer {
-                    Some((200, body)) => (parse_ops(&body).unwrap_or(ops), Some(answered)),
+                    Some((200, body)) => {
+                        let answered_groups = if across {
+                            body.as_array().and_then(|gs| {
+                                gs.iter()
+                                    .map(|g| Some((g[0].as_str()?.to_owned(), parse_ops(&g[1])?)))
+                                    .collect::<Option<Vec<_>>>()
+                            })
+                        } else {
+                            parse_ops(&body).map(|ops| vec![(functions[0].to_owned(), ops)])
+                        };
+                        match answered_groups {
+                            Some(gs) => (
+                                qualified(gs.iter().map(|(f, ops)| (f.as_str(), ops.clone()))),
+                                Some(answered),
+                            ),
+                            None => (asked(), Some(answered)),
+                        }
+                    }
                     Some((status, body)) => {
                         panic!("the lists function refused a transaction: {status} {body}")
                     }
                     None => {
                         r.unanswered += 1;
-                        (ops, None)
+                        (asked(), None)
                     }
                 };
                 r.txns.push(Txn {
-                    function: function.into(),
+                    function: LISTS_NAMESPACE.into(),
                     ops: txn_ops,
                     sent,
                     answered,
@@ -480,13 +536,13 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
 
     // Final reads: every key of every lists function, once the cluster is whole.
     for f in LISTS {
+        let prefix = format!("{f}/");
         let mut keys: Vec<String> = recorded
             .txns
             .iter()
-            .filter(|t| t.function == f)
             .flat_map(|t| t.ops.iter())
-            .map(|op| match op {
-                Op::Append(k, _) | Op::Read(k, _) => k.clone(),
+            .filter_map(|op| match op {
+                Op::Append(k, _) | Op::Read(k, _) => k.strip_prefix(&prefix).map(str::to_owned),
             })
             .collect();
         keys.sort();
@@ -497,9 +553,10 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
         let (answer, _) = ask(&apis, 0, f, "txn", &input, None);
         let (status, body) = answer.expect("the final read is answered");
         assert_eq!(status, 200, "{body}");
+        let read = parse_ops(&body).expect("the final read parses");
         recorded.txns.push(Txn {
-            function: f.into(),
-            ops: parse_ops(&body).expect("the final read parses"),
+            function: LISTS_NAMESPACE.into(),
+            ops: qualified([(f, read)].into_iter()),
             sent,
             answered: Some(epoch.elapsed().as_secs_f64() * 1000.0),
         });

@@ -642,7 +642,7 @@ impl Distributed {
         tokio::spawn(async move {
             let f = me.node.store().get(&function);
             let ready = match &f {
-                Some(f) => copy.released(f.seq()).await.is_ok(),
+                Some(f) => me.released_while_current(&copy, f.seq()).await,
                 None => false,
             };
             me.opening.lock().remove(&function);
@@ -700,6 +700,19 @@ impl Distributed {
             }
             me.execute(&copy, cmds);
         });
+    }
+
+    /// Wait until `copy` has released `seq`, as long as it is the copy this node serves
+    /// its function with (a replaced copy may never release; its successor opens its
+    /// own slot). Returns whether it was released.
+    async fn released_while_current(&self, copy: &Arc<PrimaryCopy>, seq: u64) -> bool {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(50), copy.released(seq)).await {
+                Ok(released) => return released.is_ok(),
+                Err(_) if self.serves(copy) => continue,
+                Err(_) => return false,
+            }
+        }
     }
 
     fn tick(self: &Arc<Self>) {
@@ -799,7 +812,8 @@ impl Distributed {
         self.drop_part_if_empty(txn);
         let done = match written {
             Ok((lsn, seq)) => {
-                self.node.wait_lsn_durable(lsn).await.is_ok() && copy.released(seq).await.is_ok()
+                self.node.wait_lsn_durable(lsn).await.is_ok()
+                    && self.released_while_current(copy, seq).await
             }
             Err(e) => {
                 tracing::debug!(%function, %txn, error = %e, "not prepared");
@@ -853,7 +867,8 @@ impl Distributed {
         let done = match written {
             Ok(None) => true,
             Ok(Some((lsn, seq))) => {
-                self.node.wait_lsn_durable(lsn).await.is_ok() && copy.released(seq).await.is_ok()
+                self.node.wait_lsn_durable(lsn).await.is_ok()
+                    && self.released_while_current(copy, seq).await
             }
             Err(e) => {
                 tracing::debug!(%function, %txn, error = %e, "outcome not written; the next primary resolves it");
