@@ -28,6 +28,8 @@ use crate::local::{LocalCluster, Options};
 use crate::wal::Durability;
 
 const FUNCTIONS: [&str; 3] = ["bank-a", "bank-b", "bank-c"];
+/// The function that moves money between the banks.
+const CROSS: &str = "transfer";
 pub(crate) const ACCOUNTS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 const INITIAL: u64 = 1_000_000;
 /// How long a client keeps retrying one transfer before the drill gives up.
@@ -62,6 +64,13 @@ pub struct Args {
     /// The bank example component.
     #[arg(long, default_value = "target-guests/components/bank.wasm")]
     pub bank: PathBuf,
+    /// The transfer example component (transfers between the banks, across nodes).
+    #[arg(long, default_value = "target-guests/components/transfer.wasm")]
+    pub transfer: PathBuf,
+    /// Clients moving money between the banks through `transfer` (two-phase commit
+    /// when the banks' primaries are apart), beside the `--clients` within each bank.
+    #[arg(long, default_value_t = 2)]
+    pub cross_clients: usize,
     /// Where the nodes keep their data and logs (a fresh temporary folder by default,
     /// deleted afterwards unless `--keep`).
     #[arg(long)]
@@ -112,6 +121,13 @@ pub struct Run {
     pub zombie_commits: usize,
     pub client_retries: u64,
     pub totals_ok: bool,
+    /// Transfers between banks (across nodes) answered in the run.
+    pub cross_acknowledged: usize,
+    /// In-doubt transactions the promoted copies found (prepared, outcome unknown), how
+    /// many committed, and when the last was resolved (ms after the fault).
+    pub in_doubt: usize,
+    pub in_doubt_committed: usize,
+    pub in_doubt_resolved_ms: Option<f64>,
 }
 
 /// Fails when the cluster cannot be started or a check cannot be made (a broken
@@ -170,6 +186,15 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
         },
     )
     .await?;
+    if args.cross_clients > 0 {
+        let transfer = std::fs::read(&args.transfer).with_context(|| {
+            format!(
+                "cannot read {} (build the examples: scripts/build-guests.sh)",
+                args.transfer.display()
+            )
+        })?;
+        cluster.deploy(1, CROSS, transfer, 2).await?;
+    }
     for f in FUNCTIONS {
         cluster.deploy(1, f, bank.clone(), 2).await?;
         for account in ACCOUNTS {
@@ -201,7 +226,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
     let mut runs = Vec::new();
     if !args.json {
         println!(
-            "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14}",
+            "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}",
             "run",
             "victim",
             "role",
@@ -211,7 +236,8 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
             "all served",
             "acked",
             "lost",
-            "in flight c/r"
+            "in flight c/r",
+            "in doubt c/r, by"
         );
     }
     for i in 0..args.runs {
@@ -219,7 +245,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
         if !args.json {
             let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
             println!(
-                "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14}",
+                "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}",
                 r.run,
                 r.victim,
                 match (r.victim_was_master, r.victim_primaries.is_empty()) {
@@ -235,6 +261,12 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
                 r.acknowledged,
                 r.lost,
                 format!("{}/{}", r.in_flight_committed, r.in_flight_rolled_back),
+                format!(
+                    "{}/{} {}",
+                    r.in_doubt_committed,
+                    r.in_doubt - r.in_doubt_committed,
+                    ms(r.in_doubt_resolved_ms)
+                ),
             );
         }
         runs.push(r);
@@ -258,6 +290,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
             ("first commit", "first_commit_ms"),
             ("all served", "all_served_ms"),
             ("longest pause", "longest_pause_ms"),
+            ("in doubt done", "in_doubt_resolved_ms"),
             ("  primary only", "first_commit_ms_primary_only"),
             ("  master too", "first_commit_ms_master"),
         ] {
@@ -276,6 +309,13 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
             );
         }
         println!("(the first commit on a new primary, split by whether the victim was also the master: a master's death needs an election first)");
+        println!(
+            "transfers between banks (two-phase commit across nodes) acknowledged {}; in-doubt transactions found by promoted copies {} ({} committed, {} rolled back), each run's last resolved at the 'in doubt done' figure",
+            summary["cross_acknowledged"],
+            summary["in_doubt"],
+            summary["in_doubt_committed"],
+            summary["in_doubt"].as_u64().unwrap_or(0) - summary["in_doubt_committed"].as_u64().unwrap_or(0)
+        );
         println!(
             "acknowledged {}, lost {}, in flight at the fault {} ({} committed, {} rolled back and run again), zombie commits {}, money conserved in every run: {}",
             summary["acknowledged"],
@@ -325,6 +365,10 @@ fn summarize(runs: &[Run]) -> Value {
         "in_flight_rolled_back": runs.iter().map(|r| r.in_flight_rolled_back).sum::<usize>(),
         "zombie_commits": runs.iter().map(|r| r.zombie_commits).sum::<usize>(),
         "totals_ok": runs.iter().all(|r| r.totals_ok),
+        "cross_acknowledged": runs.iter().map(|r| r.cross_acknowledged).sum::<usize>(),
+        "in_doubt": runs.iter().map(|r| r.in_doubt).sum::<usize>(),
+        "in_doubt_committed": runs.iter().map(|r| r.in_doubt_committed).sum::<usize>(),
+        "in_doubt_resolved_ms": dist(&|r| r.in_doubt_resolved_ms),
     })
 }
 
@@ -341,9 +385,11 @@ pub(crate) async fn master_status(cluster: &LocalCluster) -> Option<Value> {
     None
 }
 
-/// Wait until every node is up and every function has its two copies, none catching up.
-async fn healed(cluster: &LocalCluster) -> anyhow::Result<Value> {
-    healed_with(cluster, FUNCTIONS.len(), 1).await
+/// Wait until every node is up and every function (the banks, and `transfer` when it is
+/// deployed) has its two copies, none catching up.
+async fn healed(args: &Args, cluster: &LocalCluster) -> anyhow::Result<Value> {
+    let functions = FUNCTIONS.len() + usize::from(args.cross_clients > 0);
+    healed_with(cluster, functions, 1).await
 }
 
 /// Wait until every node is up and each of the `functions` deployed has `backups`
@@ -427,6 +473,46 @@ impl Workload {
         }
     }
 
+    /// Clients moving money between accounts of different banks through `transfer`.
+    pub fn start_cross(
+        client: &reqwest::Client,
+        urls: Vec<String>,
+        clients: usize,
+        tag: &str,
+    ) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..clients)
+            .map(|c| {
+                let (client, stop, records) = (client.clone(), stop.clone(), records.clone());
+                let url = urls[c % urls.len()].clone();
+                let tag = format!("{tag}-x{c}");
+                tokio::spawn(async move {
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let from = FUNCTIONS[(n + c) % FUNCTIONS.len()];
+                        let to = FUNCTIONS[(n + c + 1) % FUNCTIONS.len()];
+                        let input = json!({
+                            "from": { "bank": from, "account": ACCOUNTS[n % ACCOUNTS.len()] },
+                            "to": { "bank": to, "account": ACCOUNTS[(n + 1) % ACCOUNTS.len()] },
+                            "amount": (n % 7 + 1) as u64,
+                        });
+                        let key = format!("{tag}-{n}");
+                        let record = transfer(&client, &url, CROSS, &key, input).await?;
+                        records.lock().push(record);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        Workload {
+            stop,
+            records,
+            tasks,
+        }
+    }
+
     pub async fn finish(self) -> anyhow::Result<Vec<Record>> {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
@@ -488,7 +574,7 @@ pub(crate) async fn transfer(
 }
 
 async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::Result<Run> {
-    let before = healed(cluster).await?;
+    let before = healed(args, cluster).await?;
     let master = before["node"].as_u64().context("no master")?;
     let assignments: BTreeMap<String, (u64, u64, Vec<u64>)> = before["functions"]
         .as_array()
@@ -522,11 +608,19 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         .collect();
     let load = Workload::start(
         cluster.client(),
-        survivors,
+        survivors.clone(),
         args.clients,
         &format!("r{i}"),
         &FUNCTIONS,
     );
+    let cross = (args.cross_clients > 0).then(|| {
+        Workload::start_cross(
+            cluster.client(),
+            survivors,
+            args.cross_clients,
+            &format!("r{i}"),
+        )
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let t0 = Instant::now();
@@ -570,7 +664,10 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         // Give the zombie the time to try.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let records = load.finish().await?;
+    let mut records = load.finish().await?;
+    if let Some(cross) = cross {
+        records.extend(cross.finish().await?);
+    }
 
     let after = master_status(cluster).await.unwrap_or_default();
     let event = after["failovers"]
@@ -662,7 +759,7 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
     if args.fault == "kill" {
         cluster.restart(victim).await?;
     }
-    healed(cluster).await?;
+    healed(args, cluster).await?;
     let acked: Vec<&Record> = records.iter().filter(|r| r.status == 200).collect();
     let mut lost = 0;
     let url = cluster
@@ -677,7 +774,8 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
             lost += 1;
         }
     }
-    let mut totals_ok = true;
+    // Transfers between banks move money between their totals: the sum is what is kept.
+    let mut sum = 0;
     for f in FUNCTIONS {
         let reply = cluster
             .client()
@@ -686,8 +784,21 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
             .send()
             .await?;
         let total: Value = reply.json().await?;
-        if total["total"].as_u64() != Some(INITIAL * ACCOUNTS.len() as u64) {
-            totals_ok = false;
+        sum += total["total"].as_u64().unwrap_or(0);
+    }
+    let totals_ok = sum == INITIAL * (ACCOUNTS.len() * FUNCTIONS.len()) as u64;
+    // In-doubt transactions the promoted copies found, and how they ended.
+    let mut in_doubt: Vec<Value> = Vec::new();
+    for node in &cluster.nodes {
+        if let Some(status) = cluster.status(node.id).await {
+            in_doubt.extend(
+                status["transactions"]["in_doubt"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| t["at_ms"].as_f64().is_some_and(|at| at >= t0_ms))
+                    .cloned(),
+            );
         }
     }
     Ok(Run {
@@ -709,6 +820,14 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         zombie_commits,
         client_retries: records.iter().map(|r| u64::from(r.retries)).sum(),
         totals_ok,
+        cross_acknowledged: acked.iter().filter(|r| r.function == CROSS).count(),
+        in_doubt: in_doubt.len(),
+        in_doubt_committed: in_doubt.iter().filter(|t| t["commit"] == true).count(),
+        in_doubt_resolved_ms: in_doubt
+            .iter()
+            .filter_map(|t| t["at_ms"].as_f64())
+            .reduce(f64::max)
+            .map(|at| at - t0_ms),
     })
 }
 

@@ -42,6 +42,10 @@ pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 256;
 /// Largest output a handler may return.
 pub const OUTPUT_LEN_MAX: usize = 16 << 20;
 
+/// The first back-off after a lost conflict, doubled each retry up to the max.
+const CONFLICT_BACKOFF_US: u64 = 50;
+const CONFLICT_BACKOFF_US_MAX: u64 = 20_000;
+
 /// Bits of a transaction id that hold the node it began on (see `Inner::next_txn`).
 const TXN_NODE_BITS: u32 = 8;
 
@@ -388,12 +392,14 @@ impl Node {
                 .await
             {
                 Err(InvokeError::Conflict(_)) if attempt <= inner.config.conflict_retries_max => {
-                    // Back off a little, more each time, staggered by transaction so that
-                    // two conflicting transactions do not retry in lockstep.
-                    let jitter_us =
-                        (age.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) * u64::from(attempt);
-                    tokio::time::sleep(Duration::from_micros(100 * u64::from(attempt) + jitter_us))
-                        .await;
+                    // Back off, twice as long each time up to a bound (a transaction that
+                    // won may hold its locks through a two-phase commit, milliseconds),
+                    // staggered by transaction so that two conflicting transactions do
+                    // not retry in lockstep.
+                    let backoff_us =
+                        (CONFLICT_BACKOFF_US << attempt.min(16)).min(CONFLICT_BACKOFF_US_MAX);
+                    let jitter_us = (age.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % backoff_us;
+                    tokio::time::sleep(Duration::from_micros(backoff_us + jitter_us)).await;
                 }
                 Err(InvokeError::Conflict(_)) => break Err(InvokeError::Conflict(attempt)),
                 other => break other,

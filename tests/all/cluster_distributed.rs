@@ -23,13 +23,20 @@ const INITIAL: u64 = 1000;
 /// Deploy `component` as `name` with `replicas` copies through `node`; returns where
 /// its primary went.
 pub(crate) fn deploy(node: &NodeProcess, name: &str, component_name: &str, replicas: u8) -> u64 {
-    let reply = node
-        .api()
-        .put_bytes(
+    // A cluster just formed may not have heard from every node yet: the master refuses
+    // (409) until enough nodes are up.
+    let started = std::time::Instant::now();
+    let reply = loop {
+        let reply = node.api().put_bytes(
             &format!("/v1/functions/{name}?replicas={replicas}"),
             component(component_name),
-        )
-        .expect_status(201);
+        );
+        if reply.status == 409 && started.elapsed() < SETTLE_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        break reply.expect_status(201);
+    };
     assert_eq!(reply.body["ready"], true, "{}", reply.body);
     reply.body["primary"].as_u64().expect("primary")
 }

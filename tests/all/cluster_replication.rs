@@ -15,13 +15,20 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Deploy `component_name` as `name` with `replicas` copies through `node`.
 fn deploy(node: &NodeProcess, name: &str, component_name: &str, replicas: u8) -> Value {
-    let reply = node
-        .api()
-        .put_bytes(
+    // A cluster just formed may not have heard from every node yet: the master refuses
+    // (409) until enough nodes are up.
+    let started = std::time::Instant::now();
+    let reply = loop {
+        let reply = node.api().put_bytes(
             &format!("/v1/functions/{name}?replicas={replicas}"),
             component(component_name),
-        )
-        .expect_status(201);
+        );
+        if reply.status == 409 && started.elapsed() < SETTLE_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        break reply.expect_status(201);
+    };
     assert_eq!(
         reply.body["ready"], true,
         "every copy installed: {}",
