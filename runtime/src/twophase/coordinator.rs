@@ -9,7 +9,7 @@ use super::{Message, TxnId};
 /// Silence from a participant past this aborts the transaction.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Unanswered messages are sent again after this long.
-pub const RESEND_AFTER: Duration = Duration::from_millis(50);
+pub const RESEND_AFTER: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event<F> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::{Message, TxnId};
 
 /// A prepared participant that has heard nothing for this long asks the coordinator.
-pub const QUERY_AFTER: Duration = Duration::from_millis(100);
+pub const QUERY_AFTER: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event<F> {
