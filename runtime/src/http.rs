@@ -57,6 +57,7 @@ impl From<InvokeError> for ApiError {
             InvokeError::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
             InvokeError::ResourceCap(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::Conflict(_) => StatusCode::CONFLICT,
+            InvokeError::CalleeFailedAcrossNodes(_) => StatusCode::UNPROCESSABLE_ENTITY,
             InvokeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             InvokeError::OutputTooLarge(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -66,6 +66,10 @@ pub enum InvokeError {
     ResourceCap(String),
     #[error("the transaction kept conflicting with others and gave up after {0} attempts")]
     Conflict(u32),
+    /// A callee failed after calling functions on other nodes: what it did there cannot
+    /// be undone apart from the rest, so the whole transaction is aborted.
+    #[error("{0}")]
+    CalleeFailedAcrossNodes(String),
     #[error("the node is overloaded: {0}")]
     Busy(String),
     #[error("the handler's output of {0} bytes exceeds the limit of {OUTPUT_LEN_MAX} bytes")]
@@ -111,6 +115,7 @@ impl InvokeError {
             InvokeError::Deadline(_) => "deadline",
             InvokeError::ResourceCap(_) => "resource-cap",
             InvokeError::Conflict(_) => "conflict",
+            InvokeError::CalleeFailedAcrossNodes(_) => "callee-failed-across-nodes",
             InvokeError::Busy(_) => "busy",
             InvokeError::OutputTooLarge(_) => "output-too-large",
             InvokeError::Storage(_) => "storage",
@@ -132,6 +137,7 @@ impl InvokeError {
             "deadline" => InvokeError::Deadline(message),
             "resource-cap" => InvokeError::ResourceCap(message),
             "conflict" => InvokeError::Conflict(0),
+            "callee-failed-across-nodes" => InvokeError::CalleeFailedAcrossNodes(message),
             "busy" => InvokeError::Busy(message),
             "storage" => InvokeError::Storage(message),
             _ => InvokeError::Unavailable(message),
@@ -793,6 +799,11 @@ impl Node {
             coordinator: t.f.name.clone(),
             participants: t.participants,
         });
+        let participants = commit
+            .decision
+            .as_ref()
+            .map(|d| d.participants.clone())
+            .unwrap_or_default();
         let (lsn, seqs) = match self.log_commit(commit, &t.copies, Lsn::ZERO) {
             Ok(logged) => logged,
             Err(e) => {
@@ -801,11 +812,22 @@ impl Node {
             }
         };
         drop(t.held);
-        // If this fails the outcome is unknown here: the copy's successor holds the
-        // decision if it was replicated, and delivers it; the client retries with its key.
-        self.wait_released(lsn, seqs).await?;
+        // The decision first: once the coordinator's copy holds it everywhere, the
+        // participants are told. If this fails the outcome is unknown here: the copy's
+        // successor holds the decision if it was replicated, and delivers it (a new copy's
+        // slot is rebuilt from the log); the client retries with its key.
+        let (decision, others): (Positions, Positions) =
+            seqs.into_iter().partition(|(c, _)| Arc::ptr_eq(c, &t.copy));
+        self.wait_released(lsn, decision).await?;
         crate::failpoint::hit("coordinator-decided");
         d.logged(&t.copy, id);
+        // Then what the answer read. (The participants' positions were released before
+        // they voted; their copies may have changed since, as their locks are gone.)
+        let others = others
+            .into_iter()
+            .filter(|(c, _)| !participants.contains(&c.function))
+            .collect();
+        self.wait_released(lsn, others).await?;
         if crate::failpoint::armed_at("coordinator-told") {
             // Let the decisions leave first.
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1725,7 +1747,21 @@ impl Calls for Inner {
                 .ok_or_else(|| {
                     wasmtime::Error::msg(format!("component {} is not loaded", meta.deploy.digest))
                 })?;
-            let savepoint = txn.lock().savepoint();
+            let (savepoint, remote_calls) = {
+                let t = txn.lock();
+                (t.savepoint(), t.remote_calls)
+            };
+            // A failed callee's part is undone from the savepoint; what it did on other
+            // nodes cannot be undone apart from the rest: then the whole transaction goes.
+            let across = |txn: &Mutex<Txn>| {
+                (txn.lock().remote_calls != remote_calls).then(|| {
+                    wasmtime::Error::new(Propagated(InvokeError::CalleeFailedAcrossNodes(
+                        format!(
+                            "function {function} failed after calling functions on other nodes; a part of a transaction done there cannot be undone alone, so the whole transaction was aborted"
+                        ),
+                    )))
+                })
+            };
             let ctx = Ctx::new(txn.clone(), f, depth, self.clone(), &self.config.wasm);
             // The callee runs on its own task, so it gets its own fiber and stack.
             let inner = self.clone();
@@ -1742,11 +1778,19 @@ impl Calls for Inner {
             match result {
                 Ok(Ok(output)) => Ok(Ok(output)),
                 Ok(Err(own)) => {
+                    if let Some(abort) = across(&txn) {
+                        return Err(abort);
+                    }
                     // The callee's own error aborts the callee's part only.
                     txn.lock().rollback_to(savepoint);
                     Ok(Err(own))
                 }
                 Err(abort) => match classify(abort) {
+                    InvokeError::Trap(_) | InvokeError::ResourceCap(_)
+                        if across(&txn).is_some() =>
+                    {
+                        Err(across(&txn).expect("checked"))
+                    }
                     // A trap or a cap hit inside the callee: undo its part, tell the caller.
                     InvokeError::Trap(why) => {
                         txn.lock().rollback_to(savepoint);

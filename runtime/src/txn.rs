@@ -70,6 +70,9 @@ pub struct Txn {
     /// as their answers reported; or before this part, as the caller reported), and
     /// whether it wrote to them.
     elsewhere: BTreeMap<FunctionName, bool>,
+    /// Calls made to functions on other nodes so far (a callee that fails after one
+    /// cannot be undone alone).
+    pub remote_calls: u64,
     limits: Limits,
     /// Functions locked by this transaction, in the order they were locked.
     held: Vec<Arc<Function>>,
@@ -99,6 +102,7 @@ impl Txn {
             coordinator: None,
             home: false,
             elsewhere: BTreeMap::new(),
+            remote_calls: 0,
             limits,
             held: Vec::new(),
             writes: BTreeMap::new(),

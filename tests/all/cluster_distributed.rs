@@ -374,11 +374,16 @@ impl Transfers {
             .count()
     }
 
-    /// Stop; returns what was answered. Panics if any read of the total was wrong.
-    fn finish(self) -> Vec<Answered> {
+    /// Stop; returns what was answered. Panics if any read of the total was wrong, or a
+    /// client got no answer (showing the nodes' state and logs).
+    fn finish(self, nodes: &[NodeProcess]) -> Vec<Answered> {
         self.stop.store(true, Ordering::Relaxed);
+        let mut panicked = 0;
         for t in self.threads {
-            t.join().expect("a client thread panicked");
+            panicked += usize::from(t.join().is_err());
+        }
+        if panicked > 0 {
+            wait_or_dump(nodes, &format!("{panicked} clients got answers"), || false);
         }
         let wrong = self.wrong_totals.lock().expect("wrong").clone();
         let read = self.totals_read.load(Ordering::Relaxed);
@@ -468,11 +473,15 @@ fn index(id: u64) -> usize {
     id as usize - 1
 }
 
+fn done_waiting(started: Instant) -> bool {
+    started.elapsed() > SETTLE_TIMEOUT
+}
+
 /// Wait until `done`; shows the cluster and the nodes' logs if it never happens.
 fn wait_or_dump(nodes: &[NodeProcess], what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
-        if started.elapsed() > SETTLE_TIMEOUT {
+        if done_waiting(started) {
             let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("distributed");
             let _ = std::fs::create_dir_all(&dir);
             for (i, n) in nodes.iter().enumerate() {
@@ -556,7 +565,7 @@ fn killing_a_participant_then_the_coordinator_under_load_leaves_every_transfer_w
     println!("killing node {coordinator}, the coordinator's");
     kill_and_restart(&mut nodes, &load, coordinator);
     std::thread::sleep(Duration::from_millis(500));
-    let answered = load.finish();
+    let answered = load.finish(&nodes);
     println!(
         "answered {}, committed {}",
         answered.len(),
@@ -574,7 +583,7 @@ fn conflicting_transfers_across_nodes_neither_deadlock_nor_lose_money() {
     let load = Transfers::start(apis(&nodes), 8);
     std::thread::sleep(Duration::from_secs(3));
     let committed = load.committed();
-    let answered = load.finish();
+    let answered = load.finish(&nodes);
     println!("answered {}, committed {committed}", answered.len());
     assert!(
         committed > 50,
@@ -657,7 +666,7 @@ fn dies_at(failpoint: &str, role: &str) {
     nodes[index(victim)].restart();
     load.set_apis(apis(&nodes));
     std::thread::sleep(Duration::from_millis(300));
-    let answered = load.finish();
+    let answered = load.finish(&nodes);
     println!(
         "answered {}, committed {}",
         answered.len(),

@@ -290,7 +290,8 @@ impl Distributed {
             .upgrade()
             .ok_or_else(|| InvokeError::Unavailable("the node is stopping".into()))?;
         let (call, deadline) = {
-            let t = txn.lock();
+            let mut t = txn.lock();
+            t.remote_calls += 1;
             let Some(coordinator) = t.coordinator.clone() else {
                 return Err(InvokeError::Unavailable(
                     "this transaction has no coordinator".into(),
