@@ -7,6 +7,12 @@ use std::time::{Duration, Instant};
 
 use super::{Message, TxnId};
 
+/// Outcomes are remembered this long, for repeated messages (a transaction's messages
+/// stop long before: its coordinator's prepare timeout is half a second); then forgotten,
+/// so that memory stays bounded. A late repeat is still answered safely: a commit for an
+/// unknown transaction is acknowledged, anything else finds no part.
+pub const DONE_KEEP: Duration = Duration::from_secs(10);
+
 /// A prepared participant that has heard nothing for this long asks the coordinator.
 pub const QUERY_AFTER: Duration = Duration::from_millis(20);
 
@@ -90,6 +96,9 @@ pub struct Participant<F> {
     /// Outcomes reached, with the coordinator (kept so that repeated messages get the
     /// same answer).
     done: BTreeMap<TxnId, (bool, F)>,
+    /// When each outcome in `done` was reached, oldest first (to forget them after
+    /// `DONE_KEEP`).
+    done_at: std::collections::VecDeque<(Instant, TxnId)>,
 }
 
 impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
@@ -98,6 +107,7 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
             me,
             txns: BTreeMap::new(),
             done: BTreeMap::new(),
+            done_at: std::collections::VecDeque::new(),
         }
     }
 
@@ -138,7 +148,7 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
                     None => {
                         // Its part is gone (a failover lost it, or it failed): no. The
                         // transaction will abort; nothing to write.
-                        self.done.insert(txn, (false, coordinator.clone()));
+                        self.remember(now, txn, false, coordinator.clone());
                         out.push(Command::Discard { txn });
                         out.push(self.vote(txn, &coordinator, false));
                     }
@@ -188,7 +198,7 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
             Event::OutcomeLogged { txn } => {
                 if let Some(t) = self.txns.remove(&txn) {
                     if let Phase::Finishing(commit) = t.phase {
-                        self.done.insert(txn, (commit, t.coordinator.clone()));
+                        self.remember(now, txn, commit, t.coordinator.clone());
                         out.push(Command::Finish { txn, commit });
                         out.push(self.ack(txn, &t.coordinator));
                     }
@@ -201,6 +211,13 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
                 | Message::Query { .. },
             ) => {}
             Event::Tick => {
+                while let Some((at, txn)) = self.done_at.front().copied() {
+                    if now.duration_since(at) < DONE_KEEP {
+                        break;
+                    }
+                    self.done_at.pop_front();
+                    self.done.remove(&txn);
+                }
                 for (txn, t) in &mut self.txns {
                     if let Phase::Prepared { asked_at } = &mut t.phase {
                         if now.duration_since(*asked_at) >= QUERY_AFTER {
@@ -217,11 +234,9 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
                 }
             }
             Event::Recovered { prepared, decided } => {
-                self.done.extend(
-                    decided
-                        .into_iter()
-                        .map(|(txn, commit, c)| (txn, (commit, c))),
-                );
+                for (txn, commit, c) in decided {
+                    self.remember(now, txn, commit, c);
+                }
                 for (txn, coordinator) in prepared {
                     if self.done.contains_key(&txn) || self.txns.contains_key(&txn) {
                         continue;
@@ -239,6 +254,12 @@ impl<F: Clone + Ord + std::fmt::Debug> Participant<F> {
             }
         }
         out
+    }
+
+    fn remember(&mut self, now: Instant, txn: TxnId, commit: bool, coordinator: F) {
+        if self.done.insert(txn, (commit, coordinator)).is_none() {
+            self.done_at.push_back((now, txn));
+        }
     }
 
     fn vote(&self, txn: TxnId, to: &F, yes: bool) -> Command<F> {
