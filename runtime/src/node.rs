@@ -47,7 +47,7 @@ const CONFLICT_BACKOFF_US: u64 = 50;
 const CONFLICT_BACKOFF_US_MAX: u64 = 20_000;
 
 /// Bits of a transaction id that hold the node it began on (see `Inner::next_txn`).
-const TXN_NODE_BITS: u32 = 8;
+pub const TXN_NODE_BITS: u32 = 8;
 
 /// Errors of the invocation path that are not the handler's own answer.
 #[derive(Debug, thiserror::Error)]
@@ -1630,6 +1630,11 @@ fn classify(error: wasmtime::Error) -> InvokeError {
         Some(trap) => InvokeError::Trap(trap.to_string()),
         None => InvokeError::Trap(error.root_cause().to_string()),
     }
+}
+
+/// The node a transaction began on (its coordinator's, in a cluster), from its id.
+pub fn txn_node(txn: TxnId) -> u64 {
+    txn.0 & ((1 << TXN_NODE_BITS) - 1)
 }
 
 impl Inner {

@@ -53,15 +53,25 @@ pub fn wasm_tools() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// A port on 127.0.0.1 that was free a moment ago. The listener is dropped before the
-/// node binds it; the kernel hands out ephemeral ports round-robin, so a clash with a
-/// parallel test is very unlikely.
+/// A port on 127.0.0.1 that was free a moment ago, for TCP and for UDP (QUIC), and never
+/// handed out before in this test run. The sockets are dropped before the node binds
+/// it; the kernel hands out ephemeral ports round-robin, so a clash with a parallel
+/// test's node (which binds other ports the kernel chose) is very unlikely.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener
-        .local_addr()
-        .expect("a bound listener has an address")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = listener
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port();
+        let udp_free = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        let mut given = GIVEN.lock().expect("ports given");
+        if udp_free && !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Flags for `understudy node`, beyond the data directory and the address.

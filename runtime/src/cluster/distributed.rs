@@ -225,13 +225,31 @@ impl Distributed {
         }
     }
 
+    /// Drop the parts none of whose functions was prepared once they can no longer
+    /// commit: past their grace, or as soon as their coordinator's function has its
+    /// primary on another node than the one the transaction began on (the coordinator
+    /// died or handed over: an undecided transaction of the old one aborts). Either way
+    /// no yes vote was given, so nothing can commit without them.
     fn expire_parts(&self) {
         let now = Instant::now();
+        let state = self.cluster.upgrade().map(|c| c.control().state());
+        let orphaned = |p: &Part, id: &TxnId| {
+            let Some(state) = &state else {
+                return false;
+            };
+            let coordinator = p.txn.lock().coordinator.clone();
+            coordinator
+                .and_then(|c| state.assignments.get(c.as_str()).map(|a| a.primary.0))
+                // (Node ids are compared in the bits a transaction id keeps of them.)
+                .is_some_and(|primary| {
+                    primary & ((1 << crate::node::TXN_NODE_BITS) - 1) != crate::node::txn_node(*id)
+                })
+        };
         let expired: Vec<(TxnId, Arc<Mutex<Txn>>)> = {
             let mut parts = self.parts.lock();
             let ids: Vec<TxnId> = parts
                 .iter()
-                .filter(|(_, p)| !p.home && p.expires <= now)
+                .filter(|(id, p)| !p.home && (p.expires <= now || orphaned(p, id)))
                 .map(|(id, _)| *id)
                 .collect();
             ids.into_iter()
@@ -241,7 +259,7 @@ impl Distributed {
         for (id, txn) in expired {
             let held = txn.lock().take_held();
             if !held.is_empty() {
-                tracing::info!(txn = %id, functions = held.len(), "dropped a part never prepared (its coordinator went silent)");
+                tracing::info!(txn = %id, functions = held.len(), "dropped a part never prepared (its coordinator died, moved or went silent)");
             }
             for f in held {
                 f.lock.release(id);
