@@ -261,7 +261,12 @@ impl<P: Clone> Primary<P> {
                 }
             }
             Event::PeerRemoved { node } => {
+                // What waited only for this backup is released now: without this, a copy
+                // whose backup died released nothing more until its next append (and a
+                // change of configuration, which holds the function's lock, waited its
+                // full drain timeout for it).
                 self.peers.remove(&node);
+                self.release(&mut commands);
             }
             Event::Tick => {
                 let stalled: Vec<NodeId> = self
@@ -452,5 +457,34 @@ impl<P: Clone> Primary<P> {
         }) {
             self.log.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removing_a_dead_backup_releases_what_waited_for_it() {
+        let now = Instant::now();
+        let (mut primary, _) = Primary::<u32>::new(now, Epoch(1), Seq(0), Epoch(0), &[NodeId(2)]);
+        primary.step(
+            now,
+            Event::Appended {
+                seq: Seq(1),
+                payload: 7,
+            },
+        );
+        let waiting = primary.step(now, Event::LocalDurable { seq: Seq(1) });
+        assert!(
+            !waiting.contains(&Command::Release { seq: Seq(1) }),
+            "backup 2 does not hold it yet"
+        );
+        // Backup 2 died and left the configuration without acknowledging.
+        let released = primary.step(now, Event::PeerRemoved { node: NodeId(2) });
+        assert!(
+            released.contains(&Command::Release { seq: Seq(1) }),
+            "{released:?}"
+        );
     }
 }
