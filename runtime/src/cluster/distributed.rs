@@ -59,6 +59,8 @@ const PART_GRACE: Duration =
     Duration::from_millis(coordinator::PREPARE_TIMEOUT.as_millis() as u64 + 1000);
 /// How long a coordinator waits for its function's slot to be ready.
 const SLOT_WAIT: Duration = Duration::from_millis(200);
+/// The longest deadline a transaction may have (`wasm.deadline_ms` is at most an hour).
+const DEADLINE_MS_MAX: u64 = 3_600_000;
 /// In-doubt transactions remembered for status and drills.
 const IN_DOUBT_LOG_MAX: usize = 256;
 
@@ -195,7 +197,9 @@ impl Distributed {
 
     /// The part of `call`'s transaction here, made if this is its first call here.
     pub fn join(&self, call: &PartCall, limits: crate::txn::Limits) -> Arc<Mutex<Txn>> {
-        let deadline = Instant::now() + Duration::from_millis(call.deadline_ms);
+        // From the network: bounded (no deadline is longer than an hour) before use.
+        let deadline =
+            Instant::now() + Duration::from_millis(call.deadline_ms.min(DEADLINE_MS_MAX));
         let mut parts = self.parts.lock();
         let part = parts.entry(call.txn).or_insert_with(|| {
             let mut txn = Txn::new(call.txn, call.age, deadline, limits);
