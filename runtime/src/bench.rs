@@ -422,27 +422,17 @@ async fn http_commits(
     clients: usize,
     seconds: f64,
 ) -> Measured {
-    let (client, url) = (client.clone(), url.to_owned());
-    let (ops, elapsed, lat) = drive(clients, seconds, move || {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let reply = client.post(&url).body("null").send().await?;
-            if !reply.status().is_success() {
-                anyhow::bail!("{}: {}", reply.status(), reply.text().await?);
-            }
-            reply.bytes().await?;
-            Ok(())
-        }
-    })
-    .await;
-    Measured {
-        rate: ops as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&lat, 0.5),
-        p99: percentile(&lat, 0.99),
-    }
+    http_bodies(
+        client,
+        url,
+        clients,
+        seconds,
+        Arc::new(|_| "null".to_owned()),
+    )
+    .await
 }
 
-/// Like `http_commits`, with the body of the n-th request made by `body(n)`.
+/// POST to `url` from `clients` tasks for `seconds`, the n-th body made by `body(n)`.
 async fn http_bodies(
     client: &reqwest::Client,
     url: &str,

@@ -443,34 +443,12 @@ impl Workload {
         tag: &str,
         functions: &'static [&'static str],
     ) -> Workload {
-        let stop = Arc::new(AtomicBool::new(false));
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let tasks = (0..clients)
-            .map(|c| {
-                let (client, stop, records) = (client.clone(), stop.clone(), records.clone());
-                let url = urls[c % urls.len()].clone();
-                let tag = format!("{tag}-c{c}");
-                tokio::spawn(async move {
-                    let mut n = 0usize;
-                    while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        let function = functions[(n + c) % functions.len()];
-                        let from = ACCOUNTS[(n + c) % ACCOUNTS.len()];
-                        let to = ACCOUNTS[(n + c + 1) % ACCOUNTS.len()];
-                        let input = json!({ "from": from, "to": to, "amount": (n % 7 + 1) as u64 });
-                        let key = format!("{tag}-{n}");
-                        let record = transfer(&client, &url, function, &key, input).await?;
-                        records.lock().push(record);
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        Workload {
-            stop,
-            records,
-            tasks,
-        }
+        Workload::spawn(client, urls, clients, &format!("{tag}-c"), move |c, n| {
+            let from = ACCOUNTS[(n + c) % ACCOUNTS.len()];
+            let to = ACCOUNTS[(n + c + 1) % ACCOUNTS.len()];
+            let input = json!({ "from": from, "to": to, "amount": (n % 7 + 1) as u64 });
+            (functions[(n + c) % functions.len()], input)
+        })
     }
 
     /// Clients moving money between accounts of different banks through `transfer`.
@@ -480,26 +458,42 @@ impl Workload {
         clients: usize,
         tag: &str,
     ) -> Workload {
+        Workload::spawn(client, urls, clients, &format!("{tag}-x"), |c, n| {
+            let from = FUNCTIONS[(n + c) % FUNCTIONS.len()];
+            let to = FUNCTIONS[(n + c + 1) % FUNCTIONS.len()];
+            let input = json!({
+                "from": { "bank": from, "account": ACCOUNTS[n % ACCOUNTS.len()] },
+                "to": { "bank": to, "account": ACCOUNTS[(n + 1) % ACCOUNTS.len()] },
+                "amount": (n % 7 + 1) as u64,
+            });
+            (CROSS, input)
+        })
+    }
+
+    /// `clients` tasks, client `c` sending its `n`-th transfer as `request(c, n)` (the
+    /// function and the input) with key `<tag><c>-<n>`, through `urls` in turn.
+    fn spawn(
+        client: &reqwest::Client,
+        urls: Vec<String>,
+        clients: usize,
+        tag: &str,
+        request: impl Fn(usize, usize) -> (&'static str, Value) + Clone + Send + 'static,
+    ) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let records = Arc::new(Mutex::new(Vec::new()));
         let tasks = (0..clients)
             .map(|c| {
                 let (client, stop, records) = (client.clone(), stop.clone(), records.clone());
                 let url = urls[c % urls.len()].clone();
-                let tag = format!("{tag}-x{c}");
+                let tag = format!("{tag}{c}");
+                let request = request.clone();
                 tokio::spawn(async move {
                     let mut n = 0usize;
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
-                        let from = FUNCTIONS[(n + c) % FUNCTIONS.len()];
-                        let to = FUNCTIONS[(n + c + 1) % FUNCTIONS.len()];
-                        let input = json!({
-                            "from": { "bank": from, "account": ACCOUNTS[n % ACCOUNTS.len()] },
-                            "to": { "bank": to, "account": ACCOUNTS[(n + 1) % ACCOUNTS.len()] },
-                            "amount": (n % 7 + 1) as u64,
-                        });
+                        let (function, input) = request(c, n);
                         let key = format!("{tag}-{n}");
-                        let record = transfer(&client, &url, CROSS, &key, input).await?;
+                        let record = transfer(&client, &url, function, &key, input).await?;
                         records.lock().push(record);
                     }
                     Ok(())

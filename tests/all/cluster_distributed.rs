@@ -14,7 +14,7 @@ use crate::cluster_failover::{wait_for, SETTLE_TIMEOUT};
 use crate::cluster_form::{
     cluster_init, config, converged_leader, members3, start_cluster, status,
 };
-use crate::support::{component, Api, NodeOptions, NodeProcess};
+use crate::support::{Api, NodeOptions, NodeProcess};
 
 const BANKS: [&str; 2] = ["bank-east", "bank-west"];
 const ACCOUNTS: [&str; 4] = ["a", "b", "c", "d"];
@@ -23,22 +23,9 @@ const INITIAL: u64 = 1000;
 /// Deploy `component` as `name` with `replicas` copies through `node`; returns where
 /// its primary went.
 pub(crate) fn deploy(node: &NodeProcess, name: &str, component_name: &str, replicas: u8) -> u64 {
-    // A cluster just formed may not have heard from every node yet: the master refuses
-    // (409) until enough nodes are up.
-    let started = std::time::Instant::now();
-    let reply = loop {
-        let reply = node.api().put_bytes(
-            &format!("/v1/functions/{name}?replicas={replicas}"),
-            component(component_name),
-        );
-        if reply.status == 409 && started.elapsed() < SETTLE_TIMEOUT {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        }
-        break reply.expect_status(201);
-    };
-    assert_eq!(reply.body["ready"], true, "{}", reply.body);
-    reply.body["primary"].as_u64().expect("primary")
+    crate::cluster_replication::deploy(node, name, component_name, replicas)["primary"]
+        .as_u64()
+        .expect("primary")
 }
 
 /// The primary of `function` as `node` sees it now.
@@ -505,10 +492,9 @@ fn wait_served(nodes: &[NodeProcess], api: &Api) {
     );
 }
 
-/// Kill -9 node `victim` under `load`, wait until transfers are served by the others
-/// and go on, then bring it back.
-fn kill_and_restart(nodes: &mut [NodeProcess], load: &Transfers, victim: u64) {
-    nodes[index(victim)].kill9();
+/// With node `victim` gone: `load` goes through the others, which serve transfers again
+/// and go on committing.
+fn survivors_take_over(nodes: &[NodeProcess], load: &Transfers, victim: u64) {
     let live: Vec<Api> = apis(nodes)
         .into_iter()
         .enumerate()
@@ -519,6 +505,13 @@ fn kill_and_restart(nodes: &mut [NodeProcess], load: &Transfers, victim: u64) {
     wait_served(nodes, &live[0]);
     let before = load.committed();
     wait_or_dump(nodes, "transfers go on", || load.committed() > before + 30);
+}
+
+/// Kill -9 node `victim` under `load`, wait until transfers are served by the others
+/// and go on, then bring it back.
+fn kill_and_restart(nodes: &mut [NodeProcess], load: &Transfers, victim: u64) {
+    nodes[index(victim)].kill9();
+    survivors_take_over(nodes, load, victim);
     nodes[index(victim)].restart();
     load.set_apis(apis(nodes));
     // Before anything else fails: every function has its backup again, for a second
@@ -631,16 +624,7 @@ fn dies_at(failpoint: &str, role: &str) {
     }
     let died_ms = wall_ms();
     std::fs::remove_file(failpoint_file(certs.path(), victim)).expect("disarm");
-    let live: Vec<Api> = apis(&nodes)
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| *i != index(victim))
-        .map(|(_, a)| a)
-        .collect();
-    load.set_apis(live.clone());
-    wait_served(&nodes, &live[0]);
-    let before = load.committed();
-    wait_or_dump(&nodes, "transfers go on", || load.committed() > before + 30);
+    survivors_take_over(&nodes, &load, victim);
     let in_doubt: Vec<Value> = nodes
         .iter()
         .filter_map(status)

@@ -14,7 +14,7 @@ use crate::support::{component, free_port, NodeProcess};
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Deploy `component_name` as `name` with `replicas` copies through `node`.
-fn deploy(node: &NodeProcess, name: &str, component_name: &str, replicas: u8) -> Value {
+pub(crate) fn deploy(node: &NodeProcess, name: &str, component_name: &str, replicas: u8) -> Value {
     // A cluster just formed may not have heard from every node yet: the master refuses
     // (409) until enough nodes are up.
     let started = std::time::Instant::now();
