@@ -61,7 +61,11 @@ pub enum Command {
         node: NodeId,
         expected_epoch: Epoch,
     },
-    /// A catching-up node holds everything: it becomes a backup, and the epoch grows.
+    /// A catching-up node holds everything: it becomes a backup. The epoch stays: the
+    /// primary's copy already counts it for every commit since it caught up, so the
+    /// configuration that serves does not change (a new epoch would make the primary
+    /// start a new copy, fence what it had in flight, and ship the backup a second
+    /// snapshot of what it lacks from the old one).
     BackupCaughtUp {
         function: String,
         node: NodeId,
@@ -435,7 +439,6 @@ impl ClusterState {
         }
         next.catching_up.retain(|n| *n != node);
         next.backups.push(node);
-        next.epoch = next.epoch.next();
         Ok(self.assign(function, next))
     }
 
@@ -684,7 +687,7 @@ mod tests {
         let after = caught_up
             .assignment()
             .expect("caught up answers the assignment");
-        assert_eq!(after.epoch, placed.epoch.next());
+        assert_eq!(after.epoch, placed.epoch, "a caught-up backup keeps the epoch");
         assert!(after.backups.contains(&spare) && after.catching_up.is_empty());
     }
 

@@ -5,7 +5,8 @@
 //! flight) and come back. A master, as the control plane does, promotes a live backup
 //! under a new epoch when the primary dies, drops a dead backup, adds a returning node
 //! as a catching-up backup (a snapshot, then the log) and counts it once the primary says
-//! it caught up; every change of configuration bumps the epoch, and a primary keeps its
+//! it caught up (in the same epoch: the primary's engine already waits for it); every
+//! other change of the backups, and every promotion, bumps the epoch, and a primary keeps its
 //! place across one only after it released everything it had (as `become_primary`
 //! waits for the function's lock).
 //!
@@ -236,11 +237,13 @@ impl Sim {
                 primary::Command::Fenced { .. } => {}
                 primary::Command::NeedSnapshot { to } => self.snapshot(n, to),
                 primary::Command::PeerLive { node } => {
-                    // The primary tells the master, which counts the backup from the
-                    // next epoch on.
-                    if self.config.primary == n && self.config.catching_up.remove(&node) {
+                    // The primary tells the master (for its current epoch), which counts
+                    // the backup from now on, in the same epoch: the primary's engine
+                    // already waits for it.
+                    let current = self.config.primary == n && self.nodes[&n].epoch == self.config.epoch;
+                    if current && self.config.catching_up.remove(&node) {
+                        self.trace(|| format!("{node} caught up: a backup of {:?}", self.config.epoch));
                         self.config.live.insert(node);
-                        self.reconfigure();
                     }
                 }
             }
