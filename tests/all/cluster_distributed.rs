@@ -14,6 +14,7 @@ use crate::cluster_failover::{wait_for, SETTLE_TIMEOUT};
 use crate::cluster_form::{
     cluster_init, config, converged_leader, members3, start_cluster, status,
 };
+use crate::list_append::{ListAppends, LISTS};
 use crate::support::{Api, NodeOptions, NodeProcess};
 
 const BANKS: [&str; 2] = ["bank-east", "bank-west"];
@@ -590,13 +591,19 @@ fn failpoint_file(certs: &std::path::Path, id: u64) -> std::path::PathBuf {
     certs.join(format!("failpoint-{id}"))
 }
 
-/// Transfers under load while the node that plays `role` in them dies at `failpoint`
-/// (its 20th time there), as kill -9 would: the transfers in flight are finished or
-/// rolled back by the understudies, no answered transfer is lost or changed, every
-/// read of the total across both banks sees all the money, and the copies agree.
+/// Transfers and list-append transactions across both `lists` functions under load
+/// while the node that plays `role` in the transfers dies at `failpoint` (its 20th time
+/// there, in either workload), as kill -9 would: the transactions in flight are
+/// finished or rolled back by the understudies, no answered transfer is lost or
+/// changed, every read of the total across both banks sees all the money, the copies
+/// agree, and the recorded list-append history is strictly serializable with nothing
+/// acknowledged lost.
 fn dies_at(failpoint: &str, role: &str) {
     let certs = tempfile::tempdir().expect("tempdir");
     let mut nodes = bank_cluster(certs.path());
+    for f in LISTS {
+        deploy(&nodes[0], f, "lists", 2);
+    }
     let coordinator = primary_of(&nodes[0], "transfer").expect("transfer's primary");
     let victim = match role {
         "coordinator" => coordinator,
@@ -606,8 +613,20 @@ fn dies_at(failpoint: &str, role: &str) {
             .find(|p| *p != coordinator)
             .expect("placement puts the banks' primaries on two nodes"),
     };
-    let load = Transfers::start(apis(&nodes), 6);
+    println!(
+        "primaries: lists-a {:?}, lists-b {:?}",
+        primary_of(&nodes[0], LISTS[0]),
+        primary_of(&nodes[0], LISTS[1])
+    );
+    let load = Transfers::start(apis(&nodes), 4);
+    let list_apis: Vec<Api> = apis(&nodes)
+        .iter()
+        .map(|a| a.with_timeout(Duration::from_secs(3)))
+        .collect();
+    let seed = wall_ms() % 1_000_000;
+    let lists = ListAppends::start(list_apis.clone(), 3, seed, Instant::now());
     wait_for("some transfers commit", || load.committed() > 20);
+    wait_for("some list transactions commit", || lists.answered() > 20);
     println!("node {victim} ({role}) dies at {failpoint}");
     std::fs::write(
         failpoint_file(certs.path(), victim),
@@ -657,6 +676,24 @@ fn dies_at(failpoint: &str, role: &str) {
         answered.iter().filter(|a| a.status == 200).count()
     );
     check_whole(&nodes, &answered);
+    let checked = lists.finish(
+        &list_apis,
+        "distributed",
+        &format!("{failpoint}-{seed}"),
+        json!({ "failpoint": failpoint, "victim": victim, "role": role }),
+    );
+    println!("{}", checked.summary());
+    assert!(
+        checked.recorded.across_answered > 0,
+        "no list transaction across both functions was answered"
+    );
+    assert!(
+        checked.report.anomalies.is_empty(),
+        "{} anomalies in the list-append history ({}), the first: {:#?}",
+        checked.report.anomalies.len(),
+        checked.path.display(),
+        &checked.report.anomalies[..checked.report.anomalies.len().min(5)]
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! Run: `cargo test --release --test all`.
 
 mod history;
+mod list_append;
 mod netns;
 mod support;
 

@@ -22,7 +22,7 @@
 //! of real processes differs run to run). `NEMESIS_SECONDS` sets the length; CI runs the
 //! default (40 s). For a long run: `scripts/nemesis.sh --minutes 10 --seed 7`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,56 +31,15 @@ use serde_json::{json, Value};
 use crate::cluster_failover::{bank, ACCOUNTS, INITIAL};
 use crate::cluster_form::converged_leader;
 use crate::cluster_netns::{deploy, open_accounts, start_nodes};
-use crate::history::{self, Op, Txn};
+use crate::list_append::{ask, ListAppends, Rng, LISTS};
 use crate::netns::Net;
 use crate::support::{Api, NodeProcess};
 
 const NODES: usize = 3;
-const LISTS: [&str; 2] = ["lists-a", "lists-b"];
-/// What the history calls the lists functions together: keys are `<function>/<key>`.
-const LISTS_NAMESPACE: &str = "lists";
-
-/// `groups` of operations on functions as one list of operations on qualified keys.
-fn qualified<'a>(groups: impl Iterator<Item = (&'a str, Vec<Op>)>) -> Vec<Op> {
-    groups
-        .flat_map(|(f, ops)| {
-            ops.into_iter().map(move |op| match op {
-                Op::Append(k, v) => Op::Append(format!("{f}/{k}"), v),
-                Op::Read(k, l) => Op::Read(format!("{f}/{k}"), l),
-            })
-        })
-        .collect()
-}
-/// Appends per key before the clients move on to a fresh key (reads return whole lists).
-const APPENDS_PER_KEY: u64 = 150;
-/// How long a client keeps retrying one request (on every node in turn) before it
-/// records it as unanswered.
-const GIVE_UP: Duration = Duration::from_secs(20);
 /// A single attempt's timeout: a paused node holds requests until it is resumed.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the cluster may take to heal after the last fault.
 const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// splitmix64: a seeded schedule, without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 enum Fault {
@@ -103,10 +62,9 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// What the clients record.
+/// What the bank clients record.
 #[derive(Default)]
 struct Recorded {
-    txns: Vec<Txn>,
     /// Acknowledged transfers: key, input, answer.
     transfers: Vec<(String, Value, Value)>,
     bank_reads: usize,
@@ -114,46 +72,6 @@ struct Recorded {
     /// Per request that needed retries: first failure to answer, in ms.
     windows: Vec<f64>,
     unanswered: usize,
-    /// List transactions refused after too many conflicts (409): they did not happen.
-    conflicts: usize,
-    /// List transactions that spanned both functions, and how many were answered.
-    across: usize,
-    across_answered: usize,
-}
-
-/// Send `method` with `input` and idempotency key `key`, starting at node `first`, on
-/// to the next node after each failure, until answered or `GIVE_UP`. Returns the status
-/// and body, and the unavailability window (ms) if there were failures.
-fn ask(
-    apis: &[Api],
-    first: usize,
-    function: &str,
-    method: &str,
-    input: &Value,
-    key: Option<&str>,
-) -> (Option<(u16, Value)>, Option<f64>) {
-    let started = Instant::now();
-    let mut failed_at: Option<Instant> = None;
-    let mut at = first;
-    loop {
-        let reply = apis[at % apis.len()].try_invoke(function, method, input, key);
-        match reply {
-            // Answers: the function's own (200, or a 4xx that is its error or a conflict
-            // limit) are final; 5xx and transport errors are retried elsewhere.
-            Ok(r) if r.status < 500 => {
-                let window = failed_at.map(|f| f.elapsed().as_secs_f64() * 1000.0);
-                return (Some((r.status, r.body)), window);
-            }
-            _ => {
-                failed_at.get_or_insert_with(Instant::now);
-                if started.elapsed() > GIVE_UP {
-                    return (None, None);
-                }
-                at += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
 }
 
 struct Clients {
@@ -162,115 +80,10 @@ struct Clients {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn start_clients(apis: Vec<Api>, seed: u64, epoch: Instant) -> Clients {
+fn start_bank_clients(apis: Vec<Api>) -> Clients {
     let stop = Arc::new(AtomicBool::new(false));
     let recorded = Arc::new(Mutex::new(Recorded::default()));
-    let next_value = Arc::new(AtomicU64::new(1));
     let mut threads = Vec::new();
-    // List-append clients.
-    for c in 0..4usize {
-        let (apis, stop, recorded, next_value) = (
-            apis.clone(),
-            stop.clone(),
-            recorded.clone(),
-            next_value.clone(),
-        );
-        threads.push(std::thread::spawn(move || {
-            let mut rng = Rng(seed ^ (0x1157 + c as u64));
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                // A third of the transactions span both functions (two-phase commit
-                // when their primaries are apart). Every key is recorded with its
-                // function, as one namespace, so the checker sees across functions.
-                let across = rng.below(3) == 0;
-                let first = rng.below(LISTS.len() as u64) as usize;
-                let functions: Vec<&str> = if across {
-                    vec![LISTS[first], LISTS[1 - first]]
-                } else {
-                    vec![LISTS[first]]
-                };
-                let window = next_value.load(Ordering::Relaxed) / APPENDS_PER_KEY;
-                let mut groups: Vec<(&str, Vec<Op>)> = Vec::new();
-                for f in &functions {
-                    let mut ops = Vec::new();
-                    for _ in 0..1 + rng.below(if across { 2 } else { 3 }) {
-                        let key = format!("k{}", window + rng.below(3));
-                        if rng.below(2) == 0 {
-                            ops.push(Op::Append(key, next_value.fetch_add(1, Ordering::Relaxed)));
-                        } else {
-                            ops.push(Op::Read(key, None));
-                        }
-                    }
-                    groups.push((f, ops));
-                }
-                let (method, input) = if across {
-                    let body: Vec<Value> = groups
-                        .iter()
-                        .map(|(f, ops)| json!([f, ops.iter().map(op_json).collect::<Vec<_>>()]))
-                        .collect();
-                    ("across", Value::Array(body))
-                } else {
-                    (
-                        "txn",
-                        Value::Array(groups[0].1.iter().map(op_json).collect()),
-                    )
-                };
-                let sent = epoch.elapsed().as_secs_f64() * 1000.0;
-                let key = format!("l{c}-{n}");
-                let (answer, window) = ask(&apis, c, functions[0], method, &input, Some(&key));
-                let answered = epoch.elapsed().as_secs_f64() * 1000.0;
-                let mut r = recorded.lock().expect("recorded");
-                if let Some(w) = window {
-                    r.windows.push(w);
-                }
-                let asked = || qualified(groups.iter().map(|(f, ops)| (*f, ops.clone())));
-                let (txn_ops, answered) = match answer {
-                    Some((200, body)) => {
-                        let answered_groups = if across {
-                            body.as_array().and_then(|gs| {
-                                gs.iter()
-                                    .map(|g| Some((g[0].as_str()?.to_owned(), parse_ops(&g[1])?)))
-                                    .collect::<Option<Vec<_>>>()
-                            })
-                        } else {
-                            parse_ops(&body).map(|ops| vec![(functions[0].to_owned(), ops)])
-                        };
-                        match answered_groups {
-                            Some(gs) => (
-                                qualified(gs.iter().map(|(f, ops)| (f.as_str(), ops.clone()))),
-                                Some(answered),
-                            ),
-                            None => (asked(), Some(answered)),
-                        }
-                    }
-                    // Given up after too many conflicts: it did not happen (an append of
-                    // it seen in a read would be a phantom).
-                    Some((409, _)) => {
-                        r.conflicts += 1;
-                        continue;
-                    }
-                    Some((status, body)) => {
-                        panic!("the lists function refused a transaction: {status} {body}")
-                    }
-                    None => {
-                        r.unanswered += 1;
-                        (asked(), None)
-                    }
-                };
-                if across {
-                    r.across += 1;
-                    r.across_answered += usize::from(answered.is_some());
-                }
-                r.txns.push(Txn {
-                    function: LISTS_NAMESPACE.into(),
-                    ops: txn_ops,
-                    sent,
-                    answered,
-                });
-            }
-        }));
-    }
     // Bank clients: transfers, and a read of the total after every fifth.
     for c in 0..2usize {
         let (apis, stop, recorded) = (apis.clone(), stop.clone(), recorded.clone());
@@ -318,36 +131,6 @@ fn start_clients(apis: Vec<Api>, seed: u64, epoch: Instant) -> Clients {
         recorded,
         threads,
     }
-}
-
-fn op_json(op: &Op) -> Value {
-    match op {
-        Op::Append(k, v) => json!(["append", k, v]),
-        Op::Read(k, _) => json!(["read", k, null]),
-    }
-}
-
-fn parse_ops(body: &Value) -> Option<Vec<Op>> {
-    body.as_array()?
-        .iter()
-        .map(|op| {
-            let key = op[1].as_str()?.to_owned();
-            match op[0].as_str()? {
-                "append" => Some(Op::Append(key, op[2].as_u64()?)),
-                "read" => Some(Op::Read(
-                    key,
-                    Some(
-                        op[2]
-                            .as_array()?
-                            .iter()
-                            .map(Value::as_u64)
-                            .collect::<Option<_>>()?,
-                    ),
-                )),
-                _ => None,
-            }
-        })
-        .collect()
 }
 
 /// One fault, applied to `nodes` on `net`, and how to undo it.
@@ -477,7 +260,8 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
         .map(|n| n.api().with_timeout(ATTEMPT_TIMEOUT))
         .collect();
     let epoch = Instant::now();
-    let clients = start_clients(apis.clone(), seed, epoch);
+    let lists = ListAppends::start(apis.clone(), 4, seed, epoch);
+    let clients = start_bank_clients(apis.clone());
     std::thread::sleep(Duration::from_millis(500));
 
     let mut rng = Rng(seed);
@@ -547,36 +331,15 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
     for t in clients.threads {
         t.join().expect("a client thread panicked");
     }
-    let mut recorded = std::mem::take(&mut *clients.recorded.lock().expect("recorded"));
-
-    // Final reads: every key of every lists function, once the cluster is whole.
-    for f in LISTS {
-        let prefix = format!("{f}/");
-        let mut keys: Vec<String> = recorded
-            .txns
-            .iter()
-            .flat_map(|t| t.ops.iter())
-            .filter_map(|op| match op {
-                Op::Append(k, _) | Op::Read(k, _) => k.strip_prefix(&prefix).map(str::to_owned),
-            })
-            .collect();
-        keys.sort();
-        keys.dedup();
-        let ops: Vec<Op> = keys.iter().map(|k| Op::Read(k.clone(), None)).collect();
-        let input = Value::Array(ops.iter().map(op_json).collect());
-        let sent = epoch.elapsed().as_secs_f64() * 1000.0;
-        let (answer, _) = ask(&apis, 0, f, "txn", &input, None);
-        let (status, body) = answer.expect("the final read is answered");
-        assert_eq!(status, 200, "{body}");
-        let read = parse_ops(&body).expect("the final read parses");
-        recorded.txns.push(Txn {
-            function: LISTS_NAMESPACE.into(),
-            ops: qualified([(f, read)].into_iter()),
-            sent,
-            answered: Some(epoch.elapsed().as_secs_f64() * 1000.0),
-        });
-    }
-    let report = history::check(&recorded.txns);
+    let recorded = std::mem::take(&mut *clients.recorded.lock().expect("recorded"));
+    // Final reads of every key, once the cluster is whole; the history checked.
+    let checked = lists.finish(
+        &apis,
+        "nemesis",
+        &seed.to_string(),
+        json!({ "seed": seed, "faults": log }),
+    );
+    let report = &checked.report;
 
     // The bank: nothing acknowledged lost, money conserved.
     let mut lost = Vec::new();
@@ -588,22 +351,8 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
     }
     let total = apis[0].ok("bank", "total", json!(null));
 
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nemesis");
-    std::fs::create_dir_all(&dir).expect("create the history folder");
-    let path = dir.join(format!("history-{seed}.json"));
-    std::fs::write(
-        &path,
-        serde_json::to_vec(&json!({
-            "seed": seed,
-            "faults": log,
-            "transactions": recorded.txns,
-            "report": report,
-        }))
-        .expect("JSON"),
-    )
-    .expect("write the history");
-
     let mut windows = recorded.windows.clone();
+    windows.extend(&checked.recorded.windows);
     windows.sort_by(f64::total_cmp);
     println!(
         "\nnemesis seed {seed}: {} faults in {:.0} s",
@@ -613,21 +362,11 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
     for (fault, n) in &counts {
         println!("  {fault:?}: {n}");
     }
+    println!("{}", checked.summary());
     println!(
-        "list-append: {} transactions ({} answered, {} unanswered, {} across both functions of which {} answered; {} refused after conflicts), {} appends and {} reads checked, {} graph edges",
-        report.transactions,
-        report.answered,
-        recorded.unanswered,
-        recorded.across,
-        recorded.across_answered,
-        recorded.conflicts,
-        report.appends_checked,
-        report.reads_checked,
-        report.edges
-    );
-    println!(
-        "bank: {} transfers acknowledged, {} reads of the total checked, lost {}",
+        "bank: {} transfers acknowledged ({} unanswered), {} reads of the total checked, lost {}",
         recorded.transfers.len(),
+        recorded.unanswered,
         recorded.bank_reads,
         lost.len()
     );
@@ -642,7 +381,7 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
     println!(
         "anomalies: {}; history: {}",
         report.anomalies.len() + recorded.bank_anomalies.len(),
-        path.display()
+        checked.path.display()
     );
     let anomalies: Vec<&String> = report
         .anomalies
@@ -654,7 +393,7 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
         anomalies.is_empty(),
         "seed {seed}: {} anomalies (history in {}), the first: {:#?}",
         anomalies.len(),
-        path.display(),
+        checked.path.display(),
         &anomalies[..anomalies.len().min(5)]
     );
     assert_eq!(
