@@ -47,7 +47,8 @@ pub struct Args {
     /// heals; needs root) or none (a soak: the workload alone, counting false failovers).
     #[arg(long, default_value = "kill")]
     pub fault: String,
-    /// Whose node to hit: primary (of one function, in turn) or master.
+    /// Whose node to hit: primary (of one bank, in turn), coordinator (the primary of
+    /// `transfer`, which coordinates the transfers between banks) or master.
     #[arg(long, default_value = "primary")]
     pub target: String,
     /// Concurrent clients.
@@ -291,6 +292,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
             ("all served", "all_served_ms"),
             ("longest pause", "longest_pause_ms"),
             ("in doubt done", "in_doubt_resolved_ms"),
+            ("  coordinator", "in_doubt_resolved_ms_coordinator"),
             ("  primary only", "first_commit_ms_primary_only"),
             ("  master too", "first_commit_ms_master"),
         ] {
@@ -308,7 +310,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
                 d["n"]
             );
         }
-        println!("(the first commit on a new primary, split by whether the victim was also the master: a master's death needs an election first)");
+        println!("(the first commit on a new primary, split by whether the victim was also the master: a master's death needs an election first; in-doubt transactions resolved, also in the runs whose victim was the coordinator of the transfers between banks)");
         println!(
             "transfers between banks (two-phase commit across nodes) acknowledged {}; in-doubt transactions found by promoted copies {} ({} committed, {} rolled back), each run's last resolved at the 'in doubt done' figure",
             summary["cross_acknowledged"],
@@ -350,6 +352,10 @@ fn summarize(runs: &[Run]) -> Value {
     // told apart from those where only a primary died.
     let (master, primary_only): (Vec<&Run>, Vec<&Run>) =
         runs.iter().partition(|r| r.victim_was_master);
+    let coordinator: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.victim_primaries.iter().any(|f| f == CROSS))
+        .collect();
     json!({
         "first_commit_ms_primary_only": dist_of(&primary_only, &|r| r.first_commit_ms),
         "first_commit_ms_master": dist_of(&master, &|r| r.first_commit_ms),
@@ -369,6 +375,7 @@ fn summarize(runs: &[Run]) -> Value {
         "in_doubt": runs.iter().map(|r| r.in_doubt).sum::<usize>(),
         "in_doubt_committed": runs.iter().map(|r| r.in_doubt_committed).sum::<usize>(),
         "in_doubt_resolved_ms": dist(&|r| r.in_doubt_resolved_ms),
+        "in_doubt_resolved_ms_coordinator": dist_of(&coordinator, &|r| r.in_doubt_resolved_ms),
     })
 }
 
@@ -592,7 +599,11 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
     let victim = match args.target.as_str() {
         "master" => master,
         "primary" => assignments[FUNCTIONS[i % FUNCTIONS.len()]].0,
-        other => bail!("--target must be primary or master, not {other:?}"),
+        "coordinator" => match assignments.get(CROSS) {
+            Some(a) if args.cross_clients > 0 => a.0,
+            _ => bail!("--target coordinator needs transfers between banks (--cross-clients)"),
+        },
+        other => bail!("--target must be primary, coordinator or master, not {other:?}"),
     };
     let survivors: Vec<String> = cluster
         .nodes
