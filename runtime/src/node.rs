@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::ids::{Digest, FunctionName, Lsn, TxnId};
 use crate::lock::{self, Mode};
 use crate::metrics::Metrics;
-use crate::store::{Function, Store};
+use crate::store::{Captured, Function, Restored, Store};
 use crate::txn::Txn;
 use crate::wal::record::{
     Commit, Decision, Deploy, End, FunctionEpoch, Idempotency, Outcome, Prepare, Record, Resolved,
@@ -1001,14 +1001,20 @@ impl Node {
         }
     }
 
-    /// `function` as a snapshot holds it, for a backup's catch-up. The caller holds its
-    /// lock (see `lock_function`), so that it is consistent with its `seq`.
-    pub fn function_image(
-        &self,
-        function: &FunctionName,
-    ) -> Option<crate::wal::snapshot::FunctionImage> {
+    /// `function` captured for a backup's catch-up, with its position (microseconds:
+    /// clones of persistent maps). The caller holds its lock (see `lock_function`), so
+    /// that it is consistent with its `seq`; `image_of` makes the image, after.
+    pub fn capture_function(&self, function: &FunctionName) -> Option<(Captured, u64)> {
+        let captured = self.inner.store.capture_function(function)?;
+        let seq = captured.seq()?;
+        Some((captured, seq))
+    }
+
+    /// The snapshot image of what `capture_function` captured (copies everything: run
+    /// it off the async threads).
+    pub fn image_of(&self, captured: Captured) -> Option<crate::wal::snapshot::FunctionImage> {
         let expiry = now_ms().saturating_sub(self.inner.config.idempotency_window_s * 1000);
-        self.inner.store.function_image(function, expiry)
+        captured.into_function_image(expiry)
     }
 
     /// On a backup: replace `function`'s copy with its primary's snapshot `image` (log
@@ -1023,10 +1029,16 @@ impl Node {
                 image.deploy.function
             ));
         }
+        // The copy is built before the log's lock is taken: every commit on this node
+        // appends under it, and a large function takes milliseconds to copy.
+        let function = image.deploy.function.clone();
+        let restored = Restored::of(&image);
         let record = Record::Restore(Box::new(image));
         let (lsn, applied) = inner
             .wal
-            .append(&record, |lsn| inner.store.apply(lsn, &record))
+            .append(&record, |lsn| {
+                inner.store.put_restored(lsn, &function, restored)
+            })
             .map_err(|e| e.to_string())?;
         applied.map_err(|e| e.to_string())?;
         self.maybe_checkpoint();

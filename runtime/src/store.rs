@@ -78,6 +78,9 @@ pub struct Function {
     decided: Mutex<BTreeMap<TxnId, Vec<FunctionName>>>,
     /// Woken whenever `prepared` loses an entry.
     resolved: tokio::sync::Notify,
+    /// The LSN of the last snapshot restored into it (on a backup): the answers it
+    /// brought are durable once it is.
+    lsn_restored: AtomicU64,
 }
 
 #[derive(Clone, Debug)]
@@ -113,6 +116,7 @@ impl Function {
             prepared: Mutex::new(BTreeMap::new()),
             decided: Mutex::new(BTreeMap::new()),
             resolved: tokio::sync::Notify::new(),
+            lsn_restored: AtomicU64::new(0),
         }
     }
 
@@ -237,10 +241,11 @@ impl Function {
     /// given out, unless it is older than `expiry_ms`.
     pub fn idempotent_answer(&self, key: &str, expiry_ms: u64) -> Option<(Lsn, Idempotency)> {
         let table = self.idempotency.lock();
+        let restored = Lsn(self.lsn_restored.load(Ordering::Acquire));
         table
             .get(key)
             .filter(|(_, entry)| entry.at_ms >= expiry_ms)
-            .cloned()
+            .map(|(lsn, entry)| ((*lsn).max(restored), entry.clone()))
     }
 
     pub fn idempotency_keys(&self) -> usize {
@@ -277,6 +282,21 @@ struct FunctionCapture {
 }
 
 impl Captured {
+    /// The image of the one function captured by `Store::capture_function`, leaving
+    /// out answers older than `expiry_ms` (copies everything: call it outside the
+    /// function's lock, off the async threads).
+    pub fn into_function_image(self, expiry_ms: u64) -> Option<FunctionImage> {
+        self.into_image(Lsn::ZERO, expiry_ms)
+            .functions
+            .into_iter()
+            .next()
+    }
+
+    /// The log position of the first function captured.
+    pub fn seq(&self) -> Option<u64> {
+        self.functions.first().map(|c| c.seq)
+    }
+
     /// The snapshot image of what was captured at `lsn` (copies everything: call it
     /// outside the log's lock).
     pub fn into_image(self, lsn: Lsn, expiry_ms: u64) -> Image {
@@ -308,6 +328,46 @@ impl Captured {
                     decided: c.decided,
                 })
                 .collect(),
+        }
+    }
+}
+
+/// A function's state built from a snapshot image, to be put in place by
+/// `Store::put_restored`.
+pub struct Restored {
+    kv: Map,
+    /// Answers restored with no LSN of their own: `lsn_restored` stands for them.
+    idempotency: Answers,
+    seq: u64,
+    epoch_last: u64,
+    prepared: BTreeMap<TxnId, Prepared>,
+    decided: BTreeMap<TxnId, Vec<FunctionName>>,
+}
+
+impl Restored {
+    /// Copies everything in `image` (for a large function, milliseconds: keep it out
+    /// of the log's lock).
+    pub fn of(image: &FunctionImage) -> Restored {
+        Restored {
+            kv: image
+                .entries
+                .iter()
+                .map(|e| {
+                    (
+                        Bytes::copy_from_slice(&e.key),
+                        Bytes::copy_from_slice(&e.value),
+                    )
+                })
+                .collect(),
+            idempotency: image
+                .idempotency
+                .iter()
+                .map(|entry| (entry.key.clone(), (Lsn::ZERO, entry.clone())))
+                .collect(),
+            seq: image.seq,
+            epoch_last: image.epoch_last,
+            prepared: prepared_map(&image.prepared),
+            decided: image.decided.iter().cloned().collect(),
         }
     }
 }
@@ -379,30 +439,7 @@ impl Store {
                 f.meta.lock().running = *running;
             }
             Record::Restore(image) => {
-                let f = self
-                    .get(&image.deploy.function)
-                    .ok_or_else(|| unknown(&image.deploy.function))?;
-                *f.kv.write() = image
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        (
-                            Bytes::copy_from_slice(&e.key),
-                            Bytes::copy_from_slice(&e.value),
-                        )
-                    })
-                    .collect();
-                *f.idempotency.lock() = image
-                    .idempotency
-                    .iter()
-                    .map(|entry| (entry.key.clone(), (lsn, entry.clone())))
-                    .collect();
-                f.lsn_last_write.store(lsn.0, Ordering::Release);
-                f.seq.store(image.seq, Ordering::Release);
-                f.epoch_last.store(image.epoch_last, Ordering::Release);
-                *f.prepared.lock() = prepared_map(&image.prepared);
-                *f.decided.lock() = image.decided.iter().cloned().collect();
-                f.resolved.notify_waiters();
+                self.put_restored(lsn, &image.deploy.function, Restored::of(image))?;
             }
             Record::Prepare(p) => {
                 let f = self.get(&p.function).ok_or_else(|| unknown(&p.function))?;
@@ -483,18 +520,39 @@ impl Store {
         Ok(())
     }
 
-    /// One function, as a snapshot would hold it (for a backup's catch-up). Consistent only
-    /// if no commit to it runs meanwhile: the caller holds its lock.
-    pub fn function_image(&self, name: &FunctionName, expiry_ms: u64) -> Option<FunctionImage> {
+    /// One function, captured for a backup's catch-up (clones of persistent maps:
+    /// microseconds). Consistent only if no commit to it runs meanwhile: the caller
+    /// holds its lock. `Captured::into_function_image` makes the image, outside it.
+    pub fn capture_function(&self, name: &FunctionName) -> Option<Captured> {
         let f = self.get(name)?;
-        let captured = Captured {
+        Some(Captured {
             functions: vec![f.capture()],
-        };
-        captured
-            .into_image(Lsn::ZERO, expiry_ms)
-            .functions
-            .into_iter()
-            .next()
+        })
+    }
+
+    /// Put `state` (restored from a snapshot) in place as `function`'s, at `lsn` (the
+    /// `Restore` record's): only swaps, so it can run under the log's lock while
+    /// `Restored::of`, which copies everything, does not.
+    pub fn put_restored(
+        &self,
+        lsn: Lsn,
+        function: &FunctionName,
+        state: Restored,
+    ) -> Result<(), Error> {
+        let f = self.get(function).ok_or_else(|| Error::UnknownFunction {
+            lsn,
+            function: function.clone(),
+        })?;
+        *f.kv.write() = state.kv;
+        *f.idempotency.lock() = state.idempotency;
+        f.lsn_restored.store(lsn.0, Ordering::Release);
+        f.lsn_last_write.store(lsn.0, Ordering::Release);
+        f.seq.store(state.seq, Ordering::Release);
+        f.epoch_last.store(state.epoch_last, Ordering::Release);
+        *f.prepared.lock() = state.prepared;
+        *f.decided.lock() = state.decided;
+        f.resolved.notify_waiters();
+        Ok(())
     }
 
     /// What a snapshot needs, captured while the log holds appends off: only clones of
@@ -620,6 +678,46 @@ mod tests {
             restored.state_digest(&name("b")),
             store.state_digest(&name("b"))
         );
+    }
+
+    /// A backup's catch-up: the image of one function restored into another store
+    /// holds its state and answers, and an answer it brought is given out only once the
+    /// `Restore` record is durable (not at the LSN it had on the primary).
+    #[test]
+    fn a_restored_function_holds_the_image_and_its_answers_wait_for_the_restore() {
+        let primary = Store::default();
+        primary.apply(Lsn(1), &deploy("a")).expect("deploy");
+        let commit = Record::Commit(Commit {
+            txn: TxnId(1),
+            writes: vec![writes("a", b"x")],
+            idempotency: Some(Idempotency {
+                function: name("a"),
+                key: "k".into(),
+                outcome: Outcome::Ok(b"done".to_vec()),
+                at_ms: 10,
+            }),
+            epochs: Vec::new(),
+            decision: None,
+        });
+        primary.apply(Lsn(2), &commit).expect("commit");
+        let image = primary
+            .capture_function(&name("a"))
+            .expect("a")
+            .into_function_image(0)
+            .expect("one function");
+
+        let backup = Store::default();
+        backup.apply(Lsn(1), &deploy("a")).expect("deploy");
+        backup
+            .apply(Lsn(7), &Record::Restore(Box::new(image)))
+            .expect("restore");
+        assert_eq!(backup.state_digest(&name("a")), primary.state_digest(&name("a")));
+        let a = backup.get(&name("a")).expect("a");
+        assert_eq!(a.seq(), 1);
+        let (lsn, answer) = a.idempotent_answer("k", 0).expect("the answer came along");
+        assert_eq!(answer.outcome, Outcome::Ok(b"done".to_vec()));
+        assert_eq!(lsn, Lsn(7), "durable with the Restore record, not before");
+        assert!(a.idempotent_answer("k", 11).is_none(), "expired by then");
     }
 
     #[test]

@@ -203,9 +203,7 @@ impl ListAppends {
                 .iter()
                 .flat_map(|t| t.ops.iter())
                 .filter_map(|op| match op {
-                    Op::Append(k, _) | Op::Read(k, _) => {
-                        k.strip_prefix(&prefix).map(str::to_owned)
-                    }
+                    Op::Append(k, _) | Op::Read(k, _) => k.strip_prefix(&prefix).map(str::to_owned),
                 })
                 .collect();
             keys.sort();

@@ -687,7 +687,10 @@ mod tests {
         let after = caught_up
             .assignment()
             .expect("caught up answers the assignment");
-        assert_eq!(after.epoch, placed.epoch, "a caught-up backup keeps the epoch");
+        assert_eq!(
+            after.epoch, placed.epoch,
+            "a caught-up backup keeps the epoch"
+        );
         assert!(after.backups.contains(&spare) && after.catching_up.is_empty());
     }
 

@@ -949,7 +949,11 @@ impl Cluster {
     }
 
     async fn serve_bulk(&self, peer: u64, body: Bytes) -> Bytes {
-        let reply = match wire::decode::<Bulk>(&body) {
+        // A snapshot is megabytes: decoded off the async threads.
+        let decoded = tokio::task::spawn_blocking(move || wire::decode::<Bulk>(&body))
+            .await
+            .unwrap_or_else(|e| Err(wire::DecodeError(format!("the decoding task failed: {e}"))));
+        let reply = match decoded {
             Ok(Bulk::Artifact { digest }) => {
                 let node = self.node.clone();
                 let bytes = tokio::task::spawn_blocking(move || node.artifact(digest))

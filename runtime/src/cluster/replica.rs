@@ -305,33 +305,42 @@ impl Senders {
             .get(&to)
             .copied()
             .ok_or_else(|| format!("no address for node {to}"))?;
-        let image = {
-            // Under the function's lock: the image and its position agree, and the
-            // engine keeps every entry after it for this backup.
+        let gone = || format!("function {} is gone", copy.function);
+        let (captured, seq) = {
+            // Under the function's lock: the capture and its position agree, and the
+            // engine keeps every entry after it for this backup. Only the capture (clones
+            // of persistent maps) holds the lock; copying it out and encoding it, which
+            // take milliseconds for a large function, run after, off the async threads.
             let _locked = self
                 .node
                 .lock_function(&copy.function)
                 .await
-                .ok_or_else(|| format!("function {} is gone", copy.function))?;
+                .ok_or_else(gone)?;
             if !copy.serving() {
                 return Ok(());
             }
-            let image = self
+            let (captured, seq) = self
                 .node
-                .function_image(&copy.function)
-                .ok_or_else(|| format!("function {} is gone", copy.function))?;
+                .capture_function(&copy.function)
+                .ok_or_else(gone)?;
             copy.step(primary::Event::Installing {
                 node: to,
-                seq: Seq(image.seq),
+                seq: Seq(seq),
             });
-            image
+            (captured, seq)
         };
-        let seq = image.seq;
-        let body = wire::encode(&wire::Bulk::Install {
-            function: copy.function.clone(),
-            epoch: copy.epoch.0,
-            image: Box::new(image),
-        });
+        let (node, function, epoch) = (self.node.clone(), copy.function.clone(), copy.epoch.0);
+        let body = tokio::task::spawn_blocking(move || {
+            let image = node.image_of(captured)?;
+            Some(wire::encode(&wire::Bulk::Install {
+                function,
+                epoch,
+                image: Box::new(image),
+            }))
+        })
+        .await
+        .map_err(|e| format!("encoding the snapshot failed: {e}"))?
+        .ok_or_else(gone)?;
         let bytes = body.len();
         let reply = self
             .transport
@@ -651,7 +660,9 @@ impl Replicas {
                     seq: seq.min(engine.seq_durable().0),
                 };
             }
-            let lsn = match self.node.restore(image) {
+            // Copying and logging a large image takes milliseconds: other tasks move
+            // off this thread meanwhile.
+            let lsn = match tokio::task::block_in_place(|| self.node.restore(image)) {
                 Ok(lsn) => lsn,
                 Err(e) => return wire::BulkReply::Error(e),
             };

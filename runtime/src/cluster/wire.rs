@@ -174,7 +174,7 @@ pub struct ByteBuf(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 #[derive(Debug, thiserror::Error)]
 #[error("undecodable message: {0}")]
-pub struct DecodeError(String);
+pub struct DecodeError(pub String);
 
 pub fn encode<T: Serialize>(message: &T) -> bytes::Bytes {
     // Our own types always encode; a failure here is a bug worth stopping for.

@@ -240,9 +240,12 @@ impl Sim {
                     // The primary tells the master (for its current epoch), which counts
                     // the backup from now on, in the same epoch: the primary's engine
                     // already waits for it.
-                    let current = self.config.primary == n && self.nodes[&n].epoch == self.config.epoch;
+                    let current =
+                        self.config.primary == n && self.nodes[&n].epoch == self.config.epoch;
                     if current && self.config.catching_up.remove(&node) {
-                        self.trace(|| format!("{node} caught up: a backup of {:?}", self.config.epoch));
+                        self.trace(|| {
+                            format!("{node} caught up: a backup of {:?}", self.config.epoch)
+                        });
                         self.config.live.insert(node);
                     }
                 }
