@@ -711,7 +711,10 @@ mod tests {
         backup
             .apply(Lsn(7), &Record::Restore(Box::new(image)))
             .expect("restore");
-        assert_eq!(backup.state_digest(&name("a")), primary.state_digest(&name("a")));
+        assert_eq!(
+            backup.state_digest(&name("a")),
+            primary.state_digest(&name("a"))
+        );
         let a = backup.get(&name("a")).expect("a");
         assert_eq!(a.seq(), 1);
         let (lsn, answer) = a.idempotent_answer("k", 0).expect("the answer came along");

@@ -362,18 +362,38 @@ impl Distributed {
             let reply = match addr {
                 Some(addr) if primary != cluster.id => {
                     let wait = deadline.saturating_duration_since(Instant::now()) + SEND_TIMEOUT;
-                    cluster
-                        .transport
-                        .request_within(
-                            primary.0,
-                            addr,
-                            understudy_net::Channel::Invoke,
-                            body.clone(),
-                            wait,
-                        )
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|b| wire::decode::<InvokeReply>(&b).map_err(|e| e.to_string()))
+                    let request = cluster.transport.request_within(
+                        primary.0,
+                        addr,
+                        understudy_net::Channel::Invoke,
+                        body.clone(),
+                        wait,
+                    );
+                    // A dead node answers nothing: rather than wait out the deadline
+                    // (holding every lock of the transaction meanwhile), give up as soon
+                    // as the cluster moves the callee's primary away from it.
+                    let mut moves = cluster.control().watch();
+                    let moved = async {
+                        loop {
+                            if moves.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                            let now = moves
+                                .borrow_and_update()
+                                .assignments
+                                .get(function)
+                                .map(|a| a.primary);
+                            if now != Some(primary) {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        reply = request => reply
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| wire::decode::<InvokeReply>(&b).map_err(|e| e.to_string())),
+                        () = moved => Err(format!("its primary moved away from node {primary} during the call")),
+                    }
                 }
                 // The cluster names this node, whose copy is not serving yet; or the
                 // primary's address is unknown: wait for the state to move on.

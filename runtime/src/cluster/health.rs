@@ -246,9 +246,19 @@ impl Cluster {
         else {
             return;
         };
-        self.step_down_here(&function, crate::replication::Epoch(expected_epoch.0))
-            .await;
-        let done = self.carry_out(&plan).await;
+        let epoch = crate::replication::Epoch(expected_epoch.0);
+        self.step_down_here(&function, epoch).await;
+        if !self
+            .finish_handover(&plan.commands[0], &function, epoch, true)
+            .await
+        {
+            return;
+        }
+        let rest = FailoverPlan {
+            commands: plan.commands[1..].to_vec(),
+            shortfalls: plan.shortfalls.clone(),
+        };
+        let done = self.carry_out(&rest).await;
         tracing::info!(%function, to = %new_primary, steps = ?done, "handed a primary over: the master keeps none where a backup can serve");
     }
 

@@ -47,6 +47,9 @@ const DEPLOY_READY_WAIT: Duration = Duration::from_secs(30);
 /// How often the data plane re-checks the assignments even when nothing changed (to
 /// retry what failed: a peer that was down when an artifact was needed, say).
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// How long a node that stepped down for a hand-over keeps trying to get the promotion
+/// committed (through a change of master, say).
+const HANDOVER_PATIENCE: Duration = Duration::from_secs(10);
 /// Copies of a function when the deploy does not say.
 pub const REPLICAS_DEFAULT: u8 = 2;
 
@@ -617,11 +620,8 @@ impl Cluster {
         {
             if n == self.id {
                 self.step_down_here(function, Epoch(expected_epoch.0)).await;
-                let one = understudy_control::FailoverPlan {
-                    commands: vec![first.clone()],
-                    shortfalls: Vec::new(),
-                };
-                self.carry_out(&one).await;
+                self.finish_handover(first, function, Epoch(expected_epoch.0), true)
+                    .await;
                 return;
             }
             let Some(addr) = self.peer_addr(n) else {
@@ -643,6 +643,11 @@ impl Cluster {
                 // Not reachable: if it is dead, the failure detector takes over.
                 return;
             }
+            let promoted = self
+                .finish_handover(first, function, Epoch(expected_epoch.0), false)
+                .await;
+            tracing::info!(node = %n, %function, promoted, "draining");
+            return;
         }
         let one = understudy_control::FailoverPlan {
             commands: vec![first.clone()],
@@ -650,6 +655,57 @@ impl Cluster {
         };
         let done = self.carry_out(&one).await;
         tracing::info!(node = %n, steps = ?done, "draining");
+    }
+
+    /// This node stepped down as `function`'s primary in `epoch` for `promote`: see it
+    /// through, through whichever node leads now (a change of master in between must
+    /// not leave the function with no primary: the node that stepped down never serves
+    /// that epoch again). Done once the function is past `epoch`. If the promotion is
+    /// refused while the function is still at `epoch` (the copy to promote left, say),
+    /// nobody else took over: if it stepped down `here`, this node serves it again
+    /// (another node that stepped down is left to the failure detector and the next
+    /// drain step). Returns whether the promotion (or another change) went through.
+    pub(super) async fn finish_handover(
+        &self,
+        promote: &understudy_control::Command,
+        function: &str,
+        epoch: Epoch,
+        here: bool,
+    ) -> bool {
+        let started = Instant::now();
+        loop {
+            let past = |state: &ClusterState| {
+                state
+                    .assignments
+                    .get(function)
+                    .is_none_or(|a| a.epoch.0 > epoch.0)
+            };
+            if past(&self.control.state()) {
+                return true;
+            }
+            match self.control.propose_via_leader(promote.clone()).await {
+                Ok(understudy_control::Response::Rejected(why)) => {
+                    if past(&self.control.state()) {
+                        return true;
+                    }
+                    tracing::warn!(function, %why, here, "the promotion after a step-down was refused");
+                    if let (true, Ok(name)) = (here, FunctionName::new(function)) {
+                        self.replicas.undo_step_down(&name, epoch);
+                        self.replicas.senders().poke.notify_one();
+                    }
+                    return false;
+                }
+                Ok(_) => return true,
+                Err(e) => {
+                    if started.elapsed() > HANDOVER_PATIENCE {
+                        tracing::error!(function, epoch = epoch.0, error = %e, "a promotion after a step-down is still not committed; the function has no primary until the master acts");
+                        return false;
+                    }
+                    tracing::warn!(function, error = %e, "cannot commit the promotion after a step-down yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
     }
 
     /// Stop serving `function` as its primary in `epoch` here, under its lock (no commit
@@ -1077,6 +1133,17 @@ impl Cluster {
                     }
                 }
                 return;
+            }
+        }
+        if let Some(Copy::Primary(old)) = &current {
+            // Backups that left stop counting at once, before the lock is taken: what
+            // waited only for them (a dead node's) is released now. A transaction
+            // holding the lock may be waiting, through another function, for exactly
+            // that (an in-doubt transaction whose decision this copy logged).
+            for (n, _) in old.peers() {
+                if !backups.contains(&n) {
+                    old.remove_peer(n);
+                }
             }
         }
         let Some(_locked) = self.node.lock_function(function).await else {

@@ -690,6 +690,14 @@ impl Replicas {
         tracing::info!(%function, epoch = epoch.0, "stepped down as primary");
     }
 
+    /// The promotion `step_down` made way for was refused (nobody took over in
+    /// `epoch`): this node may serve `function` in it again (a new copy, when it next
+    /// follows the cluster state).
+    pub fn undo_step_down(&self, function: &FunctionName, epoch: Epoch) {
+        self.stepped_down.lock().remove(&(function.clone(), epoch));
+        tracing::info!(%function, epoch = epoch.0, "serves again after a refused hand-over");
+    }
+
     pub fn stepped_down(&self, function: &FunctionName, epoch: Epoch) -> bool {
         self.stepped_down
             .lock()
