@@ -14,8 +14,8 @@ pub mod lock;
 pub mod metrics;
 pub mod node;
 pub mod replication;
-#[cfg(test)]
-mod sim_support;
+#[doc(hidden)]
+pub mod sim_support;
 pub mod store;
 pub mod twophase;
 pub mod txn;

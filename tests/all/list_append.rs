@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::history::{self, Op, Txn};
 use crate::support::Api;
+pub use understudy::sim_support::Rng;
 
 pub const LISTS: [&str; 2] = ["lists-a", "lists-b"];
 /// What the history calls the lists functions together: keys are `<function>/<key>`.
@@ -25,27 +26,6 @@ const APPENDS_PER_KEY: u64 = 150;
 /// How long a client keeps retrying one request (on every node in turn) before it
 /// records it as unanswered.
 const GIVE_UP: Duration = Duration::from_secs(20);
-
-/// splitmix64: seeded choices, without a dependency.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    pub fn ms(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-}
 
 /// Send `method` with `input` and idempotency key `key`, starting at node `first`, on
 /// to the next node after each failure, until answered or `GIVE_UP`. Returns the status
