@@ -1136,10 +1136,11 @@ impl Cluster {
             }
         }
         if let Some(Copy::Primary(old)) = &current {
-            // Backups that left stop counting at once, before the lock is taken: what
-            // waited only for them (a dead node's) is released now. A transaction
-            // holding the lock may be waiting, through another function, for exactly
-            // that (an in-doubt transaction whose decision this copy logged).
+            // Commits already sent keep their place: backups that left stop counting at
+            // once, before the lock is taken, so what waited only for them (a dead
+            // node's) is released now. A transaction holding the lock may be waiting,
+            // through another function, for exactly that (an in-doubt transaction whose
+            // decision this copy logged).
             for (n, _) in old.peers() {
                 if !backups.contains(&n) {
                     old.remove_peer(n);
@@ -1150,14 +1151,8 @@ impl Cluster {
             return;
         };
         if let Some(Copy::Primary(old)) = &current {
-            // Commits already sent keep their place: backups that left no longer count,
-            // and the others get (briefly) the time to hold everything, so that the new
-            // epoch starts in sync.
-            for (n, _) in old.peers() {
-                if !backups.contains(&n) {
-                    old.remove_peer(n);
-                }
-            }
+            // The backups that stay get (briefly) the time to hold everything, so that
+            // the new epoch starts in sync.
             // A backup that learned of the new epoch first refuses the old one's appends
             // (the old copy is then fenced): nothing more will be released there, and its
             // waiters retry on the new copy with their keys.
