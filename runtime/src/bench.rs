@@ -411,8 +411,50 @@ async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
 /// One line of the replicated table.
 struct Measured {
     rate: f64,
+    ops: u64,
     p50: Duration,
     p99: Duration,
+}
+
+/// CPU time (user + system) used so far by the processes `pids`, in microseconds, from
+/// `/proc/PID/stat`; `None` where that cannot be read (not Linux, a process gone).
+fn cpu_us(pids: &[u32]) -> Option<f64> {
+    // SAFETY: sysconf only reads a configuration value.
+    #[allow(unsafe_code)]
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_s <= 0 {
+        return None;
+    }
+    let mut ticks = 0u64;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        ticks += utime + stime;
+    }
+    Some(ticks as f64 * 1e6 / ticks_per_s as f64)
+}
+
+/// `measure`, with the CPU time the processes `pids` spent per operation meanwhile.
+async fn with_cpu<F: std::future::Future<Output = Measured>>(
+    pids: &[u32],
+    measure: F,
+) -> (Measured, Option<f64>) {
+    let before = cpu_us(pids);
+    let m = measure.await;
+    let after = cpu_us(pids);
+    let per_op = match (before, after) {
+        (Some(b), Some(a)) if m.ops > 0 => Some((a - b) / m.ops as f64),
+        _ => None,
+    };
+    (m, per_op)
+}
+
+fn cpu_cell(cpu_us_per_op: Option<f64>) -> String {
+    cpu_us_per_op.map_or_else(|| "-".to_owned(), |c| format!("{c:.0}"))
 }
 
 /// `counter.increment` over HTTP at `url`, from `clients` tasks for `seconds`.
@@ -457,6 +499,7 @@ async fn http_bodies(
     .await;
     Measured {
         rate: ops as f64 / elapsed.as_secs_f64(),
+        ops,
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
     }
@@ -556,9 +599,10 @@ async fn replicated(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyho
     use crate::local::{LocalCluster, Options};
     println!("== replicated commits: counter.increment over HTTP to the primary, node processes on loopback ==");
     println!("copies 1* = a node alone (no cluster), the baseline; 1/2/3 = primary plus 0/1/2 backups in a 3-node cluster");
+    println!("cpu us = CPU time (user + system) of all the node processes per commit, from /proc/PID/stat");
     println!(
-        "{:>10} {:>7} {:>8} {:>12} {:>10} {:>10} {:>13}",
-        "durability", "copies", "clients", "commits/s", "p50 us", "p99 us", "vs alone"
+        "{:>10} {:>7} {:>8} {:>12} {:>10} {:>10} {:>13} {:>8}",
+        "durability", "copies", "clients", "commits/s", "p50 us", "p99 us", "vs alone", "cpu us"
     );
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
@@ -583,18 +627,21 @@ async fn replicated(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyho
             .await?;
             alone.deploy(1, "counter", counter.to_vec(), 0).await?;
             let url = format!("{}/v1/functions/counter/increment", alone.node(1).url());
+            let pids: Vec<u32> = alone.node(1).pid().into_iter().collect();
             for &clients in &args.clients {
-                let m = http_commits(&client, &url, clients, args.seconds).await;
+                let (m, cpu) =
+                    with_cpu(&pids, http_commits(&client, &url, clients, args.seconds)).await;
                 baseline.insert(clients, m.rate);
                 println!(
-                    "{:>10} {:>7} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>13}",
+                    "{:>10} {:>7} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>13} {:>8}",
                     name,
                     "1*",
                     clients,
                     m.rate,
                     us(m.p50),
                     us(m.p99),
-                    "1.00"
+                    "1.00",
+                    cpu_cell(cpu)
                 );
             }
         }
@@ -620,18 +667,21 @@ async fn replicated(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyho
                 "{}/v1/functions/{function}/increment",
                 cluster.node(primary).url()
             );
+            let pids: Vec<u32> = (1..=3).filter_map(|id| cluster.node(id).pid()).collect();
             for &clients in &args.clients {
-                let m = http_commits(&client, &url, clients, args.seconds).await;
+                let (m, cpu) =
+                    with_cpu(&pids, http_commits(&client, &url, clients, args.seconds)).await;
                 let ratio = m.rate / baseline.get(&clients).copied().unwrap_or(f64::NAN);
                 println!(
-                    "{:>10} {:>7} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>13.2}",
+                    "{:>10} {:>7} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>13.2} {:>8}",
                     name,
                     copies,
                     clients,
                     m.rate,
                     us(m.p50),
                     us(m.p99),
-                    ratio
+                    ratio,
+                    cpu_cell(cpu)
                 );
             }
         }

@@ -36,6 +36,8 @@ const INITIAL: u64 = 1_000_000;
 const ANSWER_WAIT: Duration = Duration::from_secs(15);
 /// How long the cluster may take to have every function fully replicated again.
 const HEAL_WAIT: Duration = Duration::from_secs(30);
+/// How long the workload keeps running after the cluster healed (hand-overs follow).
+const SETTLE: Duration = Duration::from_millis(500);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -114,6 +116,10 @@ pub struct Run {
     /// The longest time any function (affected or not) went without an answer across
     /// the fault: a master's death pauses every primary until a new master grants leases.
     pub longest_pause_ms: Option<f64>,
+    /// Where it happened: the function, when it began (ms after the fault) and the phase
+    /// (failover: until every affected function is served again; after failover: until
+    /// the victim returns; return: until the cluster is healed; after heal: hand-overs).
+    pub longest_pause_at: Option<String>,
     pub acknowledged: usize,
     pub lost: usize,
     pub in_flight: usize,
@@ -227,7 +233,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
     let mut runs = Vec::new();
     if !args.json {
         println!(
-            "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}",
+            "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}   {}",
             "run",
             "victim",
             "role",
@@ -238,7 +244,8 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
             "acked",
             "lost",
             "in flight c/r",
-            "in doubt c/r, by"
+            "in doubt c/r, by",
+            "longest pause, where"
         );
     }
     for i in 0..args.runs {
@@ -246,7 +253,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
         if !args.json {
             let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
             println!(
-                "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}",
+                "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}   {} {}",
                 r.run,
                 r.victim,
                 match (r.victim_was_master, r.victim_primaries.is_empty()) {
@@ -268,6 +275,8 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
                     r.in_doubt - r.in_doubt_committed,
                     ms(r.in_doubt_resolved_ms)
                 ),
+                ms(r.longest_pause_ms),
+                r.longest_pause_at.as_deref().unwrap_or("")
             );
         }
         runs.push(r);
@@ -669,11 +678,20 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         // Give the zombie the time to try.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Back to full strength, under load: the killed node restarts, the paused or
+    // cut-off one already runs; its copies catch up and the master hands primaries back.
+    let returned_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    if args.fault == "kill" {
+        cluster.restart(victim).await?;
+    }
+    healed(args, cluster).await?;
+    let healed_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    // Hand-overs follow the heal: give them time to show in the pauses.
+    tokio::time::sleep(SETTLE).await;
     let mut records = load.finish().await?;
     if let Some(cross) = cross {
         records.extend(cross.finish().await?);
     }
-
     let after = master_status(cluster).await.unwrap_or_default();
     let event = after["failovers"]
         .as_array()
@@ -723,22 +741,6 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         .map(|f| first_new(f))
         .collect::<Option<Vec<f64>>>()
         .and_then(|v| v.into_iter().reduce(f64::max));
-    let longest_pause_ms = FUNCTIONS
-        .iter()
-        .filter_map(|f| {
-            let mut answered: Vec<Instant> = records
-                .iter()
-                .filter(|r| r.function == *f && r.status == 200)
-                .map(|r| r.answered)
-                .collect();
-            answered.sort();
-            answered
-                .windows(2)
-                .filter(|w| w[1] > t0)
-                .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
-                .reduce(f64::max)
-        })
-        .reduce(f64::max);
     let in_flight: Vec<&Record> = records
         .iter()
         .filter(|r| r.sent < t0 && r.answered > t0)
@@ -759,12 +761,17 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         })
         .count();
 
-    // Back to full strength: the killed node restarts, the paused or cut-off one
-    // already runs.
-    if args.fault == "kill" {
-        cluster.restart(victim).await?;
-    }
-    healed(args, cluster).await?;
+    let longest_pause = longest_pause(&records, t0);
+    let longest_pause_ms = longest_pause.as_ref().map(|p| p.ms);
+    let longest_pause_at = longest_pause.map(|p| {
+        let phase = match p.from_ms {
+            at if all_served_ms.is_none_or(|s| at < s) => "failover",
+            at if at < returned_ms => "after failover",
+            at if at < healed_ms => "return",
+            _ => "after heal",
+        };
+        format!("{} from +{:.0} ms ({phase})", p.function, p.from_ms)
+    });
     let acked: Vec<&Record> = records.iter().filter(|r| r.status == 200).collect();
     let mut lost = 0;
     let url = cluster
@@ -817,6 +824,7 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         first_commit_ms,
         all_served_ms,
         longest_pause_ms,
+        longest_pause_at,
         acknowledged: acked.len(),
         lost,
         in_flight: in_flight.len(),
@@ -834,6 +842,44 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
             .reduce(f64::max)
             .map(|at| at - t0_ms),
     })
+}
+
+/// The longest gap between two answers of one function that ended after `t0`.
+struct Pause {
+    function: &'static str,
+    ms: f64,
+    /// When the gap began, in ms after `t0` (negative: before it).
+    from_ms: f64,
+}
+
+fn longest_pause(records: &[Record], t0: Instant) -> Option<Pause> {
+    let since_t0 = |at: Instant| {
+        if at >= t0 {
+            at.duration_since(t0).as_secs_f64() * 1000.0
+        } else {
+            -(t0.duration_since(at).as_secs_f64() * 1000.0)
+        }
+    };
+    FUNCTIONS
+        .iter()
+        .filter_map(|f| {
+            let mut answered: Vec<Instant> = records
+                .iter()
+                .filter(|r| r.function == *f && r.status == 200)
+                .map(|r| r.answered)
+                .collect();
+            answered.sort();
+            answered
+                .windows(2)
+                .filter(|w| w[1] > t0)
+                .map(|w| Pause {
+                    function: f,
+                    ms: w[1].duration_since(w[0]).as_secs_f64() * 1000.0,
+                    from_ms: since_t0(w[0]),
+                })
+                .max_by(|a, b| a.ms.total_cmp(&b.ms))
+        })
+        .max_by(|a, b| a.ms.total_cmp(&b.ms))
 }
 
 async fn soak(args: &Args, cluster: &LocalCluster) -> anyhow::Result<Run> {
