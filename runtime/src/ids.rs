@@ -27,7 +27,9 @@ impl fmt::Display for Lsn {
 
 /// A transaction's identity, unique on this node for its lifetime. Its order is the
 /// transaction's age: a smaller id is an older transaction (used by wait-die).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct TxnId(pub u64);
 
 impl fmt::Display for TxnId {

@@ -1,15 +1,11 @@
 //! Understudy: a WebAssembly function runtime in which every invocation is a
 //! transaction on the function's own key-value state. See ARCHITECTURE.md for the map.
 
-pub mod bench;
 pub mod cluster;
 pub mod config;
-pub mod demo;
-pub mod drill;
 pub mod failpoint;
 pub mod http;
 pub mod ids;
-pub mod local;
 pub mod lock;
 pub mod metrics;
 pub mod node;

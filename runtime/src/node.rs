@@ -49,8 +49,11 @@ const CONFLICT_BACKOFF_US_MAX: u64 = 20_000;
 /// Bits of a transaction id that hold the node it began on (see `Inner::next_txn`).
 pub const TXN_NODE_BITS: u32 = 8;
 
-/// Errors of the invocation path that are not the handler's own answer.
-#[derive(Debug, thiserror::Error)]
+/// Errors of the invocation path that are not the handler's own answer. They cross
+/// the wire as they are (a forwarded invocation or a call to another node fails with the
+/// same kind and message as it would have here), so a new kind needs no mapping.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum InvokeError {
     #[error("no function named {0:?} is deployed")]
     UnknownFunction(String),
@@ -105,7 +108,7 @@ pub enum AdminError {
 }
 
 impl InvokeError {
-    /// The HTTP API's error code for it (also how a forwarded failure travels).
+    /// The HTTP API's error code for it.
     pub fn code(&self) -> &'static str {
         match self {
             InvokeError::UnknownFunction(_) => "unknown-function",
@@ -121,26 +124,6 @@ impl InvokeError {
             InvokeError::Storage(_) => "storage",
             InvokeError::NotPrimary(_) => "not-primary",
             InvokeError::Unavailable(_) => "unavailable",
-        }
-    }
-
-    /// The error a peer reported with `code` (see `code`), for `function`. The message
-    /// is the peer's, kept whole.
-    pub fn from_code(code: &str, message: String, function: &str) -> InvokeError {
-        let name = || FunctionName::new(function).ok();
-        match code {
-            "unknown-function" => InvokeError::UnknownFunction(function.to_owned()),
-            "stopped" if name().is_some() => InvokeError::Stopped(name().expect("checked")),
-            "not-primary" if name().is_some() => InvokeError::NotPrimary(name().expect("checked")),
-            "bad-idempotency-key" => InvokeError::BadIdempotencyKey(message),
-            "trap" => InvokeError::Trap(message),
-            "deadline" => InvokeError::Deadline(message),
-            "resource-cap" => InvokeError::ResourceCap(message),
-            "conflict" => InvokeError::Conflict(0),
-            "callee-failed-across-nodes" => InvokeError::CalleeFailedAcrossNodes(message),
-            "busy" => InvokeError::Busy(message),
-            "storage" => InvokeError::Storage(message),
-            _ => InvokeError::Unavailable(message),
         }
     }
 }
@@ -954,10 +937,7 @@ impl Node {
     ) -> crate::cluster::wire::InvokeReply {
         use crate::cluster::wire::{ByteBuf, InvokeReply};
         let inner = &self.inner;
-        let failed = |e: InvokeError| InvokeReply::Failed {
-            code: e.code().to_owned(),
-            message: e.to_string(),
-        };
+        let failed = InvokeReply::Failed;
         let Some(cluster) = inner.cluster.get() else {
             return failed(InvokeError::Unavailable(
                 "this node is not in a cluster".into(),

@@ -478,3 +478,40 @@ fn backups_snapshot_their_logs_and_recover_from_them() {
     let (after, _) = settled_copies(&nodes.iter().collect::<Vec<_>>(), "counter");
     assert_eq!(after, seq + 1);
 }
+
+/// A forwarded invocation that fails fails with the same kind as on the primary: an
+/// output over the limit once came back as `unavailable` after a forward, was retried
+/// for the route wait and answered 503.
+#[test]
+fn a_forwarded_failure_keeps_its_kind() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let nodes = start_cluster(certs.path(), &members3());
+    converged_leader(&nodes.iter().collect::<Vec<_>>());
+    let placed = deploy(&nodes[0], "hostile", "hostile", 2);
+    let primary = placed["primary"].as_u64().expect("a primary");
+    let via = nodes
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i as u64 + 1 != primary)
+        .map(|(_, n)| n)
+        .expect("a node that is not the primary");
+
+    let too_large = via
+        .api()
+        .invoke("hostile", "big-output", &json!({ "bytes": 17 << 20 }));
+    too_large.expect_error(500, "output-too-large");
+    via.api()
+        .invoke("hostile", "trap", &json!(null))
+        .expect_error(500, "trap");
+    via.api()
+        .invoke(
+            "hostile",
+            "put-then-fail",
+            &json!({ "key": "k", "value": "v" }),
+        )
+        .expect_error(422, "deliberate");
+    // Still serving, and nothing of the failures was kept.
+    let got = via.api().ok("hostile", "get", json!({ "key": "k" }));
+    assert_eq!(got["value"], Value::Null);
+}

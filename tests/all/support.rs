@@ -43,13 +43,18 @@ pub fn component(name: &str) -> Vec<u8> {
     })
 }
 
+/// The repository's root (the tests belong to the `crates/cli` package).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 pub fn components_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target-guests/components")
+    repo_root().join("target-guests/components")
 }
 
 /// A `wasm-tools` binary, if one is installed where scripts/build-guests.sh puts it.
 pub fn wasm_tools() -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/wasm-tools");
+    let path = repo_root().join(".venv/bin/wasm-tools");
     path.is_file().then_some(path)
 }
 

@@ -116,14 +116,6 @@ pub struct Distributed {
     in_doubt_log: Mutex<VecDeque<InDoubt>>,
 }
 
-fn tp(id: TxnId) -> twophase::TxnId {
-    twophase::TxnId(id.0)
-}
-
-fn id(t: twophase::TxnId) -> TxnId {
-    TxnId(t.0)
-}
-
 impl Distributed {
     pub fn new(node: Node, cluster: Weak<Cluster>) -> Arc<Distributed> {
         let d = Arc::new(Distributed {
@@ -284,7 +276,7 @@ impl Distributed {
             self.send(
                 to.clone(),
                 Message::Decision {
-                    txn: tp(txn),
+                    txn,
                     commit: false,
                     from: coordinator.clone(),
                 },
@@ -397,10 +389,10 @@ impl Distributed {
                 }
                 // The cluster names this node, whose copy is not serving yet; or the
                 // primary's address is unknown: wait for the state to move on.
-                _ => Ok(InvokeReply::Failed {
-                    code: "not-primary".into(),
-                    message: String::new(),
-                }),
+                _ => Ok(InvokeReply::Failed(match FunctionName::new(function) {
+                    Ok(name) => InvokeError::NotPrimary(name),
+                    Err(e) => InvokeError::UnknownFunction(e),
+                })),
             };
             match reply {
                 Ok(InvokeReply::PartAnswer { outcome, touched }) => {
@@ -409,13 +401,13 @@ impl Distributed {
                         .map(|b| b.0)
                         .map_err(|(code, message)| GuestError { code, message }));
                 }
-                Ok(InvokeReply::Failed { code, .. }) if code == "not-primary" => {
+                Ok(InvokeReply::Failed(InvokeError::NotPrimary(_))) => {
                     // Nothing ran there: try again once the cluster state changes.
                     let _ = tokio::time::timeout(Duration::from_millis(2), changes.changed()).await;
                 }
-                Ok(InvokeReply::Failed { code, message }) => {
+                Ok(InvokeReply::Failed(e)) => {
                     // The part there dropped itself; the transaction cannot go on.
-                    return Err(InvokeError::from_code(&code, message, function));
+                    return Err(e);
                 }
                 Ok(other) => {
                     return Err(InvokeError::Unavailable(format!(
@@ -457,7 +449,7 @@ impl Distributed {
                 let cmds = slot.coordinator.step(
                     now,
                     coordinator::Event::Begin {
-                        txn: tp(txn),
+                        txn,
                         participants: participants.clone(),
                     },
                 );
@@ -480,7 +472,7 @@ impl Distributed {
         self.with_slot_of(copy, |slot, now| {
             let cmds = slot
                 .coordinator
-                .step(now, coordinator::Event::Logged { txn: tp(txn) });
+                .step(now, coordinator::Event::Logged { txn });
             ((), cmds.into_iter().map(Cmd::C).collect())
         });
     }
@@ -490,7 +482,7 @@ impl Distributed {
         self.with_slot_of(copy, |slot, now| {
             let cmds = slot
                 .coordinator
-                .step(now, coordinator::Event::NotLogged { txn: tp(txn) });
+                .step(now, coordinator::Event::NotLogged { txn });
             ((), cmds.into_iter().map(Cmd::C).collect())
         });
     }
@@ -509,9 +501,7 @@ impl Distributed {
             return Err(format!("this node is not the primary of {to}"));
         };
         let holds = match &message {
-            Message::Prepare { txn, .. } => {
-                self.part(id(*txn)).is_some_and(|t| t.lock().holds(&to))
-            }
+            Message::Prepare { txn, .. } => self.part(*txn).is_some_and(|t| t.lock().holds(&to)),
             _ => false,
         };
         self.with_slot_of(&copy, |slot, now| {
@@ -629,7 +619,7 @@ impl Distributed {
                     Cmd::C(coordinator::Command::LogCommit { txn, .. }) => {
                         let told = slot
                             .waiters
-                            .remove(&id(*txn))
+                            .remove(txn)
                             .is_some_and(|w| w.send(Verdict::Commit).is_ok());
                         if !told {
                             // Nobody to write the record: abort (nothing was written).
@@ -642,14 +632,14 @@ impl Distributed {
                         }
                     }
                     Cmd::C(coordinator::Command::Decided { txn, commit: false }) => {
-                        if let Some(w) = slot.waiters.remove(&id(*txn)) {
+                        if let Some(w) = slot.waiters.remove(txn) {
                             let _ = w.send(Verdict::Abort);
                         }
                     }
                     Cmd::P(participant::Command::Finish { txn, commit }) => {
-                        if let Some(found) = slot.in_doubt.remove(&id(*txn)) {
+                        if let Some(found) = slot.in_doubt.remove(txn) {
                             let ms = found.elapsed().as_secs_f64() * 1000.0;
-                            tracing::info!(%function, txn = %id(*txn), commit, ms, "resolved an in-doubt transaction");
+                            tracing::info!(%function, txn = %*txn, commit, ms, "resolved an in-doubt transaction");
                             let mut log = self.in_doubt_log.lock();
                             if log.len() == IN_DOUBT_LOG_MAX {
                                 log.pop_front();
@@ -713,7 +703,7 @@ impl Distributed {
                 .step(
                     now,
                     participant::Event::Recovered {
-                        prepared: prepared.into_iter().map(|(t, c)| (tp(t), c)).collect(),
+                        prepared: prepared.into_iter().collect(),
                         decided: Vec::new(),
                     },
                 )
@@ -725,7 +715,7 @@ impl Distributed {
                     .step(
                         now,
                         coordinator::Event::Recovered {
-                            committed: decided.into_iter().map(|(t, p)| (tp(t), p)).collect(),
+                            committed: decided.into_iter().collect(),
                         },
                     )
                     .into_iter()
@@ -803,19 +793,17 @@ impl Distributed {
                 | Cmd::P(participant::Command::Finish { .. }) => {}
                 Cmd::C(coordinator::Command::LogEnd { txn }) => {
                     let (me, copy) = (self.clone(), copy.clone());
-                    tokio::spawn(async move { me.log_end(&copy, id(txn)).await });
+                    tokio::spawn(async move { me.log_end(&copy, txn).await });
                 }
                 Cmd::P(participant::Command::LogPrepare { txn }) => {
                     let (me, copy) = (self.clone(), copy.clone());
-                    tokio::spawn(async move { me.log_prepare(&copy, id(txn)).await });
+                    tokio::spawn(async move { me.log_prepare(&copy, txn).await });
                 }
                 Cmd::P(participant::Command::LogOutcome { txn, commit }) => {
                     let (me, copy) = (self.clone(), copy.clone());
-                    tokio::spawn(async move { me.log_outcome(&copy, id(txn), commit).await });
+                    tokio::spawn(async move { me.log_outcome(&copy, txn, commit).await });
                 }
-                Cmd::P(participant::Command::Discard { txn }) => {
-                    self.discard(id(txn), &copy.function)
-                }
+                Cmd::P(participant::Command::Discard { txn }) => self.discard(txn, &copy.function),
             }
         }
     }
@@ -868,7 +856,7 @@ impl Distributed {
             self.with_slot_of(copy, |slot, now| {
                 let cmds = slot
                     .participant
-                    .step(now, participant::Event::PrepareLogged { txn: tp(txn) });
+                    .step(now, participant::Event::PrepareLogged { txn });
                 ((), cmds.into_iter().map(Cmd::P).collect())
             });
         }
@@ -923,7 +911,7 @@ impl Distributed {
             self.with_slot_of(copy, |slot, now| {
                 let cmds = slot
                     .participant
-                    .step(now, participant::Event::OutcomeLogged { txn: tp(txn) });
+                    .step(now, participant::Event::OutcomeLogged { txn });
                 ((), cmds.into_iter().map(Cmd::P).collect())
             });
         }

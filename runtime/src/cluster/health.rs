@@ -246,7 +246,7 @@ impl Cluster {
         else {
             return;
         };
-        let epoch = crate::replication::Epoch(expected_epoch.0);
+        let epoch = expected_epoch;
         self.step_down_here(&function, epoch).await;
         if !self
             .finish_handover(&plan.commands[0], &function, epoch, true)

@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use understudy_control::{NodeId, RaftMessage, RaftReply};
+use understudy_control::{Epoch, NodeId, RaftMessage, RaftReply};
 use understudy_net::Channel;
 
 use super::Cluster;
@@ -51,11 +51,7 @@ pub struct Grants {
 impl Cluster {
     /// Whether the cluster state applied here names this node primary of `function` in
     /// `epoch`.
-    pub fn names_primary(
-        &self,
-        function: &crate::ids::FunctionName,
-        epoch: crate::replication::Epoch,
-    ) -> bool {
+    pub fn names_primary(&self, function: &crate::ids::FunctionName, epoch: Epoch) -> bool {
         self.control
             .state()
             .assignments

@@ -270,11 +270,7 @@ impl Cluster {
             cluster: OnceLock::new(),
             main,
         });
-        let replicas = Replicas::new(
-            crate::replication::NodeId(config.node_id),
-            node.clone(),
-            transport.clone(),
-        );
+        let replicas = Replicas::new(NodeId(config.node_id), node.clone(), transport.clone());
         let cluster = Arc::new_cyclic(|weak| Cluster {
             distributed: distributed::Distributed::new(node.clone(), weak.clone()),
             id: NodeId(config.node_id),
@@ -619,8 +615,8 @@ impl Cluster {
         } = first
         {
             if n == self.id {
-                self.step_down_here(function, Epoch(expected_epoch.0)).await;
-                self.finish_handover(first, function, Epoch(expected_epoch.0), true)
+                self.step_down_here(function, *expected_epoch).await;
+                self.finish_handover(first, function, *expected_epoch, true)
                     .await;
                 return;
             }
@@ -644,7 +640,7 @@ impl Cluster {
                 return;
             }
             let promoted = self
-                .finish_handover(first, function, Epoch(expected_epoch.0), false)
+                .finish_handover(first, function, *expected_epoch, false)
                 .await;
             tracing::info!(node = %n, %function, promoted, "draining");
             return;
@@ -911,9 +907,7 @@ impl Cluster {
                 replayed,
                 served_by,
             }),
-            Ok(InvokeReply::Failed { code, message }) => {
-                Err(InvokeError::from_code(&code, message, function))
-            }
+            Ok(InvokeReply::Failed(e)) => Err(e),
             Ok(other) => Err(InvokeError::Unavailable(format!(
                 "node {primary} answered an invocation with {other:?}"
             ))),
@@ -928,10 +922,11 @@ impl Cluster {
             Ok(request) => request,
             Err(e) => {
                 tracing::warn!(peer, error = %e, "undecodable invoke request");
-                return wire::encode(&InvokeReply::Failed {
-                    code: "bad-request".into(),
-                    message: e.to_string(),
-                });
+                // A peer of another version, or a bug: the asking node may try again.
+                return wire::encode(&InvokeReply::Failed(InvokeError::Unavailable(format!(
+                    "node {} could not read the request: {e}",
+                    self.id
+                ))));
             }
         };
         let reply = match request {
@@ -945,29 +940,24 @@ impl Cluster {
                     self.replicas.step_down(&name, Epoch(epoch));
                     InvokeReply::SteppedDown
                 }
-                Err(e) => InvokeReply::Failed {
-                    code: "bad-name".into(),
-                    message: e,
-                },
+                Err(_) => InvokeReply::Failed(InvokeError::UnknownFunction(function)),
             },
             Invoke::Part(call) => {
                 // On its own task: the part is left consistent even if the peer gives up.
                 let node = self.node.clone();
                 match tokio::spawn(async move { node.run_part(call).await }).await {
                     Ok(reply) => reply,
-                    Err(e) => InvokeReply::Failed {
-                        code: "internal".into(),
-                        message: format!("call task failed: {e}"),
-                    },
+                    Err(e) => InvokeReply::Failed(InvokeError::Unavailable(format!(
+                        "call task failed: {e}"
+                    ))),
                 }
             }
-            Invoke::TwoPhase { to, message } => match self.distributed.receive(to, message) {
-                Ok(()) => InvokeReply::Taken,
-                Err(e) => InvokeReply::Failed {
-                    code: "not-primary".into(),
-                    message: e,
-                },
-            },
+            Invoke::TwoPhase { to, message } => {
+                match self.distributed.receive(to.clone(), message) {
+                    Ok(()) => InvokeReply::Taken,
+                    Err(_) => InvokeReply::Failed(InvokeError::NotPrimary(to)),
+                }
+            }
             Invoke::Call {
                 function,
                 method,
@@ -990,14 +980,11 @@ impl Cluster {
                         replayed: answer.replayed,
                         served_by: answer.served_by,
                     },
-                    Ok(Err(e)) => InvokeReply::Failed {
-                        code: e.code().to_owned(),
-                        message: e.to_string(),
-                    },
-                    Err(e) => InvokeReply::Failed {
-                        code: "internal".into(),
-                        message: format!("invocation task failed: {e}"),
-                    },
+                    Ok(Err(e)) => InvokeReply::Failed(e),
+                    // The outcome is unknown: the asking node tries again with the key.
+                    Err(e) => InvokeReply::Failed(InvokeError::Unavailable(format!(
+                        "invocation task failed: {e}"
+                    ))),
                 }
             }
         };
@@ -1024,7 +1011,7 @@ impl Cluster {
                 image,
             }) => {
                 self.replicas
-                    .handle_install(crate::replication::NodeId(peer), function, epoch, *image)
+                    .handle_install(NodeId(peer), function, epoch, *image)
                     .await
             }
             Err(e) => {
@@ -1094,10 +1081,9 @@ impl Cluster {
     /// for a new epoch (after the old one released what it had sent), catch-ups for new
     /// backups, and word to the master when one has caught up.
     async fn follow_as_primary(&self, function: &FunctionName, a: &understudy_control::Assignment) {
-        use crate::replication::NodeId as Peer;
-        let epoch = Epoch(a.epoch.0);
-        let backups: Vec<Peer> = a.backups.iter().map(|n| Peer(n.0)).collect();
-        let catching_up: Vec<Peer> = a.catching_up.iter().map(|n| Peer(n.0)).collect();
+        let epoch = a.epoch;
+        let backups: Vec<NodeId> = a.backups.to_vec();
+        let catching_up: Vec<NodeId> = a.catching_up.to_vec();
         if self.replicas.stepped_down(function, epoch) {
             // Handed over: the master is promoting another copy.
             return;
@@ -1117,7 +1103,7 @@ impl Cluster {
                             // It holds every released commit: it can count from now on.
                             let command = understudy_control::Command::BackupCaughtUp {
                                 function: function.to_string(),
-                                node: NodeId(n.0),
+                                node: *n,
                                 expected_epoch: a.epoch,
                             };
                             if let Err(e) = self.control.propose_via_leader(command).await {
@@ -1179,8 +1165,7 @@ impl Cluster {
         let me = self.id;
         for n in state.nodes.values() {
             if let Ok(addr) = n.peer_addr.parse() {
-                self.replicas
-                    .set_addr(crate::replication::NodeId(n.id.0), addr);
+                self.replicas.set_addr(n.id, addr);
             }
         }
         for (name, function) in &state.functions {
@@ -1229,7 +1214,7 @@ impl Cluster {
                     tracing::error!(function = %name, error = %e, "cannot follow start/stop");
                 }
             }
-            let epoch = Epoch(a.epoch.0);
+            let epoch = a.epoch;
             if a.primary == me {
                 self.follow_as_primary(&fname, a).await;
             } else if matches!(self.replicas.get(&fname), Some(Copy::Primary(_))) {
@@ -1519,7 +1504,7 @@ impl Handler for Dispatch {
                                 Ok(request) => wire::encode(
                                     &cluster
                                         .replicas
-                                        .handle_replicate(crate::replication::NodeId(peer), request)
+                                        .handle_replicate(NodeId(peer), request)
                                         .await,
                                 ),
                                 Err(e) => {

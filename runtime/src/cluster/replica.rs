@@ -650,7 +650,7 @@ impl Replicas {
                     epoch: engine.epoch().0,
                 };
             }
-            let primary = crate::replication::NodeId(from.0);
+            let primary = from;
             if engine.snapshot_is_behind(primary, Epoch(epoch), Seq(seq)) {
                 // An older install that arrived late: this copy already follows the
                 // primary past it, and may have acknowledged what came after.
@@ -815,13 +815,7 @@ impl Replicas {
                     let backups: Vec<NodeId> = assignments
                         .assignments
                         .get(name.as_str())
-                        .map(|a| {
-                            a.backups
-                                .iter()
-                                .chain(&a.catching_up)
-                                .map(|n| NodeId(n.0))
-                                .collect()
-                        })
+                        .map(|a| a.backups.iter().chain(&a.catching_up).copied().collect())
                         .unwrap_or_default();
                     let mut v = p.status(&backups);
                     v["role"] = "primary".into();

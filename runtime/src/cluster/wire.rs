@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Digest, FunctionName, TxnId};
-use crate::node::FunctionInfo;
+use crate::node::{FunctionInfo, InvokeError};
 use crate::replication::{Append, Reply};
 use crate::wal::record::{Idempotency, Op};
 use crate::wal::snapshot::FunctionImage;
@@ -150,11 +150,8 @@ pub enum InvokeReply {
         #[serde(default)]
         served_by: Option<(u64, u64)>,
     },
-    /// The invocation failed outside the handler: `code` is the HTTP API's error code.
-    Failed {
-        code: String,
-        message: String,
-    },
+    /// The invocation failed outside the handler, as it would have on the asking node.
+    Failed(InvokeError),
     Described(Option<FunctionInfo>),
     SteppedDown,
     /// The answer of a `Part` call (the callee's output, or its own error), and every
@@ -217,5 +214,36 @@ mod tests {
         let decoded: Replicate = decode(&encode(&message)).expect("decodes");
         assert_eq!(decoded.appends, message.appends);
         assert!(decode::<Replicate>(b"\xc1garbage").is_err());
+    }
+
+    #[test]
+    fn every_invocation_error_crosses_the_wire_as_itself() {
+        let bank = FunctionName::new("bank").expect("name");
+        let errors = [
+            InvokeError::UnknownFunction("nope".into()),
+            InvokeError::Stopped(bank.clone()),
+            InvokeError::BadIdempotencyKey("too long".into()),
+            InvokeError::Trap("unreachable".into()),
+            InvokeError::Deadline("1000 ms".into()),
+            InvokeError::ResourceCap("memory".into()),
+            InvokeError::Conflict(3),
+            InvokeError::CalleeFailedAcrossNodes("callee".into()),
+            InvokeError::Busy("queue full".into()),
+            InvokeError::OutputTooLarge(17 << 20),
+            InvokeError::Storage("disk".into()),
+            InvokeError::NotPrimary(bank),
+            InvokeError::Unavailable("no primary".into()),
+        ];
+        for error in errors {
+            let sent = InvokeReply::Failed(error.clone());
+            match decode::<InvokeReply>(&encode(&sent)).expect("decodes") {
+                InvokeReply::Failed(received) => {
+                    assert_eq!(received, error);
+                    assert_eq!(received.code(), error.code());
+                    assert_eq!(received.to_string(), error.to_string());
+                }
+                other => panic!("{error:?} came back as {other:?}"),
+            }
+        }
     }
 }

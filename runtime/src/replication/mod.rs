@@ -44,28 +44,9 @@ impl fmt::Display for Seq {
     }
 }
 
-/// A configuration of a function (who is primary, who are backups), as committed by
-/// the control plane. Only grows.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct Epoch(pub u64);
-
-impl fmt::Display for Epoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "e{}", self.0)
-    }
-}
-
-/// A node of the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NodeId(pub u64);
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "n{}", self.0)
-    }
-}
+/// A configuration's epoch and a node's identity are the control plane's own: one type
+/// of each across the crates.
+pub use understudy_control::{Epoch, NodeId};
 
 /// Primary to backup: entries after `seq_prev`, in order (possibly none: a probe that
 /// establishes the epoch). Every entry in it was appended by the primary of `epoch`;

@@ -39,25 +39,14 @@ pub mod participant;
 #[cfg(test)]
 mod sim;
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 pub use coordinator::Coordinator;
 pub use participant::Participant;
 
-/// A distributed transaction, numbered by its coordinator (unique together with the
-/// coordinator's identity, which the runtime puts in the high bits).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct TxnId(pub u64);
-
-impl fmt::Display for TxnId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "t{}", self.0)
-    }
-}
+/// A distributed transaction is identified as any transaction is (the coordinator's
+/// node is in the id's low bits).
+pub use crate::ids::TxnId;
 
 /// Messages between a coordinator and its participants. `F` names a party (a function).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -58,7 +58,7 @@ pub enum Error {
 }
 
 /// When a commit is acknowledged.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// After the record is fsynced.
@@ -68,6 +68,21 @@ pub enum Durability {
     /// `MEMORY_SYNC_INTERVAL`. A crash of the node may lose the last acknowledged
     /// commits (in a cluster, a single node's crash loses nothing: every replica holds them).
     Memory,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    /// `disk` or `memory`, as in a config file.
+    fn from_str(s: &str) -> Result<Durability, String> {
+        match s {
+            "disk" => Ok(Durability::Disk),
+            "memory" => Ok(Durability::Memory),
+            other => Err(format!(
+                "durability must be \"disk\" or \"memory\", not {other:?}"
+            )),
+        }
+    }
 }
 
 /// What recovery found in the data directory.

@@ -23,6 +23,7 @@
 //! | `put-many` | `{"count": n, "value_len": m}` | puts n values of m bytes at keys `k/0000000`, `k/0000001`, ...; `{"written": n}`, or the first error as the handler's error |
 //! | `echo` | any bytes | the same bytes |
 //! | `scan` | `{"prefix": "k/", "limit": 10}` | `{"entries": [["k/1", "v"], ...]}` |
+//! | `big-output` | `{"bytes": n}` | a JSON string of n `x`s (n + 2 bytes of output) |
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -45,6 +46,7 @@ understudy_sdk::function! {
     "put-many" => put_many,
     "echo" => echo,
     "scan" => scan,
+    "big-output" => big_output,
 }
 
 const BOMB_STEP_BYTES: usize = 1 << 20;
@@ -71,6 +73,11 @@ struct CallArgs {
 #[derive(Deserialize)]
 struct LogArgs {
     message: String,
+}
+
+#[derive(Deserialize)]
+struct BigOutputArgs {
+    bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +173,14 @@ fn bomb(_: serde::de::IgnoredAny) -> Result<Empty> {
         let block = vec![0xa5u8; BOMB_STEP_BYTES];
         hoard.push(core::hint::black_box(block));
     }
+}
+
+fn big_output(args: BigOutputArgs) -> Result<Raw> {
+    let mut out = Vec::with_capacity(args.bytes + 2);
+    out.push(b'"');
+    out.resize(args.bytes + 1, b'x');
+    out.push(b'"');
+    Ok(Raw(out))
 }
 
 fn stack_overflow(_: serde::de::IgnoredAny) -> Result<Empty> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::wal::Durability;
+use understudy::wal::Durability;
 
 /// How long a node may take to answer `/healthz` after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,7 +21,6 @@ pub struct LocalNode {
     pub id: u64,
     pub http: SocketAddr,
     pub peer: SocketAddr,
-    pub data_dir: PathBuf,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -36,10 +35,6 @@ impl LocalNode {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     pub fn is_running(&self) -> bool {
@@ -122,7 +117,6 @@ impl LocalNode {
 
 /// The nodes of a local cluster (or one node alone).
 pub struct LocalCluster {
-    pub dir: PathBuf,
     pub nodes: Vec<LocalNode>,
     http: reqwest::Client,
 }
@@ -208,7 +202,6 @@ impl LocalCluster {
                 id: *id,
                 http: format!("127.0.0.1:{http}").parse()?,
                 peer: format!("127.0.0.1:{peer}").parse()?,
-                data_dir,
                 config,
                 log: node_dir.join("node.log"),
                 child: None,
@@ -218,7 +211,6 @@ impl LocalCluster {
             nodes.push(node);
         }
         let cluster = LocalCluster {
-            dir: dir.to_owned(),
             nodes,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))

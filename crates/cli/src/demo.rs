@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::drill::{healed_with, master_status, transfer, wall_ms, Workload, ACCOUNTS};
 use crate::local::{LocalCluster, Options};
-use crate::wal::Durability;
+use understudy::wal::Durability;
 
 const FUNCTION: [&str; 1] = ["bank"];
 const INITIAL: u64 = 500;

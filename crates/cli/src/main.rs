@@ -1,4 +1,11 @@
-//! The `understudy` command: run a node, and talk to one.
+//! The `understudy` command: run a node, talk to one, and the tools that run a local
+//! cluster of node processes (`bench`, `drill`, `demo`). The runtime itself is the
+//! `understudy` library; this crate holds only what a command line needs.
+
+mod bench;
+mod demo;
+mod drill;
+mod local;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,7 +65,8 @@ enum Command {
         /// Address of the HTTP API (default 127.0.0.1:7070).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
-        #[arg(long, value_enum)]
+        /// disk (fsynced on every copy before an answer) or memory.
+        #[arg(long)]
         durability: Option<Durability>,
         /// Required for deploy/delete/stop/start; mandatory when not on loopback.
         #[arg(long, env = "UNDERSTUDY_ADMIN_TOKEN", hide_env_values = true)]
@@ -138,14 +146,14 @@ enum Command {
         remote: Remote,
     },
     /// Measure invocation and commit throughput in-process and print a table.
-    Bench(understudy::bench::Args),
+    Bench(crate::bench::Args),
     /// Prove failover: a local 3-node cluster under load, nodes killed or paused run
     /// after run; prints the failover timeline and checks that nothing acknowledged
     /// was lost.
-    Drill(understudy::drill::Args),
+    Drill(crate::drill::Args),
     /// The main demo: a local 3-node cluster, the bank example under load, its primary
     /// killed with SIGKILL, the failover timeline, the checks, the node back as a backup.
-    Demo(understudy::demo::Args),
+    Demo(crate::demo::Args),
     /// Cluster certificates: a CA, and a certificate per node for QUIC with mutual TLS.
     Cluster {
         #[command(subcommand)]
@@ -487,15 +495,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => {
             init_tracing_quiet();
-            understudy::bench::run(args)
+            crate::bench::run(args)
         }
         Command::Drill(args) => {
             init_tracing_quiet();
-            understudy::drill::run(args)
+            crate::drill::run(args)
         }
         Command::Demo(args) => {
             init_tracing_quiet();
-            understudy::demo::run(args)
+            crate::demo::run(args)
         }
     }
 }

@@ -21,10 +21,10 @@ use anyhow::Context;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store};
 
-use crate::config::Config;
-use crate::node::Node;
-use crate::wal::Durability;
-use crate::wasm::bindings::{self, understudy::function as wit};
+use understudy::config::Config;
+use understudy::node::Node;
+use understudy::wal::Durability;
+use understudy::wasm::bindings::{self, understudy::function as wit};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -173,7 +173,7 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server = tokio::spawn(crate::http::serve(
+    let server = tokio::spawn(understudy::http::serve(
         node.clone(),
         listener,
         std::future::pending(),
@@ -225,7 +225,7 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
 /// plain map and nothing else. Returns (calls/s, p50).
 async fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duration)> {
     // The same engine configuration as a node's: pooling, epoch interruption, bounds.
-    let config = crate::wasm::engine_config(&crate::wasm::Options::default());
+    let config = understudy::wasm::engine_config(&understudy::wasm::Options::default());
     let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let component = Component::new(&engine, counter).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut linker = Linker::<Bare>::new(&engine);

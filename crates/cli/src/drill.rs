@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::local::{LocalCluster, Options};
-use crate::wal::Durability;
+use understudy::wal::Durability;
 
 const FUNCTIONS: [&str; 3] = ["bank-a", "bank-b", "bank-c"];
 /// The function that moves money between the banks.
@@ -62,7 +62,8 @@ pub struct Args {
     /// With `--fault none`: how long to run.
     #[arg(long, default_value_t = 60)]
     pub soak_seconds: u64,
-    #[arg(long, value_enum, default_value = "disk")]
+    /// disk or memory.
+    #[arg(long, default_value = "disk")]
     pub durability: Durability,
     /// The bank example component.
     #[arg(long, default_value = "target-guests/components/bank.wasm")]
@@ -233,7 +234,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
     let mut runs = Vec::new();
     if !args.json {
         println!(
-            "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}   {}",
+            "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}   longest pause, where",
             "run",
             "victim",
             "role",
@@ -245,7 +246,6 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
             "lost",
             "in flight c/r",
             "in doubt c/r, by",
-            "longest pause, where"
         );
     }
     for i in 0..args.runs {
@@ -553,7 +553,7 @@ pub(crate) async fn transfer(
             let replayed = reply.headers().contains_key("idempotent-replayed");
             let served_by = reply
                 .headers()
-                .get(crate::http::SERVED_BY_HEADER)
+                .get(understudy::http::SERVED_BY_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| {
                     let (n, e) = v.split_once(' ')?;
