@@ -982,10 +982,15 @@ impl Node {
     }
 
     /// `function` captured for a backup's catch-up, with its position (microseconds:
-    /// clones of persistent maps). The caller holds its lock (see `lock_function`), so
-    /// that it is consistent with its `seq`; `image_of` makes the image, after.
+    /// clones of persistent maps). Taken between two appends to the log, so the state
+    /// and the position agree without the function's lock: a catch-up never waits for a
+    /// transaction (which may itself wait, through a prepared part, for a resolution that
+    /// needs this very catch-up); `image_of` makes the image, after.
     pub fn capture_function(&self, function: &FunctionName) -> Option<(Captured, u64)> {
-        let captured = self.inner.store.capture_function(function)?;
+        let captured = self
+            .inner
+            .wal
+            .between_appends(|_| self.inner.store.capture_function(function))?;
         let seq = captured.seq()?;
         Some((captured, seq))
     }

@@ -101,6 +101,9 @@ pub(crate) struct Record {
     pub served_by: Option<(u64, u64)>,
     /// Attempts that failed before the answer (the client retried with the same key).
     pub retries: u32,
+    /// What the first failed attempt got: an HTTP status and error code, or the
+    /// connection error.
+    pub first_failure: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -121,6 +124,11 @@ pub struct Run {
     /// (failover: until every affected function is served again; after failover: until
     /// the victim returns; return: until the cluster is healed; after heal: hand-overs).
     pub longest_pause_at: Option<String>,
+    /// The longest any one transfer took to be answered (retries included), and where:
+    /// with closed-loop clients, a function that stalls starves the others of requests,
+    /// so this tells a stall from the gaps it causes elsewhere.
+    pub slowest_ms: Option<f64>,
+    pub slowest_at: Option<String>,
     pub acknowledged: usize,
     pub lost: usize,
     pub in_flight: usize,
@@ -253,7 +261,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
         if !args.json {
             let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
             println!(
-                "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}   {} {}",
+                "{:>4} {:>6} {:>14} {:>9} {:>10} {:>13} {:>11} {:>6} {:>5} {:>14} {:>16}   {} {}; slowest answer {} ({})",
                 r.run,
                 r.victim,
                 match (r.victim_was_master, r.victim_primaries.is_empty()) {
@@ -276,7 +284,9 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
                     ms(r.in_doubt_resolved_ms)
                 ),
                 ms(r.longest_pause_ms),
-                r.longest_pause_at.as_deref().unwrap_or("")
+                r.longest_pause_at.as_deref().unwrap_or(""),
+                ms(r.slowest_ms),
+                r.slowest_at.as_deref().unwrap_or("")
             );
         }
         runs.push(r);
@@ -300,6 +310,7 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
             ("first commit", "first_commit_ms"),
             ("all served", "all_served_ms"),
             ("longest pause", "longest_pause_ms"),
+            ("slowest answer", "slowest_ms"),
             ("in doubt done", "in_doubt_resolved_ms"),
             ("  coordinator", "in_doubt_resolved_ms_coordinator"),
             ("  primary only", "first_commit_ms_primary_only"),
@@ -373,6 +384,7 @@ fn summarize(runs: &[Run]) -> Value {
         "first_commit_ms": dist(&|r| r.first_commit_ms),
         "all_served_ms": dist(&|r| r.all_served_ms),
         "longest_pause_ms": dist(&|r| r.longest_pause_ms),
+        "slowest_ms": dist(&|r| r.slowest_ms),
         "acknowledged": runs.iter().map(|r| r.acknowledged).sum::<usize>(),
         "lost": runs.iter().map(|r| r.lost).sum::<usize>(),
         "in_flight": runs.iter().map(|r| r.in_flight).sum::<usize>(),
@@ -416,31 +428,65 @@ pub(crate) async fn healed_with(
     backups: usize,
 ) -> anyhow::Result<Value> {
     let started = Instant::now();
+    let mut waiting_for = "a master to answer".to_owned();
     loop {
         if let Some(s) = master_status(cluster).await {
-            let nodes_up = s["nodes"]
-                .as_array()
-                .is_some_and(|n| n.iter().all(|n| n["health"] == "up"));
-            // Steady again: fully replicated, and no primary left on the master where a
-            // backup can serve (it hands them over).
-            let master = s["node"].as_u64();
-            let replicated = s["functions"].as_array().is_some_and(|fs| {
-                fs.len() == functions
-                    && fs.iter().all(|f| {
-                        f["backups"].as_array().is_some_and(|b| b.len() == backups)
-                            && f["catching_up"].as_array().is_some_and(Vec::is_empty)
-                            && (backups == 0 || f["primary"].as_u64() != master)
-                    })
-            });
-            if nodes_up && replicated {
-                return Ok(s);
+            match unhealed(&s, functions, backups) {
+                None => return Ok(s),
+                Some(why) => waiting_for = why,
             }
         }
         if started.elapsed() > HEAL_WAIT {
-            bail!("the cluster did not heal within {HEAL_WAIT:?}");
+            bail!("the cluster did not heal within {HEAL_WAIT:?}: still waiting for {waiting_for}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// What keeps the cluster the master describes in `status` from being healed: every
+/// node up, each of the `functions` with `backups` backups, none catching up, and no
+/// primary left on the master where a backup can serve (it hands them over).
+fn unhealed(status: &Value, functions: usize, backups: usize) -> Option<String> {
+    let down: Vec<String> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["health"] != "up")
+        .map(|n| format!("node {} ({})", n["id"], n["health"]))
+        .collect();
+    if !down.is_empty() {
+        return Some(format!("{} to be up", down.join(", ")));
+    }
+    let master = status["node"].as_u64();
+    let fs = status["functions"].as_array().cloned().unwrap_or_default();
+    if fs.len() != functions {
+        return Some(format!(
+            "{functions} functions (the master lists {})",
+            fs.len()
+        ));
+    }
+    for f in &fs {
+        let name = &f["name"];
+        if f["backups"].as_array().is_none_or(|b| b.len() != backups) {
+            return Some(format!(
+                "{name} to have {backups} backups (it has {})",
+                f["backups"]
+            ));
+        }
+        if f["catching_up"].as_array().is_none_or(|c| !c.is_empty()) {
+            return Some(format!(
+                "{name}'s catching-up backups {} to catch up",
+                f["catching_up"]
+            ));
+        }
+        if backups > 0 && f["primary"].as_u64() == master {
+            return Some(format!(
+                "the master (node {}) to hand its primary of {name} over",
+                f["primary"]
+            ));
+        }
+    }
+    None
 }
 
 /// Clients sending transfers through `urls`, each one retried with its key until it is
@@ -541,6 +587,7 @@ pub(crate) async fn transfer(
 ) -> anyhow::Result<Record> {
     let sent = Instant::now();
     let mut retries = 0;
+    let mut first_failure = None;
     loop {
         let reply = client
             .post(format!("{base}/v1/functions/{function}/transfer"))
@@ -572,8 +619,21 @@ pub(crate) async fn transfer(
                     replayed,
                     served_by,
                     retries,
+                    first_failure,
                 });
             }
+            if first_failure.is_none() {
+                let body: Value = reply.json().await.unwrap_or(Value::Null);
+                first_failure = Some(format!(
+                    "{status} {} after {:.0} ms",
+                    body["error"]["code"].as_str().unwrap_or("?"),
+                    sent.elapsed().as_secs_f64() * 1000.0
+                ));
+            }
+        } else if let Err(e) = &reply {
+            first_failure.get_or_insert_with(|| {
+                format!("{e} after {:.0} ms", sent.elapsed().as_secs_f64() * 1000.0)
+            });
         }
         retries += 1;
         if sent.elapsed() > ANSWER_WAIT {
@@ -652,13 +712,18 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         .collect();
     let started = Instant::now();
     loop {
+        // The banks' answers are in `load`, transfer's in `cross`.
         let done = {
-            let records = load.records.lock();
+            let banks = load.records.lock();
+            let transfers = cross.as_ref().map(|c| c.records.lock());
             affected.iter().all(|f| {
                 let epoch = assignments[*f].1;
-                records.iter().any(|r| {
-                    r.function == f.as_str() && r.served_by.is_some_and(|(_, e)| e > epoch)
-                })
+                banks
+                    .iter()
+                    .chain(transfers.iter().flat_map(|t| t.iter()))
+                    .any(|r| {
+                        r.function == f.as_str() && r.served_by.is_some_and(|(_, e)| e > epoch)
+                    })
             })
         };
         if done || started.elapsed() > HEAL_WAIT {
@@ -773,6 +838,25 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         format!("{} from +{:.0} ms ({phase})", p.function, p.from_ms)
     });
     let acked: Vec<&Record> = records.iter().filter(|r| r.status == 200).collect();
+    let slowest = acked
+        .iter()
+        .max_by_key(|r| r.answered.duration_since(r.sent));
+    let slowest_ms = slowest.map(|r| r.answered.duration_since(r.sent).as_secs_f64() * 1000.0);
+    let slowest_at = slowest.map(|r| {
+        let from_ms = if r.sent >= t0 {
+            r.sent.duration_since(t0).as_secs_f64() * 1000.0
+        } else {
+            -(t0.duration_since(r.sent).as_secs_f64() * 1000.0)
+        };
+        format!(
+            "{} sent at +{from_ms:.0} ms, {} retries{}",
+            r.function,
+            r.retries,
+            r.first_failure
+                .as_deref()
+                .map_or(String::new(), |f| format!(", first: {f}"))
+        )
+    });
     let mut lost = 0;
     let url = cluster
         .nodes
@@ -825,6 +909,8 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         all_served_ms,
         longest_pause_ms,
         longest_pause_at,
+        slowest_ms,
+        slowest_at,
         acknowledged: acked.len(),
         lost,
         in_flight: in_flight.len(),
@@ -853,6 +939,7 @@ struct Pause {
 }
 
 fn longest_pause(records: &[Record], t0: Instant) -> Option<Pause> {
+    // Every function, `transfer` (answered by the cross workload) included.
     let since_t0 = |at: Instant| {
         if at >= t0 {
             at.duration_since(t0).as_secs_f64() * 1000.0
@@ -862,6 +949,7 @@ fn longest_pause(records: &[Record], t0: Instant) -> Option<Pause> {
     };
     FUNCTIONS
         .iter()
+        .chain(&[CROSS])
         .filter_map(|f| {
             let mut answered: Vec<Instant> = records
                 .iter()

@@ -43,6 +43,7 @@ pub const SNAPSHOT_LOGS_SINCE_LAST_DEFAULT: u64 = 1000;
 pub const LOGS_KEPT_AFTER_SNAPSHOT_DEFAULT: u64 = 200;
 pub const PROPOSE_TIMEOUT_MS_DEFAULT: u64 = 2000;
 pub const UNREACHABLE_BACKOFF_MS_DEFAULT: u64 = 100;
+pub const BOOT_QUIET_MS_DEFAULT: u64 = 1000;
 pub const SNAPSHOT_CHUNK_TIMEOUT_MS_DEFAULT: u64 = 1000;
 pub const SNAPSHOT_CHUNK_BYTES_DEFAULT: u64 = 1 << 20;
 
@@ -75,6 +76,9 @@ pub struct ControlConfig {
     /// Campaign as soon as the leader's lease has run out, in node-id order, rather than
     /// after openraft's extra random timeout (see the `election` module).
     pub fast_election: bool,
+    /// A node that starts does not campaign until it has heard from a leader, or until
+    /// this long has passed without one (see `election::boot_quiet`).
+    pub boot_quiet_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +104,7 @@ impl ControlConfig {
             snapshot_chunk_timeout_ms: SNAPSHOT_CHUNK_TIMEOUT_MS_DEFAULT,
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES_DEFAULT,
             fast_election: true,
+            boot_quiet_ms: BOOT_QUIET_MS_DEFAULT,
         }
     }
 
@@ -126,6 +131,8 @@ impl ControlConfig {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            // Enabled once the node has heard from a leader (see `election::boot_quiet`).
+            enable_elect: false,
             ..openraft::Config::default()
         };
         config.validate().map_err(|e| Error::Invalid(e.to_string()))

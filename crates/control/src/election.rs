@@ -14,7 +14,22 @@
 //! contact; openraft's own timer still retries if that election fails. It never makes an
 //! election unsafe (any voter may campaign at any time in Raft), only earlier; the driver
 //! here is the only part of the crate that reads the clock for elections.
+//!
+//! # A node that starts stays quiet
+//!
+//! A node that has just started (a killed node coming back) has heard from no leader:
+//! its lease has run out at once, and openraft's timer would have it campaign within
+//! `election_timeout_max`, long before the leader, which backs off from a peer that was
+//! unreachable, sends it anything. Its vote requests fail (its log is behind), but its
+//! higher term reaches the leader in the next append's answer and deposes it: every
+//! lease in the cluster lapses and every function stops for the new election (the drill
+//! measured pauses of up to a second at a victim's return). openraft 0.9 has no
+//! pre-vote, so the node waits instead: elections, openraft's and the watchdog's, are
+//! off at start (`enable_elect: false`) until the node has heard from a leader or
+//! granted a vote, or `boot_quiet` has passed without either (a whole cluster starting
+//! together). Initializing a cluster campaigns regardless.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +67,33 @@ impl Contact {
     }
 }
 
+/// Keep elections off from the start until this node has heard from a leader or granted
+/// a vote (`contact` touched after `started`), or until `quiet` has passed; then turn
+/// them on and set `armed`. Returns early when the Raft member shuts down.
+pub(crate) async fn boot_quiet(
+    raft: Raft,
+    contact: Arc<Contact>,
+    armed: Arc<AtomicBool>,
+    started: Instant,
+    quiet: Duration,
+    poll: Duration,
+) {
+    let metrics = raft.metrics();
+    loop {
+        if metrics.has_changed().is_err() {
+            return;
+        }
+        let heard = contact.last() > started;
+        if heard || started.elapsed() >= quiet {
+            tracing::debug!(heard, "elections enabled");
+            break;
+        }
+        tokio::time::sleep(poll).await;
+    }
+    raft.runtime_config().elect(true);
+    armed.store(true, Ordering::Release);
+}
+
 /// This node's turn among the voters that may replace `leader`: how many of the others
 /// have a smaller id. The lost leader itself goes last (after a whole-cluster restart it
 /// still names itself, and should not race the others).
@@ -77,6 +119,8 @@ pub(crate) struct Watchdog {
     pub(crate) id: NodeId,
     pub(crate) raft: Raft,
     pub(crate) contact: Arc<Contact>,
+    /// Set by `boot_quiet`: until then this node does not campaign.
+    pub(crate) armed: Arc<AtomicBool>,
     pub(crate) lease: Duration,
     pub(crate) stagger: Duration,
     pub(crate) poll: Duration,
@@ -111,7 +155,11 @@ impl Watchdog {
                 seen = last;
                 fired = false;
             }
-            if fired || !is_voter || state == ServerState::Leader {
+            if fired
+                || !is_voter
+                || state == ServerState::Leader
+                || !self.armed.load(Ordering::Acquire)
+            {
                 continue;
             }
             let wait = delay(self.lease, self.stagger, rank);

@@ -5,6 +5,7 @@
 //! itself is openraft's; the cluster's rules are in `command` and `placement`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,14 +119,25 @@ impl ControlPlane {
             .await
             .map_err(|e| Error::Stopped(e.to_string()))?;
         let contact = Arc::new(Contact::new());
+        let armed = Arc::new(AtomicBool::new(false));
+        let poll = Duration::from_millis((config.heartbeat_ms / 4).max(1));
+        tokio::spawn(crate::election::boot_quiet(
+            raft.clone(),
+            Arc::clone(&contact),
+            Arc::clone(&armed),
+            tokio::time::Instant::now(),
+            Duration::from_millis(config.boot_quiet_ms),
+            poll,
+        ));
         if config.fast_election {
             let watchdog = Watchdog {
                 id,
                 raft: raft.clone(),
                 contact: Arc::clone(&contact),
+                armed,
                 lease: Duration::from_millis(config.election_timeout_max_ms),
                 stagger: Duration::from_millis((config.heartbeat_ms / 2).max(1)),
-                poll: Duration::from_millis((config.heartbeat_ms / 4).max(1)),
+                poll,
             };
             tokio::spawn(watchdog.run());
         }

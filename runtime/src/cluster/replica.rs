@@ -306,29 +306,26 @@ impl Senders {
             .copied()
             .ok_or_else(|| format!("no address for node {to}"))?;
         let gone = || format!("function {} is gone", copy.function);
-        let (captured, seq) = {
-            // Under the function's lock: the capture and its position agree, and the
-            // engine keeps every entry after it for this backup. Only the capture (clones
-            // of persistent maps) holds the lock; copying it out and encoding it, which
-            // take milliseconds for a large function, run after, off the async threads.
-            let _locked = self
-                .node
-                .lock_function(&copy.function)
-                .await
-                .ok_or_else(gone)?;
-            if !copy.serving() {
-                return Ok(());
-            }
-            let (captured, seq) = self
-                .node
-                .capture_function(&copy.function)
-                .ok_or_else(gone)?;
-            copy.step(primary::Event::Installing {
-                node: to,
-                seq: Seq(seq),
-            });
-            (captured, seq)
-        };
+        // The capture and its position agree (taken between two appends to the log), and
+        // the engine keeps every entry after it for this backup (an entry it appended
+        // before hearing of the install is still in its log, or the backup asks for a
+        // snapshot again). Not under the function's lock: a transaction holding it may
+        // wait, through a prepared part elsewhere, for an outcome that only this
+        // catch-up lets the coordinator's new copy give (the drill found transfers
+        // stalled for a whole deadline that way). Copying the capture out and encoding
+        // it, which take milliseconds for a large function, run after, off the async
+        // threads.
+        if !copy.serving() {
+            return Ok(());
+        }
+        let (captured, seq) = self
+            .node
+            .capture_function(&copy.function)
+            .ok_or_else(gone)?;
+        copy.step(primary::Event::Installing {
+            node: to,
+            seq: Seq(seq),
+        });
         let (node, function, epoch) = (self.node.clone(), copy.function.clone(), copy.epoch.0);
         let body = tokio::task::spawn_blocking(move || {
             let image = node.image_of(captured)?;

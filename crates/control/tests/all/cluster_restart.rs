@@ -69,6 +69,49 @@ async fn a_restarted_node_recovers_its_log_and_state_and_rejoins() -> anyhow::Re
     Ok(())
 }
 
+/// A node that comes back must not depose the leader: it has heard from nobody, so its
+/// lease has run out at once, and it once campaigned within 40 ms, before the leader
+/// (backing off from a peer that was unreachable) reached it; its higher term then
+/// deposed the leader, and every lease in the cluster lapsed for the new election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_node_does_not_depose_the_leader() -> anyhow::Result<()> {
+    let cluster = Cluster::new();
+    let mut planes = cluster.form(&VOTERS).await?;
+    let leader_id = planes[0].leader().expect("a leader");
+    let leader = plane(&planes, leader_id).clone();
+    within(5, leader.propose(deploy("before".into()))).await??;
+    let victim = planes
+        .iter()
+        .find(|p| p.id() != leader_id)
+        .cloned()
+        .expect("a follower");
+    cluster.crash(&victim).await;
+    within(5, leader.propose(deploy("while_down".into()))).await??;
+    // Long enough for the leader to back off from the unreachable node.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let term = leader.status().term;
+
+    let restarted = cluster.start(victim.id().0).await?;
+    planes.retain(|p| p.id() != victim.id());
+    planes.push(restarted.clone());
+    converged(&planes, |s| s.functions.len() == 2).await?;
+    // Past the returning node's election timeout several times over.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let status = leader.status();
+    assert_eq!(
+        (status.leader, status.term),
+        (Some(leader_id), term),
+        "the leader kept its term while the node came back"
+    );
+    assert_eq!(
+        restarted.status().term,
+        term,
+        "the returning node did not campaign"
+    );
+    within(5, leader.propose(deploy("after".into()))).await??;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_and_purged_logs_survive_a_whole_cluster_restart() -> anyhow::Result<()> {
     let mut cluster = Cluster::new();
