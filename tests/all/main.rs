@@ -28,5 +28,6 @@ mod regressions;
 mod storage_artifacts;
 mod txn_isolation;
 mod wal_damage;
+mod wasm_deploy;
 mod wasm_host;
 mod wasm_limits;
