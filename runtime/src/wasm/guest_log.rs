@@ -1,7 +1,7 @@
 //! What guests may write to the node's log: each message escaped (a guest cannot start
 //! a line of its own and forge the node's), cut to `MESSAGE_BYTES_MAX`, at most
-//! `INSTANCE_BYTES_MAX` per instance (a function's part of one transaction) and, per
-//! function, at the rate of a token bucket; what is dropped is counted and reported.
+//! `TXN_BYTES_MAX` per transaction (on one node) and, per function, at the rate of a
+//! token bucket; what is dropped is counted and reported.
 //!
 //! Leaves the logging itself (and the function and transaction it is tagged with) to
 //! `host`.
@@ -13,8 +13,9 @@ use parking_lot::Mutex;
 
 /// Bytes of one message that reach the log; the rest is cut (the line says how much).
 pub const MESSAGE_BYTES_MAX: usize = 2 << 10;
-/// Bytes one instance may log (a function's part of one transaction).
-pub const INSTANCE_BYTES_MAX: usize = 16 << 10;
+/// Bytes one transaction's guests may log on one node, every function it calls there
+/// included.
+pub const TXN_BYTES_MAX: usize = 16 << 10;
 /// Bytes per second one function may log, over all its transactions...
 pub const FUNCTION_BYTES_PER_S: u64 = 64 << 10;
 /// ...after a burst of this many.

@@ -84,8 +84,7 @@ pub struct Ctx {
     wasi: Option<WasiCtx>,
     table: ResourceTable,
     output: MemoryOutputPipe,
-    /// Bytes this instance has logged, and what it could not (over its cap).
-    log_bytes: usize,
+    /// What this instance could not log (over its transaction's cap).
     log_dropped: Dropped,
 }
 
@@ -109,7 +108,6 @@ impl Ctx {
             wasi: None,
             table: ResourceTable::new(),
             output: MemoryOutputPipe::new(OUTPUT_MAX),
-            log_bytes: 0,
             log_dropped: Dropped::default(),
         }
     }
@@ -141,16 +139,17 @@ impl Ctx {
                 dropped_messages = self.log_dropped.messages,
                 dropped_bytes = self.log_dropped.bytes,
                 "guest log messages dropped: over the cap of {} bytes per transaction",
-                guest_log::INSTANCE_BYTES_MAX
+                guest_log::TXN_BYTES_MAX
             );
         }
     }
 
-    /// `message` as the line to log, or `None` when it is over this instance's cap or
+    /// `message` as the line to log, or `None` when it is over its transaction's cap or
     /// its function's rate (then it is counted as dropped).
     fn admit_log(&mut self, message: &str) -> Option<String> {
         let line = guest_log::escape(message);
-        if self.log_bytes + line.len() > guest_log::INSTANCE_BYTES_MAX {
+        let logged = self.txn.lock().log_bytes;
+        if logged + line.len() > guest_log::TXN_BYTES_MAX {
             self.log_dropped.add(line.len());
             return None;
         }
@@ -166,7 +165,7 @@ impl Ctx {
                 guest_log::FUNCTION_BYTES_PER_S
             );
         }
-        self.log_bytes += line.len();
+        self.txn.lock().log_bytes += line.len();
         Some(line)
     }
 }
