@@ -3,6 +3,24 @@
 # one build of wasmtime serves the node, the tests and the benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The multi-node fault tests need iproute2, iptables and nftables (network namespaces,
+# partitions, packet loss) when run as root; install what is missing, as the README
+# promises the scripts do. (Not root: those tests skip themselves.)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=""
+    for tool in ip:iproute2 iptables:iptables nft:nftables; do
+        command -v "${tool%%:*}" >/dev/null || missing="$missing ${tool##*:}"
+    done
+    if [ -n "$missing" ]; then
+        echo "test: apt-get install$missing" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # shellcheck disable=SC2086 # one word per package
+        apt-get install -y -qq $missing >&2
+    fi
+fi
+
 ./scripts/build-guests.sh
 cargo test --release --workspace "$@"
 # The guest SDK's own tests run on the host target (its macros and helpers are plain Rust).

@@ -19,6 +19,14 @@ pub struct Config {
     pub durability: Durability,
     /// Required as `Authorization: Bearer <token>` for deploy, delete, stop and start.
     pub admin_token: Option<String>,
+    /// A file holding the admin token (kept out of the process list); instead of
+    /// `admin_token`. A trailing newline is not part of the token.
+    pub admin_token_file: Option<PathBuf>,
+    /// When set, required as `Authorization: Bearer <token>` for invocations (the admin
+    /// token serves too).
+    pub invoke_token: Option<String>,
+    /// A file holding the invoke token; instead of `invoke_token`.
+    pub invoke_token_file: Option<PathBuf>,
     /// How long an idempotency key's answer is kept, in seconds.
     pub idempotency_window_s: u64,
     /// Largest invocation body, in bytes.
@@ -32,6 +40,8 @@ pub struct Config {
     pub call_depth_max: u32,
     /// Take a snapshot (and truncate the log) after this many bytes of log.
     pub checkpoint_log_bytes: u64,
+    /// The HTTP edge: the hosts and origins it answers, connection limits and timeouts.
+    pub http: crate::http::Options,
     pub wasm: crate::wasm::Options,
     pub limits: Limits,
     /// Present when the node is part of a cluster.
@@ -45,12 +55,16 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             durability: Durability::Disk,
             admin_token: None,
+            admin_token_file: None,
+            invoke_token: None,
+            invoke_token_file: None,
             idempotency_window_s: 24 * 3600,
             body_max_bytes: 1 << 20,
             component_max_bytes: 64 << 20,
             conflict_retries_max: 32,
             call_depth_max: 8,
             checkpoint_log_bytes: 64 << 20,
+            http: Default::default(),
             wasm: Default::default(),
             limits: Default::default(),
             cluster: None,
@@ -89,8 +103,37 @@ impl Config {
         })
     }
 
+    /// Read the tokens named by `admin_token_file` and `invoke_token_file` into
+    /// `admin_token` and `invoke_token`.
+    ///
+    /// Fails when a file cannot be read, or when a token is given both ways.
+    pub fn read_token_files(&mut self) -> Result<(), Error> {
+        read_token_file("admin", &mut self.admin_token, &self.admin_token_file)?;
+        read_token_file("invoke", &mut self.invoke_token, &self.invoke_token_file)
+    }
+
     /// Fails when the settings cannot work together.
     pub fn validate(&self) -> Result<(), Error> {
+        for (what, token) in [("admin", &self.admin_token), ("invoke", &self.invoke_token)] {
+            if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(Error::Invalid(format!(
+                    "the {what} token is blank: a blank token would let anyone in"
+                )));
+            }
+            if token
+                .as_deref()
+                .is_some_and(|t| t.chars().any(char::is_control))
+            {
+                return Err(Error::Invalid(format!(
+                    "the {what} token has control characters: no client could send it"
+                )));
+            }
+        }
+        if self.http.connections_max == 0 || self.http.header_read_timeout_ms == 0 {
+            return Err(Error::Invalid(
+                "http.connections_max and http.header_read_timeout_ms must be at least 1".into(),
+            ));
+        }
         if !self.listen.ip().is_loopback() && self.admin_token.as_deref().unwrap_or("").is_empty() {
             return Err(Error::Invalid(format!(
                 "listening on {} (not loopback) requires an admin token (--admin-token or admin_token in the config)",
@@ -127,4 +170,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Set `token` from `file`, if there is one: its contents without the trailing newline.
+fn read_token_file(
+    what: &str,
+    token: &mut Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<(), Error> {
+    let Some(path) = file else {
+        return Ok(());
+    };
+    if token.is_some() {
+        return Err(Error::Invalid(format!(
+            "the {what} token is given both directly and in {}: give one",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Invalid(format!(
+            "cannot read the {what} token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    *token = Some(text.trim_end_matches(['\n', '\r']).to_owned());
+    Ok(())
 }

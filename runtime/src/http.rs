@@ -1,17 +1,27 @@
 //! The HTTP API: deploy and manage functions, invoke them, health and metrics.
 //! Every error is JSON `{"error": {"code", "message"}}` with a status that says whose
-//! fault it was.
+//! fault it was, the router's own (unknown route, wrong verb, malformed path or query)
+//! included. Who may reach the API is `edge`'s business; how many connections, and
+//! for how long, is `conn`'s.
 //!
 //! **Invariant:** an invocation runs on its own task: a client that disconnects does
 //! not cancel a transaction half-way (it commits or aborts as if the client stayed).
 
+pub mod conn;
+pub mod edge;
+
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::node::{AdminError, Answer, InvokeError, Node};
@@ -21,6 +31,41 @@ pub const TXN_HEADER: &str = "understudy-txn";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// In a cluster: `<node> <epoch>`, the primary that answered and its epoch.
 pub const SERVED_BY_HEADER: &str = "understudy-served-by";
+
+/// Media types a component may be sent as.
+const COMPONENT_MEDIA_TYPES: &[&str] = &["application/wasm", "application/octet-stream"];
+/// Bytes of a plain-text error (an extractor's rejection) carried into the JSON answer.
+const REJECTION_TEXT_MAX: usize = 4 << 10;
+
+/// Settings of the HTTP edge (`[http]` in the config file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// `Host` values the API answers to besides the addresses it serves (its listen
+    /// address, `localhost` on loopback, the cluster's virtual address): `name` (any
+    /// port) or `name:port`, for a DNS name or a proxy in front. `"*"` turns the check off.
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`) allowed to call the API; any other request
+    /// carrying an `Origin` is refused. `"*"` allows every origin.
+    pub allowed_origins: Vec<String>,
+    /// Connections open at once; more are refused at once (and logged). Lowered at
+    /// start to fit the process's open-files limit.
+    pub connections_max: usize,
+    /// How long a client may take to send a request's headers, which is also how long a
+    /// kept-alive connection may wait idle for its next request, in milliseconds.
+    pub header_read_timeout_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            connections_max: 1024,
+            header_read_timeout_ms: 10_000,
+        }
+    }
+}
 
 /// An error answer.
 #[derive(Debug)]
@@ -97,6 +142,8 @@ fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
     ApiError::new(rejection.status(), "bad-body", rejection.body_text())
 }
 
+/// The API's routes, every error answered as JSON. Serve it with [`serve`], which adds
+/// the edge's checks.
 pub fn router(node: Node) -> Router {
     let body_max = node.config().body_max_bytes;
     let component_max = node.config().component_max_bytes;
@@ -117,7 +164,62 @@ pub fn router(node: Node) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_max));
-    admin.merge(public).with_state(node)
+    admin
+        .merge(public)
+        .fallback(not_found)
+        .layer(middleware::from_fn(json_errors))
+        .with_state(node)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        format!("no such route: {}", uri.path()),
+    )
+}
+
+/// Middleware: answer the router's own errors (a wrong verb, a path or query that does
+/// not parse, a body the extractor refused) in the documented JSON shape.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, REJECTION_TEXT_MAX)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let message = match text.is_empty() {
+        true => status.canonical_reason().unwrap_or("error").to_owned(),
+        false => text,
+    };
+    let mut answer = ApiError::new(status, rejection_code(status), message).into_response();
+    // Keep what the other headers say (`Allow` on a 405).
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name, value.clone());
+        }
+    }
+    answer
+}
+
+fn rejection_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        s if s.is_server_error() => "internal",
+        _ => "bad-request",
+    }
 }
 
 /// Run `work` on its own task: a client that hangs up must not cancel it half-way.
@@ -133,26 +235,37 @@ async fn run_to_completion<T: Send + 'static>(
     })
 }
 
+/// Fails with 401 unless the request carries the admin token (when the node has one).
 fn authorize(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = node
-        .config()
-        .admin_token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-    else {
+    let config = node.config();
+    let Some(token) = config.admin_token.as_deref().filter(|t| !t.is_empty()) else {
         return Ok(());
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token) {
+    if edge::bearer_is(headers, token) {
         return Ok(());
     }
     Err(ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
         "this needs `Authorization: Bearer <admin token>`",
+    ))
+}
+
+/// Fails with 401 unless the request carries the invoke token or the admin token (when
+/// the node has an invoke token).
+fn authorize_invoke(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+    let config = node.config();
+    let Some(token) = config.invoke_token.as_deref().filter(|t| !t.is_empty()) else {
+        return Ok(());
+    };
+    let admin = config.admin_token.as_deref().filter(|t| !t.is_empty());
+    if edge::bearer_is(headers, token) || admin.is_some_and(|a| edge::bearer_is(headers, a)) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "invocations on this node need `Authorization: Bearer <invoke token>`",
     ))
 }
 
@@ -169,6 +282,7 @@ async fn deploy(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
+    edge::require_media_type(&headers, COMPONENT_MEDIA_TYPES)?;
     let body = body.map_err(|r| body_error(r, node.config().component_max_bytes))?;
     if let Some(cluster) = node.cluster().cloned() {
         let replicas = query.replicas.unwrap_or(crate::cluster::REPLICAS_DEFAULT);
@@ -290,7 +404,11 @@ async fn invoke(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    authorize_invoke(&node, &headers)?;
     let body = body.map_err(|r| body_error(r, node.config().body_max_bytes))?;
+    if !body.is_empty() {
+        edge::require_media_type(&headers, &["application/json"])?;
+    }
     let input: Vec<u8> = if body.iter().all(u8::is_ascii_whitespace) {
         b"null".to_vec()
     } else {
@@ -330,6 +448,7 @@ async fn invoke(
             ),
         ));
     }
+    let called = (name.clone(), method.clone());
     let task = tokio::spawn(async move {
         match node.cluster() {
             Some(cluster) => cluster.invoke(&name, &method, &input, key.as_deref()).await,
@@ -343,19 +462,30 @@ async fn invoke(
             format!("invocation task failed: {e}"),
         )
     })??;
-    Ok(answer_response(answer))
+    Ok(answer_response(answer, &called.0, &called.1))
 }
 
-fn answer_response(answer: Answer) -> Response {
+/// The answer to an invocation of `function`'s `method`.
+fn answer_response(answer: Answer, function: &str, method: &str) -> Response {
     let mut response = match answer.outcome {
-        Ok(output) => {
-            let mut r = (StatusCode::OK, output).into_response();
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r
-        }
+        Ok(output) => match json_output(output) {
+            Ok(output) => {
+                let mut r = (StatusCode::OK, output).into_response();
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(e) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "bad-output",
+                format!(
+                    "function `{function}` method `{method}` returned output that is not JSON ({e}); its transaction committed"
+                ),
+            )
+            .into_response(),
+        },
         Err(e) => {
             // The function's own error: the client's request could not be done.
             let status = if e.code == "bad-input" {
@@ -379,6 +509,16 @@ fn answer_response(answer: Answer) -> Response {
         response.headers_mut().insert(TXN_HEADER, v);
     }
     response
+}
+
+/// A handler's output as served: JSON, with no output at all standing for `null` (as no
+/// input does). Fails when it is not JSON.
+fn json_output(output: Vec<u8>) -> Result<Vec<u8>, serde_json::Error> {
+    if output.is_empty() {
+        return Ok(b"null".to_vec());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&output)?;
+    Ok(output)
 }
 
 async fn cluster(State(node): State<Node>) -> Result<Response, ApiError> {
@@ -405,15 +545,28 @@ async fn metrics(State(node): State<Node>) -> Response {
     r
 }
 
-/// Serve the API on `listener` until `shutdown` resolves.
+/// Serve the API on `listener` until `shutdown` resolves: only to the hosts and origins
+/// the edge allows, within the connection limits of `http` in the node's config.
 ///
-/// Fails on I/O errors of the listener.
+/// Fails when the listener's address cannot be read.
 pub async fn serve(
     node: Node,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(node))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let listening = listener.local_addr()?;
+    let options = node.config().http.clone();
+    let vip = node
+        .config()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.vip.as_deref())
+        .and_then(|v| v.split('/').next()?.parse().ok());
+    let edge = Arc::new(edge::Edge::new(listening, vip, &options));
+    let limits = conn::Limits {
+        connections_max: conn::connections_max(options.connections_max),
+        header_read_timeout: Duration::from_millis(options.header_read_timeout_ms),
+    };
+    let app = router(node).layer(middleware::from_fn_with_state(edge, edge::guard));
+    conn::serve(app, listener, limits, shutdown).await
 }

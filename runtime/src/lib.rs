@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod config;
 pub mod failpoint;
+pub mod files;
 pub mod http;
 pub mod ids;
 pub mod lock;

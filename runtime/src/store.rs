@@ -81,6 +81,8 @@ pub struct Function {
     /// The LSN of the last snapshot restored into it (on a backup): the answers it
     /// brought are durable once it is.
     lsn_restored: AtomicU64,
+    /// How much its guests may still log (a rate, over all its transactions).
+    pub log_budget: crate::wasm::guest_log::Budget,
 }
 
 #[derive(Clone, Debug)]
@@ -117,6 +119,7 @@ impl Function {
             decided: Mutex::new(BTreeMap::new()),
             resolved: tokio::sync::Notify::new(),
             lsn_restored: AtomicU64::new(0),
+            log_budget: Default::default(),
         }
     }
 

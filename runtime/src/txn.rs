@@ -79,6 +79,8 @@ pub struct Txn {
     writes: BTreeMap<FunctionName, WriteSet>,
     write_count: usize,
     write_bytes: usize,
+    /// Bytes its guests have logged on this node (capped by `wasm::guest_log`).
+    pub log_bytes: usize,
     /// Set when the transaction has ended (its locks released): a straggling callee must
     /// not take new locks in its name.
     finished: bool,
@@ -108,6 +110,7 @@ impl Txn {
             writes: BTreeMap::new(),
             write_count: 0,
             write_bytes: 0,
+            log_bytes: 0,
             finished: false,
         }
     }

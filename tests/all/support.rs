@@ -173,6 +173,16 @@ impl NodeProcess {
         &self.api
     }
 
+    /// The port of the node's HTTP API.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The options of the next (re)start.
+    pub fn options_mut(&mut self) -> &mut NodeOptions {
+        &mut self.options
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.root.path().join("data")
     }
@@ -307,6 +317,7 @@ impl NodeProcess {
             .args(self.options.args(self.root.path()))
             // The test decides about the admin token, not the environment it runs in.
             .env_remove("UNDERSTUDY_ADMIN_TOKEN")
+            .env_remove("UNDERSTUDY_INVOKE_TOKEN")
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
             .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -473,6 +484,7 @@ impl Api {
         self.send(
             self.client
                 .put(self.url(&format!("/v1/functions/{name}")))
+                .header("content-type", "application/wasm")
                 .body(bytes),
         )
         .expect("deploy request")
@@ -486,8 +498,13 @@ impl Api {
 
     /// `PUT path` with `bytes` as the body.
     pub fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Reply {
-        self.send(self.client.put(self.url(path)).body(bytes))
-            .expect("PUT request")
+        self.send(
+            self.client
+                .put(self.url(path))
+                .header("content-type", "application/wasm")
+                .body(bytes),
+        )
+        .expect("PUT request")
     }
 
     /// Deploy the prebuilt guest `component` as `name`; panics unless it is created.
@@ -570,7 +587,13 @@ impl Api {
             .body
     }
 
-    fn send(&self, request: RequestBuilder) -> reqwest::Result<Reply> {
+    /// A request to `path`, to finish and hand to [`Api::send`].
+    pub fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    /// Send `request` (with the token, if this client has one) and read the answer.
+    pub fn send(&self, request: RequestBuilder) -> reqwest::Result<Reply> {
         let request = match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,

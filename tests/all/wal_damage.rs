@@ -204,3 +204,71 @@ fn corrupt_snapshot_refuses_to_start() {
         "the error does not name the file:\n{log}"
     );
 }
+
+/// Regression: a segment cut to half its length was taken for a torn tail, and the node
+/// started with one warning and most of its acknowledged commits gone. A crash tears
+/// only what was never acknowledged; a log that ends before the position it is known
+/// to have made durable (its durable mark) was cut short, and the node refuses to start,
+/// naming the file and offset, unless the operator accepts the loss explicitly.
+#[test]
+fn segment_cut_to_half_refuses_to_start_unless_recovery_is_asked_for() {
+    let mut node = NodeProcess::start();
+    node.api().deploy_component("h", "hostile");
+    // Well past the durable mark's interval (1 MiB of log).
+    for _ in 0..3 {
+        node.api()
+            .ok("h", "put-many", json!({ "count": 300, "value_len": 5000 }));
+    }
+    node.api().ok(
+        "h",
+        "put",
+        json!({ "key": "last", "value": "acknowledged" }),
+    );
+    node.kill9();
+    let segments = wal_segments(&node.wal_dir());
+    assert_eq!(segments.len(), 1, "expected one log segment: {segments:?}");
+    let segment = &segments[0];
+    let len = std::fs::metadata(segment).expect("segment metadata").len();
+    OpenOptions::new()
+        .write(true)
+        .open(segment)
+        .expect("open segment")
+        .set_len(len / 2)
+        .expect("truncate");
+
+    let (status, log) = node.restart_expecting_exit();
+    assert!(
+        !status.success(),
+        "the node started on a log cut in half:\n{log}"
+    );
+    assert!(
+        log.contains(&segment.display().to_string()) && log.contains("offset"),
+        "the error does not name the file and offset:\n{log}"
+    );
+    assert!(
+        log.contains("--recover-truncated-log"),
+        "the error does not say how to accept the loss:\n{log}"
+    );
+    assert_eq!(
+        std::fs::metadata(segment).expect("segment metadata").len(),
+        len / 2,
+        "a refused start changed the log"
+    );
+
+    // The operator accepts the loss, once.
+    node.options_mut().extra_args = vec!["--recover-truncated-log".into()];
+    node.restart();
+    assert!(
+        node.log().contains("recover-truncated-log"),
+        "accepting the loss is not logged:\n{}",
+        node.log()
+    );
+    assert_eq!(stored(&node, "last"), Value::Null);
+    node.api()
+        .ok("h", "put", json!({ "key": "after", "value": "recovery" }));
+
+    // From then on the log is whole again: an ordinary start.
+    node.options_mut().extra_args.clear();
+    node.restart();
+    assert_eq!(stored(&node, "after"), json!("recovery"));
+}

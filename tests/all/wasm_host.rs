@@ -57,3 +57,50 @@ fn guest_log_reaches_the_node_log() {
         || node.log().contains(marker),
     );
 }
+
+#[test]
+fn guest_log_cannot_forge_lines() {
+    let node = NodeProcess::start();
+    let api = node.api();
+    api.deploy_component("h", "hostile");
+    let forged = "before\n2026-01-01T00:00:00Z  WARN understudy::node: forged by a guest";
+    assert_eq!(api.ok("h", "log", json!({ "message": forged })), json!({}));
+    wait_until(
+        "the guest's message in the node's log",
+        Duration::from_secs(10),
+        || node.log().contains("forged by a guest"),
+    );
+    let log = node.log();
+    assert!(
+        log.contains(r"before\n2026-01-01T00:00:00Z"),
+        "the newline is not escaped:\n{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|line| line.starts_with("2026-01-01T00:00:00Z")),
+        "a guest forged a line of the node's log:\n{log}"
+    );
+}
+
+#[test]
+fn guest_log_volume_is_capped_and_drops_are_counted() {
+    let node = NodeProcess::start();
+    let api = node.api();
+    api.deploy_component("h", "hostile");
+    let before = node.log().len();
+    // 8 MB of log asked for in one transaction.
+    assert_eq!(
+        api.ok("h", "log-many", json!({ "count": 2000, "len": 4000 })),
+        json!({})
+    );
+    wait_until(
+        "the count of dropped messages in the node's log",
+        Duration::from_secs(10),
+        || node.log().contains("dropped"),
+    );
+    let grown = node.log().len() - before;
+    assert!(
+        grown < 256 << 10,
+        "one transaction wrote {grown} bytes to the node's log"
+    );
+}

@@ -45,6 +45,15 @@ struct Remote {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// Invoke token, for invocations on a node that requires one (the admin token is
+    /// sent when there is none).
+    #[arg(
+        long,
+        env = "UNDERSTUDY_INVOKE_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    invoke_token: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -71,6 +80,20 @@ enum Command {
         /// Required for deploy/delete/stop/start; mandatory when not on loopback.
         #[arg(long, env = "UNDERSTUDY_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        /// Read the admin token from this file (it then stays out of the process list).
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
+        /// Required as `Authorization: Bearer <token>` for invocations.
+        #[arg(long, env = "UNDERSTUDY_INVOKE_TOKEN", hide_env_values = true)]
+        invoke_token: Option<String>,
+        /// Read the invoke token from this file.
+        #[arg(long)]
+        invoke_token_file: Option<PathBuf>,
+        /// Start on a log that ends before the position it had made durable (a segment
+        /// cut short), accepting that the commits it no longer holds are lost. For this
+        /// start only.
+        #[arg(long)]
+        recover_truncated_log: bool,
         /// Per-transaction deadline in milliseconds (default 1000).
         #[arg(long)]
         deadline_ms: Option<u64>,
@@ -236,6 +259,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             durability,
             admin_token,
+            admin_token_file,
+            invoke_token,
+            invoke_token_file,
+            recover_truncated_log,
             deadline_ms,
             memory_max_mib,
             join,
@@ -257,9 +284,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(v) = durability {
                 cfg.durability = v;
             }
-            if admin_token.is_some() {
-                cfg.admin_token = admin_token;
-            }
+            override_token(
+                (&mut cfg.admin_token, &mut cfg.admin_token_file),
+                admin_token,
+                admin_token_file,
+            );
+            override_token(
+                (&mut cfg.invoke_token, &mut cfg.invoke_token_file),
+                invoke_token,
+                invoke_token_file,
+            );
             if let Some(v) = deadline_ms {
                 cfg.wasm.deadline_ms = v;
             }
@@ -281,8 +315,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     None => bail!("--vip needs a [cluster] section in the config: only a cluster's master holds a virtual address"),
                 }
             }
+            cfg.read_token_files()?;
             cfg.validate()?;
-            run_node(cfg)
+            run_node(cfg, recover_truncated_log)
         }
         Command::Deploy {
             name,
@@ -296,7 +331,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(replicas) = replicas {
                 url.push_str(&format!("?replicas={replicas}"));
             }
-            let body = send(remote.authorized(client()?.put(url)).body(bytes))?;
+            let request = client()?
+                .put(url)
+                .header("content-type", "application/wasm")
+                .body(bytes);
+            let body = send(remote.authorized(request))?;
             println!(
                 "deployed {name} version {} ({})",
                 body["version"].as_u64().unwrap_or(0),
@@ -331,7 +370,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(key) = idempotency_key {
                 request = request.header("idempotency-key", key);
             }
-            let body = send(request)?;
+            let body = send(remote.invoke_authorized(request))?;
             println!("{body}");
             Ok(())
         }
@@ -508,7 +547,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_node(cfg: Config) -> anyhow::Result<()> {
+/// Flags override the config file's token settings: a token given on the command line
+/// replaces a token file named in the config, and the other way round.
+fn override_token(
+    (token, file): (&mut Option<String>, &mut Option<PathBuf>),
+    flag: Option<String>,
+    flag_file: Option<PathBuf>,
+) {
+    let from_flag = flag.is_some();
+    if from_flag {
+        *token = flag;
+        *file = None;
+    }
+    if flag_file.is_some() {
+        if !from_flag {
+            *token = None;
+        }
+        *file = flag_file;
+    }
+}
+
+fn run_node(cfg: Config, recover_truncated_log: bool) -> anyhow::Result<()> {
+    understudy::files::secure_data_dir(&cfg.data_dir).with_context(|| {
+        format!(
+            "cannot make the data directory {} private",
+            cfg.data_dir.display()
+        )
+    })?;
+    if recover_truncated_log {
+        // The node's log lives in `wal` under the data directory (see `Node::open`).
+        let wal_dir = cfg.data_dir.join("wal");
+        let forgotten = understudy::wal::mark::forget(&wal_dir)
+            .with_context(|| format!("cannot reset the durable mark in {}", wal_dir.display()))?;
+        match forgotten {
+            Some(mark) => tracing::warn!(
+                "--recover-truncated-log: the log was durable up to LSN {} (offset {} of {}); whatever it no longer holds of that is accepted as lost",
+                mark.lsn,
+                mark.offset,
+                understudy::wal::segment::file_name(mark.segment_first)
+            ),
+            None => tracing::warn!("--recover-truncated-log: the log has no durable mark; nothing to accept"),
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -578,6 +658,17 @@ fn client() -> anyhow::Result<reqwest::blocking::Client> {
 }
 
 impl Remote {
+    /// `request` with the invoke token, or the admin token when there is none.
+    fn invoke_authorized(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> reqwest::blocking::RequestBuilder {
+        match self.invoke_token.as_ref().or(self.token.as_ref()) {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
     fn authorized(
         &self,
         request: reqwest::blocking::RequestBuilder,

@@ -11,13 +11,17 @@
 //! **Invariant:** a position is reported durable only after the bytes of every record
 //! up to it were written and (with `Durability::Disk`) fsynced.
 //! **Invariant:** recovery never drops a record that has a valid record after it.
+//! **Invariant:** recovery never drops a record at or below the durable mark (`mark`):
+//! a log that ends before it was cut short, and the node refuses to start.
 
+pub mod mark;
 pub mod record;
 pub mod segment;
 pub mod snapshot;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
@@ -39,6 +43,14 @@ const MEMORY_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 const MEMORY_WRITE_INTERVAL: Duration = Duration::from_millis(2);
 /// Bytes accumulated but not yet written before appenders are made to wait.
 const PENDING_BYTES_MAX: usize = 64 << 20;
+/// The most one group-commit batch can hold: what accumulated (appenders wait above
+/// `PENDING_BYTES_MAX`) and the frame that crossed the bound. A crash tears at most
+/// this much off the end of the log; more after the last valid frame is not a torn tail.
+const BATCH_BYTES_MAX: u64 =
+    (PENDING_BYTES_MAX + segment::FRAME_HEADER_LEN + segment::RECORD_LEN_MAX) as u64;
+/// The log directory and its files are the node's user's alone.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,6 +67,20 @@ pub enum Error {
     },
     #[error("the log writer has failed and the node must stop: {0}")]
     WriterFailed(String),
+    #[error(
+        "{path} ends at offset {offset} (the log ends at LSN {lsn_last}), but the log was \
+         durable up to LSN {lsn_durable} (offset {offset_durable} of that segment): it was \
+         cut short, not torn by a crash, and acknowledged commits are missing. Restore the \
+         data directory from a copy, or accept the loss by starting once with \
+         --recover-truncated-log"
+    )]
+    CutShort {
+        path: PathBuf,
+        offset: u64,
+        lsn_last: Lsn,
+        lsn_durable: Lsn,
+        offset_durable: u64,
+    },
 }
 
 /// When a commit is acknowledged.
@@ -153,12 +179,20 @@ impl Wal {
         durability: Durability,
         metrics: Arc<Metrics>,
     ) -> Result<(Wal, Recovered), Error> {
-        fs::create_dir_all(dir).map_err(|e| Error::Io {
-            path: dir.to_owned(),
-            source: e,
-        })?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(|e| Error::Io {
+                path: dir.to_owned(),
+                source: e,
+            })?;
         let (recovered, lsn_last, segment_path, segment_first) = recover(dir)?;
         let file = open_for_append(&segment_path, segment_first)?;
+        let mark_file = mark::open(dir).map_err(|e| Error::Io {
+            path: dir.join(mark::FILE_NAME),
+            source: e,
+        })?;
         let (durable_tx, durable_rx) = watch::channel(lsn_last);
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
@@ -181,7 +215,14 @@ impl Wal {
             let dir_writer = dir.to_owned();
             thread::Builder::new()
                 .name("wal-writer".into())
-                .spawn(move || writer_loop(&shared, &dir_writer, file, segment_path, durability))
+                .spawn(move || {
+                    let files = WriterFiles {
+                        segment: file,
+                        segment_path,
+                        mark: mark_file,
+                    };
+                    writer_loop(&shared, &dir_writer, files, durability)
+                })
                 .map_err(|e| Error::Io {
                     path: dir.to_owned(),
                     source: e,
@@ -340,8 +381,9 @@ impl Drop for Wal {
     }
 }
 
-/// Read the newest snapshot and every segment after it; cut a torn tail. Returns what
-/// was found, the last LSN, and the segment to append to (with its first LSN).
+/// Read the newest snapshot and every segment after it; cut a torn tail, unless the log
+/// ends before its durable mark or the tail is more than a batch. Returns what was
+/// found, the last LSN, and the segment to append to (with its first LSN).
 fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
     let io = |e| Error::Io {
         path: dir.to_owned(),
@@ -381,6 +423,10 @@ fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
         .unwrap_or(0);
     let segments = &segments[first_needed..];
     let mut last_segment_end = None;
+    // Torn tails are cut only once the whole log has been checked: a refused start
+    // leaves the files as they were.
+    let mut cuts = Vec::new();
+    let mut lens_valid = Vec::new();
     for (i, (lsn_first, path)) in segments.iter().enumerate() {
         let is_last = i + 1 == segments.len();
         if *lsn_first > lsn_last.next() {
@@ -396,11 +442,20 @@ fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
         })?;
         let scan = segment::scan(path, &bytes, *lsn_first, is_last)?;
         if let Some(why) = scan.torn {
-            truncate(path, scan.len_valid)?;
-            recovered
-                .warnings
-                .push(format!("{}: {why}", path.display()));
+            let torn = bytes.len() as u64 - scan.len_valid;
+            if torn > BATCH_BYTES_MAX {
+                return Err(Error::Corrupt {
+                    path: path.clone(),
+                    offset: scan.len_valid,
+                    why: format!(
+                        "{why}: {torn} bytes would be cut, more than one group-commit batch \
+                         ({BATCH_BYTES_MAX} bytes) could have had in flight, so this is not a torn tail"
+                    ),
+                });
+            }
+            cuts.push((path.clone(), scan.len_valid, why));
         }
+        lens_valid.push((*lsn_first, scan.len_valid));
         let mut lsn_segment_end = Lsn(lsn_first.0.saturating_sub(1));
         for (lsn, record) in scan.records {
             if lsn > lsn_snapshot {
@@ -412,6 +467,29 @@ fn recover(dir: &Path) -> Result<(Recovered, Lsn, PathBuf, Lsn), Error> {
         if is_last {
             last_segment_end = Some(lsn_segment_end);
         }
+    }
+    match mark::read(dir) {
+        Ok(Some(mark)) if mark.lsn > lsn_last => {
+            let offset = lens_valid
+                .iter()
+                .find(|(first, _)| *first == mark.segment_first)
+                .map_or(0, |(_, len)| *len);
+            return Err(Error::CutShort {
+                path: dir.join(segment::file_name(mark.segment_first)),
+                offset,
+                lsn_last,
+                lsn_durable: mark.lsn,
+                offset_durable: mark.offset,
+            });
+        }
+        Ok(_) => {}
+        Err(why) => recovered.warnings.push(why),
+    }
+    for (path, len_valid, why) in cuts {
+        truncate(&path, len_valid)?;
+        recovered
+            .warnings
+            .push(format!("{}: {why}", path.display()));
     }
     // Append to the last segment only if it ends where the log ends; a snapshot ahead of
     // it (written by an older build that did not wait for the rotation) must not leave
@@ -445,6 +523,7 @@ fn open_for_append(path: &Path, lsn_first: Lsn) -> Result<File, Error> {
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(FILE_MODE)
         .open(path)
         .map_err(io)?;
     if file.metadata().map_err(io)?.len() == 0 {
@@ -485,17 +564,26 @@ fn remove_before(dir: &Path, lsn_cut: Lsn) -> Result<(), Error> {
     snapshot::sync_dir(dir)
 }
 
-/// The writer thread: take what accumulated, write it, fsync, publish. Any I/O error
-/// is fatal: after a failed fsync the kernel may have dropped the dirty pages, so
-/// retrying could report lost data as durable.
-fn writer_loop(
-    shared: &Shared,
-    dir: &Path,
-    mut file: File,
-    mut path: PathBuf,
-    durability: Durability,
-) {
+/// The files the writer thread owns.
+struct WriterFiles {
+    segment: File,
+    segment_path: PathBuf,
+    mark: File,
+}
+
+/// The writer thread: take what accumulated, write it, fsync, publish, and move the
+/// durable mark every `mark::MARK_INTERVAL_BYTES`. Any I/O error is fatal: after a
+/// failed fsync the kernel may have dropped the dirty pages, so retrying could report
+/// lost data as durable.
+fn writer_loop(shared: &Shared, dir: &Path, files: WriterFiles, durability: Durability) {
+    let WriterFiles {
+        segment: mut file,
+        segment_path: mut path,
+        mark: mark_file,
+    } = files;
     let mut dirty_since: Option<Instant> = None;
+    // Bytes written since the mark last moved.
+    let mut unmarked: u64 = 0;
     loop {
         let (bytes, records, lsn_hi, rotations, shutdown) = {
             let mut pending = shared.pending.lock();
@@ -531,6 +619,8 @@ fn writer_loop(
         shared.wake_appenders.notify_all();
 
         let result = write_batch(shared, dir, &mut file, &mut path, &bytes, &rotations);
+        unmarked += bytes.len() as u64;
+        let mut synced = false;
         let result = result.and_then(|()| {
             let sync_now = durability == Durability::Disk
                 || shutdown
@@ -554,10 +644,18 @@ fn writer_loop(
                     .fsync_ns
                     .fetch_add(took.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                 dirty_since = None;
+                synced = true;
             } else if !bytes.is_empty() && dirty_since.is_none() {
                 dirty_since = Some(Instant::now());
             }
             Ok(())
+        });
+        let result = result.and_then(|()| {
+            if !synced || unmarked < mark::MARK_INTERVAL_BYTES {
+                return Ok(());
+            }
+            unmarked = 0;
+            move_mark(&mark_file, &file, &path, lsn_hi)
         });
         if let Err(e) = result {
             tracing::error!(error = %e, "log writer failed; the node must stop");
@@ -582,6 +680,26 @@ fn writer_loop(
             return;
         }
     }
+}
+
+/// Record that everything up to `lsn`, the end of the segment `file` at `path`, is
+/// durable. Call only right after fsyncing it.
+fn move_mark(mark_file: &File, file: &File, path: &Path, lsn: Lsn) -> Result<(), Error> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |e| Error::Io { path, source: e }
+    };
+    let offset = file.metadata().map_err(io(path))?.len();
+    let segment_first = path
+        .file_name()
+        .and_then(|n| segment::parse_file_name(&n.to_string_lossy()))
+        .expect("the writer only writes to segments named by segment::file_name");
+    let mark = mark::Mark {
+        lsn,
+        segment_first,
+        offset,
+    };
+    mark::write(mark_file, &mark).map_err(io(&path.with_file_name(mark::FILE_NAME)))
 }
 
 /// Write `bytes` to the open segment, switching to a new segment at each rotation

@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -88,7 +89,13 @@ pub fn write(dir: &Path, image: &Image) -> Result<PathBuf, Error> {
         path: tmp.clone(),
         source: e,
     };
-    let mut file = fs::File::create(&tmp).map_err(io)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
     file.write_all(&bytes).map_err(io)?;
     // Sync before renaming: a rename that reaches the disk before the data would
     // leave an empty snapshot in place of the log it replaces.

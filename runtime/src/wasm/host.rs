@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use wasmtime::component::ResourceTable;
@@ -13,6 +14,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::understudy::function::{call, log, state, types};
+use super::guest_log::{self, Dropped};
 use super::Abort;
 use crate::store::Function;
 use crate::txn::Txn;
@@ -82,6 +84,8 @@ pub struct Ctx {
     wasi: Option<WasiCtx>,
     table: ResourceTable,
     output: MemoryOutputPipe,
+    /// What this instance could not log (over its transaction's cap).
+    log_dropped: Dropped,
 }
 
 impl Ctx {
@@ -104,6 +108,7 @@ impl Ctx {
             wasi: None,
             table: ResourceTable::new(),
             output: MemoryOutputPipe::new(OUTPUT_MAX),
+            log_dropped: Dropped::default(),
         }
     }
 
@@ -111,19 +116,57 @@ impl Ctx {
         self.txn.lock().id.to_string()
     }
 
-    /// Send what the guest printed to the node's log, one event per line.
+    /// Send what the guest printed to the node's log, one event per line (within the
+    /// same caps as its log calls), and report what its caps dropped.
     pub(super) fn flush_output(&mut self) {
-        if self.wasi.is_none() {
-            return;
+        let printed = match self.wasi.is_some() {
+            true => self.output.contents(),
+            false => Default::default(),
+        };
+        if !printed.is_empty() {
+            let txn = self.txn_id();
+            for line in String::from_utf8_lossy(&printed).lines() {
+                if let Some(line) = self.admit_log(line) {
+                    tracing::info!(function = %self.function.name, %txn, "guest: {line}");
+                }
+            }
         }
-        let printed = self.output.contents();
-        if printed.is_empty() {
-            return;
+        if self.log_dropped.any() {
+            let txn = self.txn_id();
+            tracing::warn!(
+                function = %self.function.name,
+                %txn,
+                dropped_messages = self.log_dropped.messages,
+                dropped_bytes = self.log_dropped.bytes,
+                "guest log messages dropped: over the cap of {} bytes per transaction",
+                guest_log::TXN_BYTES_MAX
+            );
         }
-        let txn = self.txn_id();
-        for line in String::from_utf8_lossy(&printed).lines() {
-            tracing::info!(function = %self.function.name, %txn, "guest: {line}");
+    }
+
+    /// `message` as the line to log, or `None` when it is over its transaction's cap or
+    /// its function's rate (then it is counted as dropped).
+    fn admit_log(&mut self, message: &str) -> Option<String> {
+        let line = guest_log::escape(message);
+        let logged = self.txn.lock().log_bytes;
+        if logged + line.len() > guest_log::TXN_BYTES_MAX {
+            self.log_dropped.add(line.len());
+            return None;
         }
+        // The function's bucket counts what its rate drops, and hands the count to the
+        // next message it lets through.
+        let dropped = self.function.log_budget.take(line.len(), Instant::now())?;
+        if dropped.any() {
+            tracing::warn!(
+                function = %self.function.name,
+                dropped_messages = dropped.messages,
+                dropped_bytes = dropped.bytes,
+                "guest log messages dropped: over the function's rate of {} bytes/s",
+                guest_log::FUNCTION_BYTES_PER_S
+            );
+        }
+        self.txn.lock().log_bytes += line.len();
+        Some(line)
     }
 }
 
@@ -258,6 +301,9 @@ impl call::Host for Ctx {
 
 impl log::Host for Ctx {
     fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let Some(message) = self.admit_log(&message) else {
+            return Ok(());
+        };
         let function = &self.function.name;
         let txn = self.txn_id();
         match level {

@@ -6,14 +6,17 @@
 //! **Invariant:** `wasm` never waits on the log or on locks itself: every host call
 //! goes through `Ctx`, whose transaction and `Calls` hook belong to `node`.
 
+pub mod guest_log;
 pub mod host;
 
 use std::hash::{Hash, Hasher};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use wasmtime::component::types::Type;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
@@ -40,6 +43,24 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(20);
 
 /// How often the engine's epoch advances: the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The export every function has, and the type of its one function.
+const HANDLER_EXPORT: &str = "understudy:function/handler@0.1.0";
+const HANDLER_TYPE: &str =
+    "handle: func(method: string, input: list<u8>) -> result<list<u8>, error>";
+
+/// Interfaces a component may import, by package and interface (versions aside): the
+/// world's own, and the WASI ones the host links (it grants no filesystem, sockets or
+/// environment through them). Checked before compiling, which can take seconds.
+const IMPORTS_PROVIDED: &[&str] = &[
+    "understudy:function/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:cli/",
+    "wasi:filesystem/",
+    "wasi:sockets/",
+];
 
 /// Bounds on every instance, whatever the guest does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -81,6 +102,8 @@ pub enum Error {
     UnknownImport(String),
     #[error("the component does not export understudy:function/handler@0.1.0 as the world requires: {0}")]
     MissingExport(String),
+    #[error("the component's handler does not have the world's type: {0}")]
+    WrongHandler(String),
     #[error("the wasm engine could not start: {0}")]
     Engine(String),
     #[error("{path}: {source}")]
@@ -186,17 +209,18 @@ impl Runtime {
     /// seconds): call from a thread that may block.
     ///
     /// Fails with a message saying what is wrong: not wasm, a core module, invalid,
-    /// an unknown import or a missing export.
+    /// an unknown import, a missing export or a handler of the wrong type. Only a
+    /// component that passes every check is kept in the compiled cache.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<Loaded>, Error> {
         let digest = Digest::of(bytes);
         check_header(bytes)?;
-        let component = match self.load_cached(digest) {
-            Some(component) => component,
+        check_imports(bytes)?;
+        let (component, compiled) = match self.load_cached(digest) {
+            Some(component) => (component, false),
             None => {
                 let component = Component::new(&self.engine, bytes)
                     .map_err(|e| Error::Invalid(format!("{e:#}")))?;
-                self.store_cached(digest, &component);
-                component
+                (component, true)
             }
         };
         let pre = self
@@ -205,6 +229,10 @@ impl Runtime {
             .map_err(|e| Error::UnknownImport(format!("{e:#}")))?;
         let pre =
             bindings::FunctionPre::new(pre).map_err(|e| Error::MissingExport(format!("{e:#}")))?;
+        check_handler(&self.engine, &component)?;
+        if compiled {
+            self.store_cached(digest, &component);
+        }
         Ok(Arc::new(Loaded { digest, pre }))
     }
 
@@ -241,10 +269,14 @@ impl Runtime {
         let tmp = path.with_extension("tmp");
         let mut file = Digest::of(&serialized).0.to_vec();
         file.extend_from_slice(&serialized);
-        if std::fs::write(&tmp, &file)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .is_err()
-        {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &file));
+        if written.and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
             tracing::warn!(path = %path.display(), "could not cache the compiled component");
         }
     }
@@ -335,4 +367,120 @@ fn check_header(bytes: &[u8]) -> Result<(), Error> {
         return Err(Error::CoreModule);
     }
     Ok(())
+}
+
+/// Refuse a component that imports what the host does not provide, before compiling it
+/// (seconds for a large one). The linker checks the exact types after compiling.
+fn check_imports(bytes: &[u8]) -> Result<(), Error> {
+    use wasmparser::{Parser, Payload};
+    let invalid = |e: wasmparser::BinaryReaderError| Error::Invalid(e.to_string());
+    // Only the outer component's imports: nested modules and components are satisfied
+    // inside it.
+    let mut depth = 0usize;
+    let mut unknown = Vec::new();
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload.map_err(invalid)? {
+            Payload::Version { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(imports) if depth == 1 => {
+                for import in imports {
+                    let name = import.map_err(invalid)?.name.name;
+                    if !IMPORTS_PROVIDED.iter().any(|p| name.starts_with(p)) {
+                        unknown.push(name.to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(Error::UnknownImport(format!(
+        "{} (the host provides understudy:function's state, call and log, and WASI clocks, random, io and cli)",
+        unknown.join(", ")
+    )))
+}
+
+/// Refuse a component whose handler has another type than the world's: its every call
+/// would trap.
+fn check_handler(engine: &Engine, component: &Component) -> Result<(), Error> {
+    use wasmtime::component::types::ComponentItem;
+    let wrong =
+        |why: String| Error::WrongHandler(format!("{why}; the world requires {HANDLER_TYPE}"));
+    let ty = component.component_type();
+    let export = ty
+        .get_export(engine, HANDLER_EXPORT)
+        .ok_or_else(|| Error::MissingExport(format!("no export named {HANDLER_EXPORT}")))?;
+    let ComponentItem::ComponentInstance(instance) = export.ty else {
+        return Err(wrong(format!("{HANDLER_EXPORT} is not an instance")));
+    };
+    let Some(handle) = instance.get_export(engine, "handle") else {
+        return Err(wrong("it exports no `handle`".into()));
+    };
+    let ComponentItem::ComponentFunc(func) = handle.ty else {
+        return Err(wrong("its `handle` is not a function".into()));
+    };
+    let params: Vec<_> = func.params().map(|(_, t)| t).collect();
+    let results: Vec<_> = func.results().collect();
+    let params_ok = matches!(params.as_slice(), [method, input] if matches!(method, Type::String) && is_bytes(input));
+    let results_ok = matches!(results.as_slice(), [Type::Result(r)]
+        if r.ok().is_some_and(|t| is_bytes(&t)) && r.err().is_some_and(|t| is_error_record(&t)));
+    if params_ok && results_ok {
+        return Ok(());
+    }
+    let list = |types: &[Type]| types.iter().map(type_name).collect::<Vec<_>>().join(", ");
+    Err(wrong(format!(
+        "its `handle` takes ({}) and returns ({})",
+        list(&params),
+        list(&results)
+    )))
+}
+
+fn is_bytes(ty: &Type) -> bool {
+    matches!(ty, Type::List(l) if matches!(l.ty(), Type::U8))
+}
+
+/// The world's `error`: `record { code: string, message: string }`.
+fn is_error_record(ty: &Type) -> bool {
+    let Type::Record(record) = ty else {
+        return false;
+    };
+    let fields: Vec<_> = record.fields().map(|f| (f.name.to_owned(), f.ty)).collect();
+    matches!(fields.as_slice(), [(code, c), (message, m)]
+        if code == "code" && message == "message" && matches!(c, Type::String) && matches!(m, Type::String))
+}
+
+/// A short WIT-like name of `ty`, for error messages.
+fn type_name(ty: &Type) -> String {
+    match ty {
+        Type::Bool => "bool".into(),
+        Type::S8 => "s8".into(),
+        Type::U8 => "u8".into(),
+        Type::S16 => "s16".into(),
+        Type::U16 => "u16".into(),
+        Type::S32 => "s32".into(),
+        Type::U32 => "u32".into(),
+        Type::S64 => "s64".into(),
+        Type::U64 => "u64".into(),
+        Type::Float32 => "f32".into(),
+        Type::Float64 => "f64".into(),
+        Type::Char => "char".into(),
+        Type::String => "string".into(),
+        Type::List(l) => format!("list<{}>", type_name(&l.ty())),
+        Type::Option(o) => format!("option<{}>", type_name(&o.ty())),
+        Type::Result(r) => format!(
+            "result<{}, {}>",
+            r.ok().map_or("_".into(), |t| type_name(&t)),
+            r.err().map_or("_".into(), |t| type_name(&t))
+        ),
+        Type::Record(r) => format!(
+            "record {{ {} }}",
+            r.fields()
+                .map(|f| format!("{}: {}", f.name, type_name(&f.ty)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => "another type".into(),
+    }
 }

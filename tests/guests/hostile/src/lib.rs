@@ -23,6 +23,8 @@
 //! | `put-many` | `{"count": n, "value_len": m}` | puts n values of m bytes at keys `k/0000000`, `k/0000001`, ...; `{"written": n}`, or the first error as the handler's error |
 //! | `echo` | any bytes | the same bytes |
 //! | `scan` | `{"prefix": "k/", "limit": 10}` | `{"entries": [["k/1", "v"], ...]}` |
+//! | `log-many` | `{"count": n, "len": m}` | logs n messages of m bytes at info; `{}` |
+//! | `raw` | `{"text": "t"}` | the bytes of `t` as its output, JSON or not |
 //! | `big-output` | `{"bytes": n}` | a JSON string of n `x`s (n + 2 bytes of output) |
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +48,8 @@ understudy_sdk::function! {
     "put-many" => put_many,
     "echo" => echo,
     "scan" => scan,
+    "log-many" => log_many,
+    "raw" => raw,
     "big-output" => big_output,
 }
 
@@ -78,6 +82,17 @@ struct LogArgs {
 #[derive(Deserialize)]
 struct BigOutputArgs {
     bytes: usize,
+}
+
+#[derive(Deserialize)]
+struct LogManyArgs {
+    count: u32,
+    len: u32,
+}
+
+#[derive(Deserialize)]
+struct RawArgs {
+    text: String,
 }
 
 #[derive(Deserialize)]
@@ -274,4 +289,16 @@ fn scan(args: ScanArgs) -> Result<Entries> {
         })
         .collect();
     Ok(Entries { entries })
+}
+
+fn log_many(args: LogManyArgs) -> Result<Empty> {
+    let message = "x".repeat(args.len as usize);
+    for _ in 0..args.count {
+        understudy_sdk::log::info(&message);
+    }
+    Ok(Empty {})
+}
+
+fn raw(args: RawArgs) -> Result<Raw> {
+    Ok(Raw(args.text.into_bytes()))
 }
