@@ -1247,7 +1247,17 @@ impl Node {
         static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
         let tmp = path.with_extension(format!("{}.tmp", TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
         let io = |e: std::io::Error| AdminError::Storage(format!("{}: {e}", tmp.display()));
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        // Owner only, whatever the umask: components are the operator's code.
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?
+        };
         std::io::Write::write_all(&mut file, bytes).map_err(io)?;
         // The log will refer to this file: it must be on disk before the record is.
         file.sync_all().map_err(io)?;

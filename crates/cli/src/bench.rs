@@ -183,7 +183,12 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     let (ops, elapsed, http_lat) = drive(1, args.seconds, move || {
         let (client, url) = (client.clone(), url.clone());
         async move {
-            let r = client.post(&url).body("null").send().await?;
+            let r = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("null")
+                .send()
+                .await?;
             anyhow::ensure!(r.status().is_success(), "status {}", r.status());
             r.bytes().await?;
             Ok(())
@@ -488,7 +493,12 @@ async fn http_bodies(
         let (client, url, body, n) = (client.clone(), url.clone(), body.clone(), n.clone());
         async move {
             let body = body(n.fetch_add(1, Ordering::Relaxed));
-            let reply = client.post(&url).body(body).send().await?;
+            let reply = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
             if !reply.status().is_success() {
                 anyhow::bail!("{}: {}", reply.status(), reply.text().await?);
             }
@@ -705,6 +715,7 @@ async fn catch_up(args: &Args, cluster: &crate::local::LocalCluster) -> anyhow::
     let reply = cluster
         .client()
         .post(&url)
+        .header("content-type", "application/json")
         .body(r#"{"count": 10000, "value_len": 1500}"#)
         .send()
         .await?;

@@ -235,6 +235,7 @@ async fn demo(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     let total: Value = cluster
         .client()
         .post(format!("{url}/v1/functions/bank/total"))
+        .header("content-type", "application/json")
         .body("null")
         .send()
         .await?

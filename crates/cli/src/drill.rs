@@ -876,6 +876,7 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         let reply = cluster
             .client()
             .post(format!("{url}/v1/functions/{f}/total"))
+            .header("content-type", "application/json")
             .body("null")
             .send()
             .await?;

@@ -308,7 +308,13 @@ impl LocalCluster {
         if replicas > 0 {
             url.push_str(&format!("?replicas={replicas}"));
         }
-        let reply = self.http.put(url).body(bytes).send().await?;
+        let reply = self
+            .http
+            .put(url)
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await?;
         let status = reply.status();
         let body: Value = reply.json().await.unwrap_or(Value::Null);
         if !status.is_success() {

@@ -1,9 +1,11 @@
 //! Placement: which nodes hold a function's copies, and what to change when a node goes
-//! away. Pure functions of a [`ClusterState`]: `command` calls [`place`] when it applies
-//! a deploy (so every replica computes the same answer), and the master calls
-//! [`plan_failover`] and [`plan_repair`] and proposes the commands they return.
+//! away or comes back. Pure functions of a [`ClusterState`]: `command` calls [`place`]
+//! when it applies a deploy (so every replica computes the same answer), and the master
+//! calls [`plan_failover`], [`plan_repair`] and [`plan_rebalance`] (which hands the
+//! primaries the master holds over to their backups, one at a time) and proposes the
+//! commands they return.
 //! **Invariant:** no plan ever puts two copies of one function on one node, or a copy on
-//! a witness, a draining, removed or down node. Rebalancing is not done here.
+//! a witness, a draining, removed or down node.
 
 use std::collections::BTreeMap;
 

@@ -7,8 +7,9 @@
 //! the assignments say (`replica`); forwards invocations to primaries over `Invoke`;
 //! and answers `GET /v1/cluster`.
 //!
-//! Not yet here: catch-up of a new backup by snapshot, failure detection and promotion
-//! (issue 4), calls between functions on different nodes (issue 5).
+//! Beside it: `replica` (the replication engines' drivers and snapshot catch-ups),
+//! `distributed` (calls across nodes and two-phase commit), `health` (the master's
+//! failure detector, promotions and hand-overs), `lease` and `vip`.
 //!
 //! **Invariant:** every byte between nodes goes over mutually authenticated QUIC; a peer
 //! is known by the node id in its certificate, never by what it claims in a message.
