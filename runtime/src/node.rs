@@ -139,6 +139,33 @@ pub enum OpenError {
     Wasm(#[from] wasm::Error),
 }
 
+/// Errors of writing to this node's log what a copy receives (replicated entries, a
+/// snapshot) or a step of two-phase commit. The copy that hits one no longer matches its
+/// primary's, or this node's log has failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("function {0} is not deployed here")]
+    NotDeployed(FunctionName),
+    #[error("{0} is no longer served here")]
+    NotServed(FunctionName),
+    #[error("entry {seq} does not follow this copy's position #{position}")]
+    NotNext {
+        seq: crate::replication::Seq,
+        position: u64,
+    },
+    #[error("entry {0} carries another function's answer")]
+    ForeignAnswer(crate::replication::Seq),
+    #[error("entry {seq} resolves transaction {txn}, which is not prepared here")]
+    NotPrepared {
+        seq: crate::replication::Seq,
+        txn: TxnId,
+    },
+    #[error(transparent)]
+    Log(#[from] wal::Error),
+    #[error(transparent)]
+    Apply(#[from] crate::store::Error),
+}
+
 /// A handler's answer.
 #[derive(Debug)]
 pub struct Answer {
@@ -841,12 +868,10 @@ impl Node {
     }
 
     /// Resolves once the log is durable up to `lsn` (whatever the durability setting).
-    pub async fn wait_lsn_durable(&self, lsn: Lsn) -> Result<(), String> {
-        self.inner
-            .wal
-            .wait_durable(lsn)
-            .await
-            .map_err(|e| e.to_string())
+    ///
+    /// Fails when the log writer has failed.
+    pub async fn wait_lsn_durable(&self, lsn: Lsn) -> Result<(), LogError> {
+        Ok(self.inner.wal.wait_durable(lsn).await?)
     }
 
     /// On a backup: append `entries` of `function`'s replicated log (from the primary of
@@ -859,26 +884,26 @@ impl Node {
         function: &FunctionName,
         epoch: u64,
         entries: Vec<(crate::replication::Seq, Entry)>,
-    ) -> Result<Lsn, String> {
+    ) -> Result<Lsn, LogError> {
         let inner = &self.inner;
         let f = inner
             .store
             .get(function)
-            .ok_or_else(|| format!("function {function} is not deployed here"))?;
+            .ok_or_else(|| LogError::NotDeployed(function.clone()))?;
         let mut lsn_last = Lsn::ZERO;
         for (seq, entry) in entries {
             if seq.0 != f.seq() + 1 {
-                return Err(format!(
-                    "entry {seq} does not follow this copy's position #{}",
-                    f.seq()
-                ));
+                return Err(LogError::NotNext {
+                    seq,
+                    position: f.seq(),
+                });
             }
             if entry
                 .idempotency
                 .as_ref()
                 .is_some_and(|i| &i.function != function)
             {
-                return Err(format!("entry {seq} carries another function's answer"));
+                return Err(LogError::ForeignAnswer(seq));
             }
             if entry.kind == (Kind::Resolved { commit: true })
                 || entry.kind == (Kind::Resolved { commit: false })
@@ -886,18 +911,17 @@ impl Node {
                 // Checked before it is logged: a record that cannot be applied would stop
                 // recovery.
                 if !f.is_prepared(entry.txn) {
-                    return Err(format!(
-                        "entry {seq} resolves transaction {}, which is not prepared here",
-                        entry.txn
-                    ));
+                    return Err(LogError::NotPrepared {
+                        seq,
+                        txn: entry.txn,
+                    });
                 }
             }
             let record = replicated_record(function, epoch, entry);
             let (lsn, applied) = inner
                 .wal
-                .append(&record, |lsn| inner.store.apply(lsn, &record))
-                .map_err(|e| e.to_string())?;
-            applied.map_err(|e| e.to_string())?;
+                .append(&record, |lsn| inner.store.apply(lsn, &record))?;
+            applied?;
             lsn_last = lsn;
         }
         // A backup's log grows with what it receives: it needs snapshots as a primary does.
@@ -917,13 +941,12 @@ impl Node {
         copy: &Arc<crate::cluster::replica::PrimaryCopy>,
         record: &Record,
         entry: Entry,
-    ) -> Result<(Lsn, u64), String> {
+    ) -> Result<(Lsn, u64), LogError> {
         let inner = &self.inner;
         let (lsn, applied) = inner
             .wal
-            .append(record, |lsn| inner.store.apply(lsn, record))
-            .map_err(|e| e.to_string())?;
-        applied.map_err(|e| e.to_string())?;
+            .append(record, |lsn| inner.store.apply(lsn, record))?;
+        applied?;
         let seq = f.seq();
         copy.appended(seq, entry);
         Ok((lsn, seq))
@@ -1006,26 +1029,20 @@ impl Node {
     /// and apply). Returns the position to wait for before acknowledging.
     ///
     /// Fails when the function is not deployed here or the log fails.
-    pub fn restore(&self, image: crate::wal::snapshot::FunctionImage) -> Result<Lsn, String> {
+    pub fn restore(&self, image: crate::wal::snapshot::FunctionImage) -> Result<Lsn, LogError> {
         let inner = &self.inner;
         if inner.store.get(&image.deploy.function).is_none() {
-            return Err(format!(
-                "function {} is not deployed here",
-                image.deploy.function
-            ));
+            return Err(LogError::NotDeployed(image.deploy.function.clone()));
         }
         // The copy is built before the log's lock is taken: every commit on this node
         // appends under it, and a large function takes milliseconds to copy.
         let function = image.deploy.function.clone();
         let restored = Restored::of(&image);
         let record = Record::Restore(Box::new(image));
-        let (lsn, applied) = inner
-            .wal
-            .append(&record, |lsn| {
-                inner.store.put_restored(lsn, &function, restored)
-            })
-            .map_err(|e| e.to_string())?;
-        applied.map_err(|e| e.to_string())?;
+        let (lsn, applied) = inner.wal.append(&record, |lsn| {
+            inner.store.put_restored(lsn, &function, restored)
+        })?;
+        applied?;
         self.maybe_checkpoint();
         Ok(lsn)
     }

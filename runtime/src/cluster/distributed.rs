@@ -496,9 +496,9 @@ impl Distributed {
         self: &Arc<Self>,
         to: FunctionName,
         message: Message<FunctionName>,
-    ) -> Result<(), String> {
+    ) -> Result<(), InvokeError> {
         let Some(copy) = self.primary(&to) else {
-            return Err(format!("this node is not the primary of {to}"));
+            return Err(InvokeError::NotPrimary(to));
         };
         let holds = match &message {
             Message::Prepare { txn, .. } => self.part(*txn).is_some_and(|t| t.lock().holds(&to)),
@@ -534,7 +534,8 @@ impl Distributed {
             };
             ((), cmds)
         })
-        .ok_or_else(|| format!("the two-phase-commit state of {to} is being set up here"))
+        // The slot is being set up here: the sender tries again, as with another primary.
+        .ok_or(InvokeError::NotPrimary(to))
     }
 
     /// Send `message` to the primary of `to`, wherever it is (best effort: the state
@@ -836,7 +837,7 @@ impl Distributed {
                 };
                 self.node.log_step(&f, copy, &record, entry)
             }
-            _ => Err(format!("{function} is no longer served here")),
+            _ => Err(crate::node::LogError::NotServed(function.clone())),
         };
         // Its writes are promised in the log (or dropped): isolation is the store's now.
         f.lock.release(txn);
@@ -892,7 +893,7 @@ impl Distributed {
             };
             self.node.log_step(&f, copy, &record, entry).map(Some)
         } else {
-            Err(format!("{function} is no longer served here"))
+            Err(crate::node::LogError::NotServed(function.clone()))
         };
         drop(locked);
         let done = match written {

@@ -953,12 +953,10 @@ impl Cluster {
                     ))),
                 }
             }
-            Invoke::TwoPhase { to, message } => {
-                match self.distributed.receive(to.clone(), message) {
-                    Ok(()) => InvokeReply::Taken,
-                    Err(_) => InvokeReply::Failed(InvokeError::NotPrimary(to)),
-                }
-            }
+            Invoke::TwoPhase { to, message } => match self.distributed.receive(to, message) {
+                Ok(()) => InvokeReply::Taken,
+                Err(e) => InvokeReply::Failed(e),
+            },
             Invoke::Call {
                 function,
                 method,

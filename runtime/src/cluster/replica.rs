@@ -267,6 +267,25 @@ pub struct CatchUpRecord {
     pub mb_per_s: f64,
 }
 
+/// Why one attempt at a catch-up failed (it is tried again while the copy serves).
+#[derive(Debug, thiserror::Error)]
+enum CatchUpError {
+    #[error("no address for node {0}")]
+    NoAddress(NodeId),
+    #[error("function {0} is gone")]
+    Gone(FunctionName),
+    #[error("encoding the snapshot failed: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Transport(#[from] understudy_net::transport::Error),
+    #[error(transparent)]
+    Decode(#[from] wire::DecodeError),
+    #[error("node {node}: {why}")]
+    Refused { node: NodeId, why: String },
+    #[error("node {node} answered an install with {reply}")]
+    Unexpected { node: NodeId, reply: String },
+}
+
 /// How long a catch-up waits before trying again after a failure.
 const CATCH_UP_RETRY: Duration = Duration::from_millis(200);
 /// A snapshot transfer that takes longer than this is abandoned (and retried).
@@ -297,15 +316,15 @@ impl Senders {
         });
     }
 
-    async fn install_once(&self, copy: &Arc<PrimaryCopy>, to: NodeId) -> Result<(), String> {
+    async fn install_once(&self, copy: &Arc<PrimaryCopy>, to: NodeId) -> Result<(), CatchUpError> {
         let started = Instant::now();
         let addr = self
             .addrs
             .read()
             .get(&to)
             .copied()
-            .ok_or_else(|| format!("no address for node {to}"))?;
-        let gone = || format!("function {} is gone", copy.function);
+            .ok_or(CatchUpError::NoAddress(to))?;
+        let gone = || CatchUpError::Gone(copy.function.clone());
         // The capture and its position agree (taken between two appends to the log), and
         // the engine keeps every entry after it for this backup (an entry it appended
         // before hearing of the install is still in its log, or the backup asks for a
@@ -336,15 +355,14 @@ impl Senders {
             }))
         })
         .await
-        .map_err(|e| format!("encoding the snapshot failed: {e}"))?
+        .map_err(|e| CatchUpError::Encode(e.to_string()))?
         .ok_or_else(gone)?;
         let bytes = body.len();
         let reply = self
             .transport
             .request_within(to.0, addr, Channel::Bulk, body, INSTALL_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
-        match wire::decode::<wire::BulkReply>(&reply).map_err(|e| e.to_string())? {
+            .await?;
+        match wire::decode::<wire::BulkReply>(&reply)? {
             wire::BulkReply::Installed { seq: installed } => {
                 copy.step(primary::Event::Resynced {
                     node: to,
@@ -375,8 +393,11 @@ impl Senders {
                 });
                 Ok(())
             }
-            wire::BulkReply::Error(e) => Err(format!("node {to}: {e}")),
-            other => Err(format!("node {to} answered an install with {other:?}")),
+            wire::BulkReply::Error(why) => Err(CatchUpError::Refused { node: to, why }),
+            other => Err(CatchUpError::Unexpected {
+                node: to,
+                reply: format!("{other:?}"),
+            }),
         }
     }
 
@@ -661,14 +682,14 @@ impl Replicas {
             // off this thread meanwhile.
             let lsn = match tokio::task::block_in_place(|| self.node.restore(image)) {
                 Ok(lsn) => lsn,
-                Err(e) => return wire::BulkReply::Error(e),
+                Err(e) => return wire::BulkReply::Error(e.to_string()),
             };
             engine.install(primary, Epoch(epoch), Seq(seq), Epoch(epoch_last));
             lsn
         };
         if self.node.wal_durability() == Durability::Disk {
             if let Err(e) = self.node.wait_lsn_durable(lsn).await {
-                return wire::BulkReply::Error(e);
+                return wire::BulkReply::Error(e.to_string());
             }
         }
         tracing::info!(%function, primary = %from, seq, "installed the primary's snapshot");
