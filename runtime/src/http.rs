@@ -210,6 +210,39 @@ async fn json_errors(request: Request, next: Next) -> Response {
     answer
 }
 
+/// Middleware: a request refused before its body was read (a bad query, a foreign host,
+/// a wrong media type, a wrong verb, no token) is answered with `Connection: close`. The
+/// server drops the connection rather than read the rest of the body, and a client
+/// that did not hear so would send its next request on a connection about to close (a
+/// test saw that as an incomplete message).
+async fn close_after_refused_body(request: Request, next: Next) -> Response {
+    let has_body = request.headers().contains_key(header::TRANSFER_ENCODING)
+        || request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
+    let mut response = next.run(request).await;
+    let refused = matches!(
+        response.status(),
+        StatusCode::BAD_REQUEST
+            | StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::NOT_FOUND
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    if has_body && refused {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
 fn rejection_code(status: StatusCode) -> &'static str {
     match status {
         StatusCode::NOT_FOUND => "not-found",
@@ -567,6 +600,8 @@ pub async fn serve(
         connections_max: conn::connections_max(options.connections_max),
         header_read_timeout: Duration::from_millis(options.header_read_timeout_ms),
     };
-    let app = router(node).layer(middleware::from_fn_with_state(edge, edge::guard));
+    let app = router(node)
+        .layer(middleware::from_fn_with_state(edge, edge::guard))
+        .layer(middleware::from_fn(close_after_refused_body));
     conn::serve(app, listener, limits, shutdown).await
 }

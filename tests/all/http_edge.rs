@@ -154,7 +154,9 @@ fn every_error_is_json() {
         .request(Method::PUT, "/v1/functions/d?replicas=lots")
         .header("content-type", "application/wasm")
         .body(component("counter"));
-    expect_json_error(api.send(bad_query).expect("request"), 400, "bad-request");
+    let refused = expect_json_error(api.send(bad_query).expect("request"), 400, "bad-request");
+    // Its body was never read: the client must not reuse the connection.
+    assert_eq!(refused.header("connection"), Some("close"), "{refused:?}");
 
     // %FF decodes to a byte that is not UTF-8.
     let bad_path = api.send(api.request(Method::GET, "/v1/functions/%FF"));
