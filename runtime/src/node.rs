@@ -1013,7 +1013,7 @@ impl Node {
         let captured = self
             .inner
             .wal
-            .between_appends(|_| self.inner.store.capture_function(function))?;
+            .between_appends(|| self.inner.store.capture_function(function))?;
         let seq = captured.seq()?;
         Some((captured, seq))
     }

@@ -843,11 +843,7 @@ async fn one_run(args: &Args, cluster: &mut LocalCluster, i: usize) -> anyhow::R
         .max_by_key(|r| r.answered.duration_since(r.sent));
     let slowest_ms = slowest.map(|r| r.answered.duration_since(r.sent).as_secs_f64() * 1000.0);
     let slowest_at = slowest.map(|r| {
-        let from_ms = if r.sent >= t0 {
-            r.sent.duration_since(t0).as_secs_f64() * 1000.0
-        } else {
-            -(t0.duration_since(r.sent).as_secs_f64() * 1000.0)
-        };
+        let from_ms = ms_after(t0, r.sent);
         format!(
             "{} sent at +{from_ms:.0} ms, {} retries{}",
             r.function,
@@ -939,15 +935,17 @@ struct Pause {
     from_ms: f64,
 }
 
+/// Milliseconds from `t0` to `at` (negative when `at` is earlier).
+fn ms_after(t0: Instant, at: Instant) -> f64 {
+    if at >= t0 {
+        at.duration_since(t0).as_secs_f64() * 1000.0
+    } else {
+        -(t0.duration_since(at).as_secs_f64() * 1000.0)
+    }
+}
+
 fn longest_pause(records: &[Record], t0: Instant) -> Option<Pause> {
     // Every function, `transfer` (answered by the cross workload) included.
-    let since_t0 = |at: Instant| {
-        if at >= t0 {
-            at.duration_since(t0).as_secs_f64() * 1000.0
-        } else {
-            -(t0.duration_since(at).as_secs_f64() * 1000.0)
-        }
-    };
     FUNCTIONS
         .iter()
         .chain(&[CROSS])
@@ -964,7 +962,7 @@ fn longest_pause(records: &[Record], t0: Instant) -> Option<Pause> {
                 .map(|w| Pause {
                     function: f,
                     ms: w[1].duration_since(w[0]).as_secs_f64() * 1000.0,
-                    from_ms: since_t0(w[0]),
+                    from_ms: ms_after(t0, w[0]),
                 })
                 .max_by(|a, b| a.ms.total_cmp(&b.ms))
         })

@@ -277,11 +277,11 @@ impl Wal {
     }
 
     /// Run `f` between two appends: no record is appended, nor applied, while it runs,
-    /// so what it reads of the state is the log's up to the position it is given. `f`
-    /// must be quick (every commit on the node waits for it).
-    pub fn between_appends<R>(&self, f: impl FnOnce(Lsn) -> R) -> R {
-        let pending = self.shared.pending.lock();
-        f(pending.lsn_last)
+    /// so what it reads of the state matches the log. `f` must be quick (every commit on
+    /// the node waits for it).
+    pub fn between_appends<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _pending = self.shared.pending.lock();
+        f()
     }
 
     /// The last LSN appended (durable or not).
