@@ -991,6 +991,10 @@ impl Node {
             call.input,
         )
         .await;
+        let result = match result {
+            Ok(outcome) => self.part_reads_released(cluster, &txn).await.map(|()| outcome),
+            Err(e) => Err(classify(e)),
+        };
         match result {
             Ok(outcome) => InvokeReply::PartAnswer {
                 outcome: outcome.map(ByteBuf).map_err(|e| (e.code, e.message)),
@@ -999,9 +1003,55 @@ impl Node {
             Err(e) => {
                 // The whole transaction fails: nothing of its part here will commit.
                 d.drop_part(id);
-                failed(classify(e))
+                failed(e)
             }
         }
+    }
+
+    /// Wait until everything the part `txn` saw here is released: durable here and held
+    /// by the backups of each function it locked, and this node still their primary.
+    ///
+    /// A part that only read is let go without a PREPARE record (which would have put it
+    /// in the log after what it saw), and its caller answers the client at once; so an
+    /// earlier commit still in flight here must be released before its effects leave
+    /// this node, or a failover could lose it after a client was shown it. A part that
+    /// wrote waits too: telling the two apart is not worth it, its PREPARE waits anyway.
+    async fn part_reads_released(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        txn: &Arc<Mutex<Txn>>,
+    ) -> Result<(), InvokeError> {
+        let (held, deadline) = {
+            let t = txn.lock();
+            (t.held().to_vec(), t.deadline)
+        };
+        let lsn = held
+            .iter()
+            .map(|f| f.lsn_last_write())
+            .max()
+            .unwrap_or(Lsn::ZERO);
+        let mut seqs: Positions = Vec::with_capacity(held.len());
+        for g in &held {
+            let Some(copy) = cluster.replicas().primary(&g.name) else {
+                return Err(InvokeError::Unavailable(format!(
+                    "this node stopped being the primary of {} during the call",
+                    g.name
+                )));
+            };
+            seqs.push((copy, g.seq()));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(left, self.wait_released(lsn, seqs.clone()))
+            .await
+            .map_err(|_| {
+                InvokeError::Deadline(
+                    "the deadline passed while what a call read was being replicated".into(),
+                )
+            })??;
+        for (copy, _) in &seqs {
+            check_lease(cluster, Some(copy))?;
+        }
+        Ok(())
     }
 
     /// `function` captured for a backup's catch-up, with its position (microseconds:

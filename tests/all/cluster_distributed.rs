@@ -586,6 +586,99 @@ fn conflicting_transfers_across_nodes_neither_deadlock_nor_lose_money() {
     check_whole(&nodes, &answered);
 }
 
+/// A call that only reads a function on another node must not carry out a commit that
+/// node has not yet replicated: with the bank's only backup paused (and failure detection
+/// slowed so it stays a backup), a deposit there is applied but never released, and a
+/// `transfer/total` through the coordinator's node must not show it (it waits, or fails)
+/// until the backup holds it. Found by the nemesis under load: the caller answered the
+/// client with a read part's unreleased state, the commit was then lost in a failover
+/// and retried after another, and the history had two orders for one list.
+#[test]
+fn a_read_through_another_node_never_shows_an_unreplicated_commit() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let members = members3();
+    let nodes: Vec<NodeProcess> = members
+        .iter()
+        .map(|(id, _, _)| {
+            let mut toml = config(*id, certs.path(), &members);
+            toml.push_str("failure_timeout_ms = 60000\n");
+            NodeProcess::start_with(NodeOptions {
+                config_toml: Some(toml),
+                ..NodeOptions::default()
+            })
+        })
+        .collect();
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    for bank in BANKS {
+        deploy(&nodes[0], bank, "bank", 2);
+        nodes[0].api().ok(bank, "open", json!({ "account": "a", "initial": INITIAL }));
+    }
+    let coordinator = deploy(&nodes[0], "transfer", "transfer", 1);
+    // A bank whose primary and backup are both away from the coordinator's node.
+    let functions = status(&nodes[0]).expect("status")["functions"].clone();
+    let copies = |bank: &str| -> (u64, u64) {
+        let f = functions
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["name"] == bank))
+            .expect("the bank is deployed");
+        (
+            f["primary"].as_u64().expect("primary"),
+            f["backups"][0].as_u64().expect("one backup"),
+        )
+    };
+    let (bank, (primary, backup)) = BANKS
+        .iter()
+        .map(|b| (*b, copies(b)))
+        .filter(|(_, (p, b))| *p != coordinator && *b != coordinator)
+        .min_by_key(|(_, (_, b))| *b == master)
+        .expect("one bank has both copies away from transfer's primary");
+    println!("{bank}: primary {primary}, backup {backup}; transfer on {coordinator}; master {master}");
+
+    let paused = &nodes[(backup - 1) as usize];
+    let signal = |sig: &str| {
+        let pid = paused.pid().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let deposit = {
+        let api = nodes[(primary - 1) as usize].api().clone();
+        std::thread::spawn(move || {
+            api.try_invoke(bank, "deposit", &json!({ "account": "a", "amount": 5 }), Some("dep-1"))
+        })
+    };
+    // The deposit is applied on the primary and waits for the paused backup.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !deposit.is_finished(),
+        "the deposit was answered while the bank's only backup was paused"
+    );
+    let read = nodes[(coordinator - 1) as usize]
+        .api()
+        .invoke("transfer", "total", &json!({ "banks": [bank] }));
+    println!("the read while the backup is paused: {} {}", read.status, read.body);
+    assert!(
+        read.status != 200 || read.body["total"] == INITIAL,
+        "a read through node {coordinator} showed a deposit node {primary} had not replicated: {}",
+        read.body
+    );
+    assert!(
+        !deposit.is_finished(),
+        "the deposit was answered while the bank's only backup was paused"
+    );
+    signal("-CONT");
+    let answered = deposit.join().expect("the deposit thread").expect("the deposit's answer");
+    assert_eq!(answered.status, 200, "the deposit: {}", answered.body);
+    let total = nodes[(coordinator - 1) as usize]
+        .api()
+        .ok("transfer", "total", json!({ "banks": [bank] }));
+    assert_eq!(total["total"], INITIAL + 5, "the deposit once replicated");
+}
+
 /// The file naming the failpoint node `id` dies at (see `understudy::failpoint`).
 fn failpoint_file(certs: &std::path::Path, id: u64) -> std::path::PathBuf {
     certs.join(format!("failpoint-{id}"))

@@ -361,6 +361,16 @@ impl Drop for NodeProcess {
                 self.log_path().display(),
                 log_tail(&self.log_path())
             );
+            if std::env::var_os("UNDERSTUDY_TEST_KEEP").is_some() {
+                let root = std::mem::replace(
+                    &mut self.root,
+                    tempfile::Builder::new()
+                        .prefix("understudy-test-")
+                        .tempdir()
+                        .expect("create a temp dir"),
+                );
+                eprintln!("kept {} (UNDERSTUDY_TEST_KEEP)", root.keep().display());
+            }
         }
     }
 }
