@@ -992,7 +992,10 @@ impl Node {
         )
         .await;
         let result = match result {
-            Ok(outcome) => self.part_reads_released(cluster, &txn).await.map(|()| outcome),
+            Ok(outcome) => self
+                .part_reads_released(cluster, &txn)
+                .await
+                .map(|()| outcome),
             Err(e) => Err(classify(e)),
         };
         match result {

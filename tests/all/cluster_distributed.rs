@@ -612,7 +612,9 @@ fn a_read_through_another_node_never_shows_an_unreplicated_commit() {
     let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
     for bank in BANKS {
         deploy(&nodes[0], bank, "bank", 2);
-        nodes[0].api().ok(bank, "open", json!({ "account": "a", "initial": INITIAL }));
+        nodes[0]
+            .api()
+            .ok(bank, "open", json!({ "account": "a", "initial": INITIAL }));
     }
     let coordinator = deploy(&nodes[0], "transfer", "transfer", 1);
     // A bank whose primary and backup are both away from the coordinator's node.
@@ -633,7 +635,9 @@ fn a_read_through_another_node_never_shows_an_unreplicated_commit() {
         .filter(|(_, (p, b))| *p != coordinator && *b != coordinator)
         .min_by_key(|(_, (_, b))| *b == master)
         .expect("one bank has both copies away from transfer's primary");
-    println!("{bank}: primary {primary}, backup {backup}; transfer on {coordinator}; master {master}");
+    println!(
+        "{bank}: primary {primary}, backup {backup}; transfer on {coordinator}; master {master}"
+    );
 
     let paused = &nodes[(backup - 1) as usize];
     let signal = |sig: &str| {
@@ -648,7 +652,12 @@ fn a_read_through_another_node_never_shows_an_unreplicated_commit() {
     let deposit = {
         let api = nodes[(primary - 1) as usize].api().clone();
         std::thread::spawn(move || {
-            api.try_invoke(bank, "deposit", &json!({ "account": "a", "amount": 5 }), Some("dep-1"))
+            api.try_invoke(
+                bank,
+                "deposit",
+                &json!({ "account": "a", "amount": 5 }),
+                Some("dep-1"),
+            )
         })
     };
     // The deposit is applied on the primary and waits for the paused backup.
@@ -657,10 +666,15 @@ fn a_read_through_another_node_never_shows_an_unreplicated_commit() {
         !deposit.is_finished(),
         "the deposit was answered while the bank's only backup was paused"
     );
-    let read = nodes[(coordinator - 1) as usize]
-        .api()
-        .invoke("transfer", "total", &json!({ "banks": [bank] }));
-    println!("the read while the backup is paused: {} {}", read.status, read.body);
+    let read = nodes[(coordinator - 1) as usize].api().invoke(
+        "transfer",
+        "total",
+        &json!({ "banks": [bank] }),
+    );
+    println!(
+        "the read while the backup is paused: {} {}",
+        read.status, read.body
+    );
     assert!(
         read.status != 200 || read.body["total"] == INITIAL,
         "a read through node {coordinator} showed a deposit node {primary} had not replicated: {}",
@@ -671,11 +685,15 @@ fn a_read_through_another_node_never_shows_an_unreplicated_commit() {
         "the deposit was answered while the bank's only backup was paused"
     );
     signal("-CONT");
-    let answered = deposit.join().expect("the deposit thread").expect("the deposit's answer");
+    let answered = deposit
+        .join()
+        .expect("the deposit thread")
+        .expect("the deposit's answer");
     assert_eq!(answered.status, 200, "the deposit: {}", answered.body);
-    let total = nodes[(coordinator - 1) as usize]
-        .api()
-        .ok("transfer", "total", json!({ "banks": [bank] }));
+    let total =
+        nodes[(coordinator - 1) as usize]
+            .api()
+            .ok("transfer", "total", json!({ "banks": [bank] }));
     assert_eq!(total["total"], INITIAL + 5, "the deposit once replicated");
 }
 

@@ -219,6 +219,7 @@ fn replicate_as(
                 understudy::ids::FunctionName::new("counter").expect("name"),
                 Append {
                     epoch: Epoch(epoch),
+                    session: 1,
                     seq_prev: Seq(seq),
                     epoch_prev: Epoch(epoch),
                     entries: vec![(

@@ -234,6 +234,52 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Each node's view of the cluster, one line each (for a cluster that did not heal): its
+/// Raft state, the nodes' health as it sees them, and each function's copies.
+fn views(nodes: &[NodeProcess]) -> String {
+    let mut lines = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let Some(s) = crate::cluster_form::status(node) else {
+            lines.push(format!("node {}: no status", i + 1));
+            continue;
+        };
+        let health: Vec<String> = s["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| format!("{}:{}", n["id"], n["health"].as_str().unwrap_or("?")))
+            .collect();
+        let functions: Vec<String> = s["functions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| {
+                format!(
+                    "{} e{} p{} b{} c{} here {}",
+                    f["name"].as_str().unwrap_or("?"),
+                    f["epoch"],
+                    f["primary"],
+                    f["backups"],
+                    f["catching_up"],
+                    f["here"]
+                )
+            })
+            .collect();
+        lines.push(format!(
+            "node {}: raft {} term {} leader {} log {} applied {}; health [{}]; {}",
+            i + 1,
+            s["raft"]["state"],
+            s["raft"]["term"],
+            s["raft"]["leader"],
+            s["raft"]["last_log_index"],
+            s["raft"]["last_applied_index"],
+            health.join(" "),
+            functions.join("; ")
+        ));
+    }
+    lines.join("\n")
+}
+
 #[test]
 fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
     let Some(net) = Net::new(NODES) else {
@@ -321,8 +367,9 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
         }
         assert!(
             healed.elapsed() < HEAL_TIMEOUT,
-            "the cluster did not heal within {HEAL_TIMEOUT:?} (seed {seed}): {}",
-            bank(&nodes[0])
+            "the cluster did not heal within {HEAL_TIMEOUT:?} (seed {seed}): {}\n{}",
+            bank(&nodes[0]),
+            views(&nodes)
         );
         std::thread::sleep(Duration::from_millis(100));
     }

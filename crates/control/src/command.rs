@@ -55,6 +55,18 @@ pub enum Command {
         new_primary: NodeId,
         expected_epoch: Epoch,
     },
+    /// The primary restarted: it serves again in a new epoch (the epoch grows by one; the
+    /// copies stay). A restarted primary may have lost the tail of its log that it had
+    /// not written yet, which its backups may hold: in a new epoch they check their logs
+    /// against the one it has now, and one that holds entries it lost is rebuilt from its
+    /// snapshot (none of those entries was acknowledged: an answer waits for the
+    /// primary's own log). Rejected unless `primary` is still the primary at
+    /// `expected_epoch`.
+    Renew {
+        function: String,
+        primary: NodeId,
+        expected_epoch: Epoch,
+    },
     /// Add a node as a catching-up backup (no epoch change: it does not acknowledge yet).
     AddBackup {
         function: String,
@@ -116,6 +128,8 @@ pub enum Rejection {
     },
     #[error("{node} is not a backup of {function} (only a backup holding every acknowledged commit can be promoted)")]
     NotABackup { function: String, node: NodeId },
+    #[error("{node} is not the primary of {function}")]
+    NotPrimary { function: String, node: NodeId },
     #[error("{node} is not catching up on {function}")]
     NotCatchingUp { function: String, node: NodeId },
     #[error("{node} holds no copy of {function}")]
@@ -236,6 +250,11 @@ impl ClusterState {
                 new_primary,
                 expected_epoch,
             } => self.promote(function, *new_primary, *expected_epoch),
+            Command::Renew {
+                function,
+                primary,
+                expected_epoch,
+            } => self.renew(function, *primary, *expected_epoch),
             Command::AddBackup {
                 function,
                 node,
@@ -396,6 +415,24 @@ impl ClusterState {
         let mut next = assignment.clone();
         next.primary = new_primary;
         next.backups.retain(|n| *n != new_primary);
+        next.epoch = next.epoch.next();
+        Ok(self.assign(function, next))
+    }
+
+    fn renew(
+        &mut self,
+        function: &str,
+        primary: NodeId,
+        expected: Epoch,
+    ) -> Result<Response, Rejection> {
+        let assignment = self.assignment_at(function, expected)?;
+        if assignment.primary != primary {
+            return Err(Rejection::NotPrimary {
+                function: function.to_owned(),
+                node: primary,
+            });
+        }
+        let mut next = assignment.clone();
         next.epoch = next.epoch.next();
         Ok(self.assign(function, next))
     }
@@ -624,6 +661,40 @@ mod tests {
             "the old primary leaves the set"
         );
         assert_eq!(after.backups, vec![placed.backups[1]]);
+    }
+
+    #[test]
+    fn renew_bumps_the_epoch_of_the_same_copies_and_only_for_the_primary() {
+        let mut state = cluster(3);
+        let placed = deploy(&mut state, "bank", 3);
+        let renew = |primary, epoch| Command::Renew {
+            function: "bank".into(),
+            primary,
+            expected_epoch: epoch,
+        };
+        let before = state.clone();
+        assert_eq!(
+            state.apply(&renew(placed.backups[0], placed.epoch)),
+            Response::Rejected(Rejection::NotPrimary {
+                function: "bank".into(),
+                node: placed.backups[0],
+            })
+        );
+        assert_eq!(state, before);
+        let after = state
+            .apply(&renew(placed.primary, placed.epoch))
+            .assignment()
+            .cloned()
+            .expect("renew answers the new assignment");
+        assert_eq!(after.epoch, placed.epoch.next());
+        assert_eq!(after.primary, placed.primary);
+        assert_eq!(after.backups, placed.backups);
+        assert!(
+            state
+                .apply(&renew(placed.primary, placed.epoch))
+                .is_rejected(),
+            "a renewal planned against an old epoch is stale"
+        );
     }
 
     #[test]

@@ -299,6 +299,15 @@ fn describe(command: &Command) -> String {
         Command::RemoveBackup { function, node, .. } => {
             format!("drop backup {node} of {function}")
         }
+        Command::Renew {
+            function,
+            primary,
+            expected_epoch,
+        } => format!(
+            "renew {primary} as primary of {function} after a restart (epoch {} -> {})",
+            expected_epoch.0,
+            expected_epoch.0 + 1
+        ),
         Command::AddBackup { function, node, .. } => {
             format!("add backup {node} to {function} (catching up)")
         }

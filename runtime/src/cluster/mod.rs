@@ -38,10 +38,11 @@ use understudy_net::{Channel, Handler, HandlerFuture, Identity, Transport};
 
 use crate::ids::{Digest, FunctionName};
 use crate::node::{AdminError, Answer, InvokeError, Node};
+use crate::replication::follow::{self, Follow};
 use crate::replication::Epoch;
 use crate::wasm::GuestError;
 use replica::{Copy, Replicas};
-use wire::{Bulk, BulkReply, Invoke, InvokeReply};
+use wire::{Bulk, BulkReply, Entry, Invoke, InvokeReply};
 
 /// How long a deploy waits for every copy to have installed the component.
 const DEPLOY_READY_WAIT: Duration = Duration::from_secs(30);
@@ -1007,10 +1008,11 @@ impl Cluster {
             Ok(Bulk::Install {
                 function,
                 epoch,
+                session,
                 image,
             }) => {
                 self.replicas
-                    .handle_install(NodeId(peer), function, epoch, *image)
+                    .handle_install(NodeId(peer), function, epoch, session, *image)
                     .await
             }
             Err(e) => {
@@ -1080,79 +1082,95 @@ impl Cluster {
     /// for a new epoch (after the old one released what it had sent), catch-ups for new
     /// backups, and word to the master when one has caught up.
     async fn follow_as_primary(&self, function: &FunctionName, a: &understudy_control::Assignment) {
-        let epoch = a.epoch;
-        let backups: Vec<NodeId> = a.backups.to_vec();
-        let catching_up: Vec<NodeId> = a.catching_up.to_vec();
-        if self.replicas.stepped_down(function, epoch) {
-            // Handed over: the master is promoting another copy.
-            return;
-        }
-        let current = self.replicas.get(function);
-        if let Some(Copy::Primary(p)) = &current {
-            if p.epoch > epoch {
-                // This node's view of the cluster is behind its own copy: wait for it.
-                return;
-            }
-            if p.epoch == epoch && p.serving() {
-                let peers = p.peers();
-                for n in &catching_up {
-                    match peers.iter().find(|(peer, _)| peer == n) {
-                        None => self.replicas.senders().catch_up(p.clone(), *n),
-                        Some((_, true)) => {
-                            // It holds every released commit: it can count from now on.
-                            let command = understudy_control::Command::BackupCaughtUp {
-                                function: function.to_string(),
-                                node: *n,
-                                expected_epoch: a.epoch,
-                            };
-                            if let Err(e) = self.control.propose_via_leader(command).await {
-                                tracing::warn!(%function, backup = %n, error = %e, "cannot report a caught-up backup");
-                            }
-                        }
-                        Some((_, false)) => {}
-                    }
-                }
-                for (n, _) in peers {
-                    if !backups.contains(&n) && !catching_up.contains(&n) {
-                        p.remove_peer(n);
-                    }
-                }
-                return;
-            }
-        }
-        if let Some(Copy::Primary(old)) = &current {
-            // Commits already sent keep their place: backups that left stop counting at
-            // once, before the lock is taken, so what waited only for them (a dead
-            // node's) is released now. A transaction holding the lock may be waiting,
-            // through another function, for exactly that (an in-doubt transaction whose
-            // decision this copy logged).
-            for (n, _) in old.peers() {
-                if !backups.contains(&n) {
-                    old.remove_peer(n);
-                }
-            }
-        }
-        let Some(_locked) = self.node.lock_function(function).await else {
-            return;
+        let assigned = follow::Assigned {
+            epoch: a.epoch,
+            backups: &a.backups,
+            catching_up: &a.catching_up,
         };
-        if let Some(Copy::Primary(old)) = &current {
-            // The backups that stay get (briefly) the time to hold everything, so that
-            // the new epoch starts in sync.
-            // A backup that learned of the new epoch first refuses the old one's appends
-            // (the old copy is then fenced): nothing more will be released there, and its
-            // waiters retry on the new copy with their keys.
-            let started = Instant::now();
-            while old.serving() && !old.drained() && started.elapsed() < Duration::from_secs(1) {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+        let stepped_down = self.replicas.stepped_down(function, a.epoch);
+        let old = self.replicas.primary_any(function);
+        let plan = match &old {
+            Some(p) => p.follow(stepped_down, assigned),
+            None => {
+                let restarted = self.replicas.restarted_as_primary(function, a.epoch);
+                follow::as_primary::<Entry>(None, stepped_down, restarted, assigned)
             }
-            if old.serving() && !old.drained() {
-                tracing::warn!(%function, epoch = old.epoch.0, peers = ?old.peers(), status = %old.status(&[]), "the old configuration did not release everything it had sent within 1 s; its waiters are told to retry");
+        };
+        match plan {
+            Follow::Wait => {}
+            Follow::Renew { epoch } => {
+                let command = understudy_control::Command::Renew {
+                    function: function.to_string(),
+                    primary: self.id,
+                    expected_epoch: epoch,
+                };
+                match self.control.propose_via_leader(command).await {
+                    Ok(_) => {
+                        tracing::info!(%function, epoch = epoch.0, "restarted as primary: serving again in a new epoch");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%function, epoch = epoch.0, error = %e, "restarted as primary: cannot get a new epoch yet");
+                    }
+                }
             }
-        }
-        self.replicas.become_primary(function, epoch, &backups);
-        if let Some(p) = self.replicas.primary(function) {
-            for n in catching_up {
-                self.replicas.senders().catch_up(p.clone(), n);
+            Follow::Adjust {
+                catch_up,
+                caught_up,
+                remove,
+            } => {
+                let Some(p) = old else { return };
+                for n in catch_up {
+                    self.replicas.senders().catch_up(p.clone(), n);
+                }
+                for n in caught_up {
+                    // It holds every released commit: it can count from now on.
+                    let command = understudy_control::Command::BackupCaughtUp {
+                        function: function.to_string(),
+                        node: n,
+                        expected_epoch: a.epoch,
+                    };
+                    if let Err(e) = self.control.propose_via_leader(command).await {
+                        tracing::warn!(%function, backup = %n, error = %e, "cannot report a caught-up backup");
+                    }
+                }
+                for n in remove {
+                    p.remove_peer(n);
+                }
+            }
+            Follow::Start {
+                epoch,
+                remove_now,
+                drain_old,
+                backups,
+                catching_up,
+            } => {
+                if let Some(old) = &old {
+                    for n in remove_now {
+                        old.remove_peer(n);
+                    }
+                }
+                let Some(_locked) = self.node.lock_function(function).await else {
+                    return;
+                };
+                if let (Some(old), true) = (&old, drain_old) {
+                    // A backup that learned of the new epoch first refuses the old one's
+                    // appends (the old copy is then fenced): nothing more will be
+                    // released there, and its waiters retry on the new copy with their
+                    // keys.
+                    let started = Instant::now();
+                    while old.draining() && started.elapsed() < follow::DRAIN_WAIT {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    if old.draining() {
+                        tracing::warn!(%function, epoch = old.epoch.0, peers = ?old.peers(), status = %old.status(&[]), "the old configuration did not release everything it had sent within {:?}; its waiters are told to retry", follow::DRAIN_WAIT);
+                    }
+                }
+                self.replicas.become_primary(function, epoch, &backups);
+                if let Some(p) = self.replicas.primary(function) {
+                    for n in catching_up {
+                        self.replicas.senders().catch_up(p.clone(), n);
+                    }
+                }
             }
         }
     }
@@ -1162,6 +1180,7 @@ impl Cluster {
     async fn reconcile(&self, state: &ClusterState) {
         let _pass = self.reconciling.lock().await;
         let me = self.id;
+        self.replicas.note_boot(state);
         for n in state.nodes.values() {
             if let Ok(addr) = n.peer_addr.parse() {
                 self.replicas.set_addr(n.id, addr);

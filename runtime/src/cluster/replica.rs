@@ -22,7 +22,9 @@ use understudy_net::{Channel, Transport};
 use super::wire::{self, Entry, Replicate, ReplicateReply};
 use crate::ids::{FunctionName, Lsn};
 use crate::node::Node;
-use crate::replication::{backup, primary, Append, Backup, Epoch, NodeId, Primary, Reply, Seq};
+use crate::replication::{
+    backup, follow, primary, Append, Backup, Epoch, NodeId, Primary, Reply, Seq,
+};
 use crate::wal::Durability;
 
 /// How often primaries look for backups that went silent (and resend to them).
@@ -31,6 +33,21 @@ const TICK: Duration = Duration::from_millis(10);
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Appends carried in one request, at most.
 const BATCH_APPENDS_MAX: usize = 4096;
+
+/// A session number no other primary engine on this node has had, in this process or an
+/// earlier one (a random base per process, then counting): see `replication::Append`.
+fn new_session() -> u64 {
+    use std::hash::BuildHasher;
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+    });
+    match base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) {
+        0 => 1,
+        s => s,
+    }
+}
 
 /// Why a commit's answer could not be given.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -127,6 +144,30 @@ impl PrimaryCopy {
     pub fn drained(&self) -> bool {
         let engine = self.engine.lock();
         engine.seq_released() >= engine.seq_last()
+    }
+
+    /// Names this copy's engine among the primaries of its epoch (see `replication::Append`).
+    pub fn session(&self) -> u64 {
+        self.engine.lock().session()
+    }
+
+    /// What this copy does for `assigned`, which names this node primary (see
+    /// `replication::follow`).
+    pub fn follow(&self, stepped_down: bool, assigned: follow::Assigned<'_>) -> follow::Follow {
+        let engine = self.engine.lock();
+        follow::as_primary(Some(self.held(&engine)), stepped_down, false, assigned)
+    }
+
+    /// Whether it still has something to release, and may.
+    pub fn draining(&self) -> bool {
+        follow::draining(self.held(&self.engine.lock()))
+    }
+
+    fn held<'a>(&self, engine: &'a Primary<Entry>) -> follow::Held<'a, Entry> {
+        follow::Held {
+            engine,
+            serving: self.serving(),
+        }
     }
 
     /// The backups it ships to, with whether each is live (counts for commits).
@@ -346,11 +387,13 @@ impl Senders {
             seq: Seq(seq),
         });
         let (node, function, epoch) = (self.node.clone(), copy.function.clone(), copy.epoch.0);
+        let session = copy.session();
         let body = tokio::task::spawn_blocking(move || {
             let image = node.image_of(captured)?;
             Some(wire::encode(&wire::Bulk::Install {
                 function,
                 epoch,
+                session,
                 image: Box::new(image),
             }))
         })
@@ -476,6 +519,9 @@ pub struct Replicas {
     /// Primary roles this node gave up on the master's request (a drain), by epoch: not
     /// to be taken again in that epoch.
     stepped_down: Mutex<std::collections::HashSet<(FunctionName, Epoch)>>,
+    /// The functions this node was primary of when the process started, with the epoch
+    /// (see `note_boot`); `None` until the first pass over the cluster state.
+    boot: Mutex<Option<HashMap<FunctionName, Epoch>>>,
     senders: Arc<Senders>,
 }
 
@@ -486,6 +532,7 @@ impl Replicas {
             node: node.clone(),
             copies: RwLock::new(HashMap::new()),
             stepped_down: Mutex::new(std::collections::HashSet::new()),
+            boot: Mutex::new(None),
             senders: Arc::new(Senders {
                 transport,
                 node: node.clone(),
@@ -542,6 +589,15 @@ impl Replicas {
         }
     }
 
+    /// The primary copy of `function` here, serving or not (fenced, or replaced and
+    /// still draining).
+    pub fn primary_any(&self, function: &FunctionName) -> Option<Arc<PrimaryCopy>> {
+        match self.copies.read().get(function) {
+            Some(Copy::Primary(p)) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
     /// Every primary copy this node serves now.
     pub fn primaries(&self) -> Vec<Arc<PrimaryCopy>> {
         self.copies
@@ -573,8 +629,14 @@ impl Replicas {
         let (seq, epoch_last) = f.map_or((0, 0), |f| (f.seq(), f.epoch_last()));
         // Released before `copies` is locked (`status` takes them the other way round).
         drop(applying);
-        let (engine, commands) =
-            Primary::new(Instant::now(), epoch, Seq(seq), Epoch(epoch_last), backups);
+        let (engine, commands) = Primary::new(
+            Instant::now(),
+            epoch,
+            new_session(),
+            Seq(seq),
+            Epoch(epoch_last),
+            backups,
+        );
         let copy = Arc::new(PrimaryCopy {
             function: function.clone(),
             epoch,
@@ -634,6 +696,7 @@ impl Replicas {
         from: NodeId,
         function: FunctionName,
         epoch: u64,
+        session: u64,
         image: crate::wal::snapshot::FunctionImage,
     ) -> wire::BulkReply {
         if image.deploy.function != function {
@@ -669,7 +732,7 @@ impl Replicas {
                 };
             }
             let primary = from;
-            if engine.snapshot_is_behind(primary, Epoch(epoch), Seq(seq)) {
+            if engine.snapshot_is_behind(primary, Epoch(epoch), session, Seq(seq)) {
                 // An older install that arrived late: this copy already follows the
                 // primary past it, and may have acknowledged what came after.
                 tracing::info!(%function, primary = %from, seq, applied = engine.seq_applied().0, "ignored a snapshot older than this copy");
@@ -684,7 +747,7 @@ impl Replicas {
                 Ok(lsn) => lsn,
                 Err(e) => return wire::BulkReply::Error(e.to_string()),
             };
-            engine.install(primary, Epoch(epoch), Seq(seq), Epoch(epoch_last));
+            engine.install(primary, Epoch(epoch), session, Seq(seq), Epoch(epoch_last));
             lsn
         };
         if self.node.wal_durability() == Durability::Disk {
@@ -714,6 +777,31 @@ impl Replicas {
     pub fn undo_step_down(&self, function: &FunctionName, epoch: Epoch) {
         self.stepped_down.lock().remove(&(function.clone(), epoch));
         tracing::info!(%function, epoch = epoch.0, "serves again after a refused hand-over");
+    }
+
+    /// On the first pass over the cluster state after the process started: remember the
+    /// functions this node was primary of then, and in which epoch (see
+    /// `replication::follow`: a restarted primary asks for a new epoch before it serves).
+    pub fn note_boot(&self, state: &understudy_control::ClusterState) {
+        let mut boot = self.boot.lock();
+        if boot.is_none() {
+            *boot = Some(
+                state
+                    .assignments
+                    .iter()
+                    .filter(|(_, a)| a.primary == self.me)
+                    .filter_map(|(name, a)| Some((FunctionName::new(name).ok()?, a.epoch)))
+                    .collect(),
+            );
+        }
+    }
+
+    /// Whether this process found itself primary of `function` in `epoch` when it started.
+    pub fn restarted_as_primary(&self, function: &FunctionName, epoch: Epoch) -> bool {
+        self.boot
+            .lock()
+            .as_ref()
+            .is_some_and(|boot| boot.get(function) == Some(&epoch))
     }
 
     pub fn stepped_down(&self, function: &FunctionName, epoch: Epoch) -> bool {
@@ -812,6 +900,7 @@ impl Replicas {
                 let acks = if acks.is_empty() {
                     vec![Reply::Ack {
                         epoch: engine.epoch(),
+                        session: engine.session(),
                         seq: engine.seq_durable(),
                     }]
                 } else {

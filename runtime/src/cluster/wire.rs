@@ -73,6 +73,8 @@ pub enum Bulk {
     Install {
         function: FunctionName,
         epoch: u64,
+        /// The primary session whose log the image is of (see `replication::Append`).
+        session: u64,
         image: Box<FunctionImage>,
     },
 }
@@ -194,6 +196,7 @@ mod tests {
                 FunctionName::new("bank").expect("name"),
                 Append {
                     epoch: Epoch(2),
+                    session: 7,
                     seq_prev: Seq(4),
                     epoch_prev: Epoch(1),
                     entries: vec![(

@@ -35,9 +35,11 @@ pub enum Command<P> {
 pub struct Backup {
     epoch: Epoch,
     primary: Option<NodeId>,
-    /// The epoch and primary whose log this backup's log was checked to match: entries
-    /// from them may overlap what it holds.
-    matched: Option<(Epoch, NodeId)>,
+    /// The session of `primary` this backup follows (0: none yet).
+    session: u64,
+    /// The epoch, primary and session whose log this backup's log was checked to match:
+    /// entries from them may overlap what it holds.
+    matched: Option<(Epoch, NodeId, u64)>,
     seq_applied: Seq,
     /// The epoch of the entry at `seq_applied`.
     epoch_applied: Epoch,
@@ -52,6 +54,7 @@ impl Backup {
         Backup {
             epoch,
             primary: None,
+            session: 0,
             matched: None,
             seq_applied: seq,
             epoch_applied: epoch_last,
@@ -64,6 +67,11 @@ impl Backup {
         self.epoch
     }
 
+    /// The session of the primary this backup follows (0: none yet).
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
     pub fn seq_applied(&self) -> Seq {
         self.seq_applied
     }
@@ -72,22 +80,31 @@ impl Backup {
         self.seq_durable
     }
 
-    /// Whether a snapshot at `seq` from `from`, primary of `epoch`, is behind this backup:
-    /// it already follows that primary past `seq` (the snapshot is an older install that
-    /// arrived late, after a newer one and the entries that followed it). Installing it
-    /// would take back entries this backup may have acknowledged: it must be ignored.
-    pub fn snapshot_is_behind(&self, from: NodeId, epoch: Epoch, seq: Seq) -> bool {
-        !self.resyncing && self.matched == Some((epoch, from)) && seq < self.seq_applied
+    /// Whether a snapshot at `seq` from `from`'s `session`, primary of `epoch`, is behind
+    /// this backup: it already follows that session past `seq` (the snapshot is an older
+    /// install that arrived late, after a newer one and the entries that followed it).
+    /// Installing it would take back entries this backup may have acknowledged: it must
+    /// be ignored.
+    pub fn snapshot_is_behind(&self, from: NodeId, epoch: Epoch, session: u64, seq: Seq) -> bool {
+        !self.resyncing && self.matched == Some((epoch, from, session)) && seq < self.seq_applied
     }
 
-    /// The state was replaced by a snapshot of `from`'s log at `seq`, whose last entry is
-    /// of `epoch_last`, `from` being the primary of `epoch`: this backup's log now matches
-    /// that primary's up to `seq`, and it follows it.
-    pub fn install(&mut self, from: NodeId, epoch: Epoch, seq: Seq, epoch_last: Epoch) {
+    /// The state was replaced by a snapshot of the log of `from`'s `session` at `seq`,
+    /// whose last entry is of `epoch_last`, `from` being the primary of `epoch`: this
+    /// backup's log now matches that session's up to `seq`, and it follows it.
+    pub fn install(
+        &mut self,
+        from: NodeId,
+        epoch: Epoch,
+        session: u64,
+        seq: Seq,
+        epoch_last: Epoch,
+    ) {
         self.reset(epoch, seq, epoch_last);
         if epoch >= self.epoch {
             self.primary = Some(from);
-            self.matched = Some((epoch, from));
+            self.session = session;
+            self.matched = Some((epoch, from, session));
         }
     }
 
@@ -116,6 +133,7 @@ impl Backup {
                         to,
                         reply: Reply::Ack {
                             epoch: self.epoch,
+                            session: self.session,
                             seq,
                         },
                     }],
@@ -126,6 +144,7 @@ impl Backup {
                 if epoch > self.epoch {
                     self.epoch = epoch;
                     self.primary = None;
+                    self.session = 0;
                     self.matched = None;
                 }
                 Vec::new()
@@ -150,9 +169,11 @@ impl Backup {
         }
         // An epoch is only ever sent by the node the control plane made primary in it,
         // so adopting a newer one is safe; keeping entries it does not have is not.
-        if append.epoch > self.epoch || self.primary != Some(from) {
+        let session = append.session;
+        if append.epoch > self.epoch || self.primary != Some(from) || self.session != session {
             self.epoch = append.epoch;
             self.primary = Some(from);
+            self.session = session;
             self.matched = None;
         }
         let diverged = vec![
@@ -160,6 +181,7 @@ impl Backup {
                 to: from,
                 reply: Reply::Diverged {
                     epoch: self.epoch,
+                    session,
                     seq_applied: self.seq_applied,
                 },
             },
@@ -170,32 +192,34 @@ impl Backup {
             // (`matched` then records that it was told, until `reset`); every later
             // message is answered the same way, in case that answer was lost.
             if self.matched.is_none() {
-                self.matched = Some((append.epoch, from));
+                self.matched = Some((append.epoch, from, session));
                 return diverged;
             }
             return reply(Reply::Diverged {
                 epoch: self.epoch,
+                session,
                 seq_applied: self.seq_applied,
             });
         }
         if append.seq_prev > self.seq_applied {
             return reply(Reply::Gap {
                 epoch: self.epoch,
+                session,
                 seq: self.seq_applied,
                 epoch_last: self.epoch_applied,
             });
         }
-        let overlap_ok = self.matched == Some((append.epoch, from));
+        let overlap_ok = self.matched == Some((append.epoch, from, session));
         let matches =
             append.seq_prev == self.seq_applied && append.epoch_prev == self.epoch_applied;
         if !matches && !overlap_ok {
             // Entries here that the primary's log does not have (or cannot be checked):
             // only a snapshot of the primary's state can make this backup follow it.
             self.resyncing = true;
-            self.matched = Some((append.epoch, from));
+            self.matched = Some((append.epoch, from, session));
             return diverged;
         }
-        self.matched = Some((append.epoch, from));
+        self.matched = Some((append.epoch, from, session));
         let fresh: Vec<(Seq, P)> = append
             .entries
             .into_iter()
@@ -212,6 +236,7 @@ impl Backup {
                 to: from,
                 reply: Reply::Ack {
                     epoch: self.epoch,
+                    session,
                     seq: self.seq_durable,
                 },
             });

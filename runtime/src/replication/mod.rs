@@ -17,6 +17,7 @@
 //! **Invariant:** a backup never applies an entry out of order or from a stale epoch.
 
 pub mod backup;
+pub mod follow;
 pub mod primary;
 
 use std::fmt;
@@ -52,30 +53,48 @@ pub use understudy_control::{Epoch, NodeId};
 /// establishes the epoch). Every entry in it was appended by the primary of `epoch`;
 /// `epoch_prev` is the epoch of the entry at `seq_prev`, so that the backup can check
 /// that its log matches the primary's up to there (Raft's log-matching check).
+///
+/// `session` names the primary engine that sent it. A node that restarts may find itself
+/// primary of the same epoch again (the master did not fail it over in time) with a
+/// shorter log (what it had not written yet is gone), and append different entries at
+/// positions its backups already hold: the epoch and the node alone would let a backup
+/// take those for entries it has. A backup trusts overlapping entries only from the
+/// session it matched.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Append<P> {
     pub epoch: Epoch,
+    pub session: u64,
     pub seq_prev: Seq,
     pub epoch_prev: Epoch,
     pub entries: Vec<(Seq, P)>,
 }
 
-/// Backup to primary.
+/// Backup to primary. `session` is the primary session the answer is about: a primary
+/// ignores answers meant for another of its sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// Everything up to `seq` is durable here.
-    Ack { epoch: Epoch, seq: Seq },
+    Ack {
+        epoch: Epoch,
+        session: u64,
+        seq: Seq,
+    },
     /// The message left a gap: this backup's log ends at `seq`, an entry of
     /// `epoch_last`; resume after it if that is the primary's entry too.
     Gap {
         epoch: Epoch,
+        session: u64,
         seq: Seq,
         epoch_last: Epoch,
     },
     /// The message's epoch is stale: this backup knows `epoch`.
     Stale { epoch: Epoch },
     /// This backup holds entries the new primary does not: it needs a snapshot.
-    Diverged { epoch: Epoch, seq_applied: Seq },
+    Diverged {
+        epoch: Epoch,
+        session: u64,
+        seq_applied: Seq,
+    },
 }
 
 #[cfg(test)]

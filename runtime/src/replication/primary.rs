@@ -91,6 +91,8 @@ pub enum Command<P> {
 #[derive(Debug)]
 pub struct Primary<P> {
     epoch: Epoch,
+    /// Names this engine among the primaries of its epoch on its node (see `Append`).
+    session: u64,
     peers: BTreeMap<NodeId, Peer>,
     /// Entries some backup may still need, oldest first, contiguous up to `seq_last`.
     log: VecDeque<(Seq, P)>,
@@ -113,12 +115,14 @@ impl<P: Clone> Primary<P> {
     pub fn new(
         now: Instant,
         epoch: Epoch,
+        session: u64,
         seq_last: Seq,
         epoch_last: Epoch,
         backups: &[NodeId],
     ) -> (Primary<P>, Vec<Command<P>>) {
         let mut primary = Primary {
             epoch,
+            session,
             peers: BTreeMap::new(),
             log: VecDeque::new(),
             seq_last,
@@ -153,6 +157,7 @@ impl<P: Clone> Primary<P> {
             to,
             append: Append {
                 epoch: self.epoch,
+                session: self.session,
                 seq_prev: self.seq_last,
                 // Known by construction: the last entry is the start or this primary's own.
                 epoch_prev: self.epoch_of(self.seq_last).unwrap_or(self.epoch),
@@ -175,6 +180,10 @@ impl<P: Clone> Primary<P> {
 
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    pub fn session(&self) -> u64 {
+        self.session
     }
 
     pub fn seq_last(&self) -> Seq {
@@ -310,8 +319,10 @@ impl<P: Clone> Primary<P> {
                 commands.push(Command::Fenced { epoch });
             }
             Reply::Stale { .. } => {}
-            Reply::Ack { epoch, .. } | Reply::Gap { epoch, .. } | Reply::Diverged { epoch, .. }
-                if epoch != self.epoch => {}
+            Reply::Ack { epoch, session, .. }
+            | Reply::Gap { epoch, session, .. }
+            | Reply::Diverged { epoch, session, .. }
+                if epoch != self.epoch || session != self.session => {}
             Reply::Diverged { .. } => {
                 if let Some(peer) = self.peers.get_mut(&from) {
                     // It keeps its place and its (old) acknowledged position: commits wait
@@ -413,6 +424,7 @@ impl<P: Clone> Primary<P> {
                 to: node,
                 append: Append {
                     epoch: self.epoch,
+                    session: self.session,
                     seq_prev,
                     epoch_prev,
                     entries,
@@ -467,7 +479,8 @@ mod tests {
     #[test]
     fn removing_a_dead_backup_releases_what_waited_for_it() {
         let now = Instant::now();
-        let (mut primary, _) = Primary::<u32>::new(now, Epoch(1), Seq(0), Epoch(0), &[NodeId(2)]);
+        let (mut primary, _) =
+            Primary::<u32>::new(now, Epoch(1), 1, Seq(0), Epoch(0), &[NodeId(2)]);
         primary.step(
             now,
             Event::Appended {

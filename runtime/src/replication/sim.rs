@@ -59,7 +59,7 @@ struct Sim {
 impl Sim {
     fn new(seed: u64, backups: &[NodeId], faults: Faults) -> Sim {
         let start = Instant::now();
-        let (primary, commands) = Primary::new(start, Epoch(1), Seq(0), Epoch(0), backups);
+        let (primary, commands) = Primary::new(start, Epoch(1), 1, Seq(0), Epoch(0), backups);
         let mut sim = Sim {
             rng: Rng(seed.max(1)),
             start,
@@ -252,7 +252,7 @@ fn every_entry_is_released_once_durable_on_all_backups_despite_faults() {
 #[test]
 fn stale_epoch_fences_the_primary() {
     let now = Instant::now();
-    let (mut primary, _) = Primary::<u64>::new(now, Epoch(1), Seq(0), Epoch(0), &[NodeId(1)]);
+    let (mut primary, _) = Primary::<u64>::new(now, Epoch(1), 1, Seq(0), Epoch(0), &[NodeId(1)]);
     let mut backup = Backup::new(Epoch(1), Seq(0), Epoch(0));
     // The control plane promoted someone else: the backup knows epoch 2.
     backup.step::<u64>(backup::Event::EpochCommitted { epoch: Epoch(2) });
@@ -262,6 +262,7 @@ fn stale_epoch_fences_the_primary() {
             from: NodeId(1),
             reply: Reply::Ack {
                 epoch: Epoch(1),
+                session: 1,
                 seq: Seq(0),
             },
         },
@@ -314,6 +315,7 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
     let mut backup = Backup::new(Epoch(1), Seq(5), Epoch(1));
     let probe = Append::<u64> {
         epoch: Epoch(2),
+        session: 1,
         seq_prev: Seq(4),
         epoch_prev: Epoch(1),
         entries: vec![],
@@ -329,6 +331,7 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
                 to: NodeId(7),
                 reply: Reply::Diverged {
                     epoch: Epoch(2),
+                    session: 1,
                     seq_applied: Seq(5)
                 }
             },
@@ -339,6 +342,7 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
     // with the same news (the first answer may have been lost).
     let append = Append {
         epoch: Epoch(2),
+        session: 1,
         seq_prev: Seq(4),
         epoch_prev: Epoch(1),
         entries: vec![(Seq(5), 50)],
@@ -352,6 +356,7 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
             to: NodeId(7),
             reply: Reply::Diverged {
                 epoch: Epoch(2),
+                session: 1,
                 seq_applied: Seq(5)
             }
         }]
@@ -359,6 +364,7 @@ fn backup_ahead_of_a_new_primary_asks_for_a_snapshot() {
     backup.reset(Epoch(2), Seq(4), Epoch(1));
     let append = Append {
         epoch: Epoch(2),
+        session: 1,
         seq_prev: Seq(4),
         epoch_prev: Epoch(1),
         entries: vec![(Seq(5), 50)],
@@ -379,6 +385,7 @@ fn non_contiguous_entries_from_the_network_are_ignored() {
     let mut backup = Backup::new(Epoch(1), Seq(0), Epoch(0));
     let append = Append {
         epoch: Epoch(1),
+        session: 1,
         seq_prev: Seq(0),
         epoch_prev: Epoch(0),
         entries: vec![(Seq(1), 1u64), (Seq(3), 3)],
@@ -395,7 +402,7 @@ fn non_contiguous_entries_from_the_network_are_ignored() {
 #[test]
 fn catching_up_backup_joins_the_live_set_when_it_holds_everything() {
     let now = Instant::now();
-    let (mut primary, _) = Primary::<u64>::new(now, Epoch(1), Seq(0), Epoch(0), &[]);
+    let (mut primary, _) = Primary::<u64>::new(now, Epoch(1), 1, Seq(0), Epoch(0), &[]);
     for seq in 1..=3 {
         primary.step(
             now,
@@ -442,7 +449,7 @@ fn backup_with_the_old_primarys_unreleased_entries_is_resynchronised_not_extende
     let mut backup = Backup::new(Epoch(1), Seq(10), Epoch(1));
     // The new primary of epoch 2 had only #1..#8.
     let (mut primary, _lost_probe) =
-        Primary::<u64>::new(now, Epoch(2), Seq(8), Epoch(1), &[NodeId(1)]);
+        Primary::<u64>::new(now, Epoch(2), 1, Seq(8), Epoch(1), &[NodeId(1)]);
     let mut released = Vec::new();
     for seq in 9..=11 {
         for c in primary.step(
@@ -510,7 +517,8 @@ fn backup_with_the_old_primarys_unreleased_entries_is_resynchronised_not_extende
 #[test]
 fn lagging_backup_with_a_matching_log_resumes_without_a_snapshot() {
     let now = Instant::now();
-    let (mut primary, probes) = Primary::<u64>::new(now, Epoch(1), Seq(0), Epoch(0), &[NodeId(1)]);
+    let (mut primary, probes) =
+        Primary::<u64>::new(now, Epoch(1), 1, Seq(0), Epoch(0), &[NodeId(1)]);
     let mut backup = Backup::new(Epoch(1), Seq(0), Epoch(0));
     for seq in 1..=5 {
         primary.step(
