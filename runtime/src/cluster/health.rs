@@ -81,44 +81,32 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
             now
         });
         let state = c.control.state();
-        let mut down = Vec::new();
-        let mut up = Vec::new();
-        {
+        let Verdicts { down, up, .. } = {
             let mut grants = c.grants.lock();
-            for n in state.nodes.values() {
-                if n.id == c.id || n.status == NodeStatus::Removed {
-                    continue;
-                }
-                // Nodes ping the master they know: a new master gives each a full timeout
-                // from its takeover, except the master it replaced.
+            // Nodes ping the master they know: a new master gives each a full timeout
+            // from its takeover, except the master it replaced.
+            let last = |n: NodeId| {
                 let floor = match old_leader {
-                    Some((old, contact)) if old == n.id => contact,
+                    Some((old, contact)) if old == n => contact,
                     _ => since,
                 };
-                let last = grants
+                grants
                     .pinged
-                    .get(&n.id)
+                    .get(&n)
                     .copied()
-                    .map_or(floor, |p| p.max(floor));
-                let silent = now.saturating_duration_since(last);
-                match (silent >= timeout, n.health) {
-                    (true, Health::Up) => {
-                        // From now on it gets no lease; the verdict waits for the last one
-                        // it got to run out (see `declare`).
-                        grants.suspected.insert(n.id);
-                        down.push((n.id, silent));
-                    }
-                    (false, Health::Down) => {
-                        grants.suspected.remove(&n.id);
-                        up.push(n.id);
-                    }
-                    (false, Health::Up) => {
-                        grants.suspected.remove(&n.id);
-                    }
-                    (true, Health::Down) => {}
-                }
+                    .map_or(floor, |p| p.max(floor))
+            };
+            let verdicts = verdicts(&state, c.id, last, now, timeout);
+            // A suspect gets no lease from now on; the verdict waits for the last one it
+            // got to run out (see `declare`).
+            for (n, _) in &verdicts.down {
+                grants.suspected.insert(*n);
             }
-        }
+            for n in verdicts.up.iter().chain(&verdicts.heard) {
+                grants.suspected.remove(n);
+            }
+            verdicts
+        };
         for (node, silent) in down {
             c.declare(node, Health::Down, silent).await;
         }
@@ -166,6 +154,48 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
             c.carry_out(&plan).await;
         }
     }
+}
+
+/// What the master concludes in one tick of the failure detector.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Verdicts {
+    /// Up, and silent for at least the timeout (with how long).
+    down: Vec<(NodeId, Duration)>,
+    /// Down, and heard from within the timeout; or the master itself, if an earlier
+    /// master declared it down (it leads: it is alive).
+    up: Vec<NodeId>,
+    /// Up and heard from: no longer suspects.
+    heard: Vec<NodeId>,
+}
+
+/// The verdicts of master `me` at `now`, `last(n)` being when it last heard from `n`.
+fn verdicts(
+    state: &understudy_control::ClusterState,
+    me: NodeId,
+    last: impl Fn(NodeId) -> Instant,
+    now: Instant,
+    timeout: Duration,
+) -> Verdicts {
+    let mut verdicts = Verdicts::default();
+    for n in state.nodes.values() {
+        if n.status == NodeStatus::Removed {
+            continue;
+        }
+        if n.id == me {
+            if n.health == Health::Down {
+                verdicts.up.push(me);
+            }
+            continue;
+        }
+        let silent = now.saturating_duration_since(last(n.id));
+        match (silent >= timeout, n.health) {
+            (true, Health::Up) => verdicts.down.push((n.id, silent)),
+            (false, Health::Down) => verdicts.up.push(n.id),
+            (false, Health::Up) => verdicts.heard.push(n.id),
+            (true, Health::Down) => {}
+        }
+    }
+    verdicts
 }
 
 impl Cluster {
@@ -312,5 +342,68 @@ fn describe(command: &Command) -> String {
             format!("add backup {node} to {function} (catching up)")
         }
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use understudy_control::{ClusterState, Command, Role};
+
+    use super::*;
+
+    fn cluster() -> ClusterState {
+        let mut state = ClusterState::default();
+        for id in 1..=3 {
+            state.apply(&Command::RegisterNode {
+                id: NodeId(id),
+                peer_addr: format!("127.0.0.1:{id}"),
+                http_addr: String::new(),
+                role: Role::Voter,
+            });
+        }
+        state
+    }
+
+    #[test]
+    fn silent_nodes_go_down_and_heard_ones_come_back() {
+        let mut state = cluster();
+        state.apply(&Command::SetHealth {
+            node: NodeId(3),
+            health: Health::Down,
+        });
+        let now = Instant::now();
+        let timeout = Duration::from_millis(20);
+        let last = |n: NodeId| match n.0 {
+            2 => now - Duration::from_millis(50),
+            _ => now - Duration::from_millis(5),
+        };
+        let v = verdicts(&state, NodeId(1), last, now, timeout);
+        assert_eq!(v.down, vec![(NodeId(2), Duration::from_millis(50))]);
+        assert_eq!(v.up, vec![NodeId(3)]);
+        assert!(v.heard.is_empty());
+    }
+
+    #[test]
+    fn a_master_that_an_earlier_master_declared_down_declares_itself_up() {
+        // Node 2 was declared down (paused, cut off), then won an election: nothing else
+        // would ever mark it up (no master pings itself), and its copies would never come
+        // back (the nemesis saw a cluster that never healed that way).
+        let mut state = cluster();
+        state.apply(&Command::SetHealth {
+            node: NodeId(2),
+            health: Health::Down,
+        });
+        let now = Instant::now();
+        let v = verdicts(&state, NodeId(2), |_| now, now, Duration::from_millis(20));
+        assert_eq!(v.up, vec![NodeId(2)]);
+        assert!(v.down.is_empty());
+        let healthy = verdicts(
+            &cluster(),
+            NodeId(2),
+            |_| now,
+            now,
+            Duration::from_millis(20),
+        );
+        assert!(healthy.up.is_empty(), "an up master has nothing to declare");
     }
 }
