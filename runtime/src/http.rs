@@ -98,6 +98,7 @@ impl From<InvokeError> for ApiError {
             InvokeError::UnknownFunction(_) => StatusCode::NOT_FOUND,
             InvokeError::Stopped(_) => StatusCode::SERVICE_UNAVAILABLE,
             InvokeError::BadIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+            InvokeError::IdempotencyKeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             InvokeError::Trap(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
             InvokeError::ResourceCap(_) => StatusCode::INTERNAL_SERVER_ERROR,

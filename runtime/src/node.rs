@@ -61,6 +61,9 @@ pub enum InvokeError {
     Stopped(FunctionName),
     #[error("invalid idempotency key: {0}")]
     BadIdempotencyKey(String),
+    /// The key was used before for another request (another method or body).
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     #[error("the guest trapped: {0}")]
     Trap(String),
     #[error("{0}")]
@@ -114,6 +117,7 @@ impl InvokeError {
             InvokeError::UnknownFunction(_) => "unknown-function",
             InvokeError::Stopped(_) => "stopped",
             InvokeError::BadIdempotencyKey(_) => "bad-idempotency-key",
+            InvokeError::IdempotencyKeyReused(_) => "idempotency-key-reused",
             InvokeError::Trap(_) => "trap",
             InvokeError::Deadline(_) => "deadline",
             InvokeError::ResourceCap(_) => "resource-cap",
@@ -388,7 +392,7 @@ impl Node {
         }
         if let Some(key) = idempotency_key {
             check_idempotency_key(key)?;
-            if let Some(answer) = self.replay(&f, key).await? {
+            if let Some(answer) = self.replay(&f, key, method, input).await? {
                 inner.metrics.invocation(f.name.as_str(), "replay");
                 return Ok(answer);
             }
@@ -452,10 +456,20 @@ impl Node {
         result
     }
 
-    /// The remembered answer for `key`, once the commit that remembered it is durable.
-    async fn replay(&self, f: &Function, key: &str) -> Result<Option<Answer>, InvokeError> {
+    /// The remembered answer for `key`, once the commit that remembered it is durable;
+    /// an error if the key was used for another request.
+    async fn replay(
+        &self,
+        f: &Function,
+        key: &str,
+        method: &str,
+        input: &[u8],
+    ) -> Result<Option<Answer>, InvokeError> {
         match self.remembered(f, key) {
-            Some(found) => self.replay_found(f, found).await.map(Some),
+            Some(found) => {
+                check_same_request(&found.1, method, input)?;
+                self.replay_found(f, found).await.map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -547,6 +561,7 @@ impl Node {
         };
         if let Some(key) = idempotency_key {
             if let Some(found) = self.remembered(f, key) {
+                check_same_request(&found.1, method, input)?;
                 // Waiting for it to be durable and replicated must not hold the lock (a
                 // catch-up that would release it needs the lock).
                 drop(held);
@@ -635,7 +650,9 @@ impl Node {
                 && writes.is_empty()
                 && participants.is_empty())
         });
+        let request = request_digest(&f.name, method, input);
         let idempotency = idempotency_key.map(|key| Idempotency {
+            request: Some(request),
             function: f.name.clone(),
             key: key.to_owned(),
             outcome: match &outcome {
@@ -1657,6 +1674,31 @@ fn lock_error(e: lock::Error) -> InvokeError {
     match e {
         lock::Error::Die { .. } => InvokeError::Conflict(1),
         lock::Error::Busy => InvokeError::Busy(e.to_string()),
+    }
+}
+
+/// What an idempotency key is remembered with: the sha256 of the function, the method
+/// and the body, each length-prefixed.
+pub fn request_digest(function: &FunctionName, method: &str, input: &[u8]) -> Digest {
+    let mut bytes = Vec::with_capacity(24 + function.as_str().len() + method.len() + input.len());
+    for part in [function.as_str().as_bytes(), method.as_bytes(), input] {
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(part);
+    }
+    Digest::of(&bytes)
+}
+
+/// Refuse to replay an answer remembered for another request under the same key (as
+/// payment APIs do): answering it would tell the client its request ran when it did not.
+fn check_same_request(found: &Idempotency, method: &str, input: &[u8]) -> Result<(), InvokeError> {
+    match found.request {
+        Some(request) if request != request_digest(&found.function, method, input) => {
+            Err(InvokeError::IdempotencyKeyReused(format!(
+                "idempotency key {:?} was used for another request to {} (another method or body); use a new key for a new request",
+                found.key, found.function
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -659,6 +659,7 @@ mod tests {
             writes: vec![],
             idempotency: Some(Idempotency {
                 function: name("a"),
+                request: None,
                 key: "k".into(),
                 outcome: Outcome::Ok(vec![]),
                 at_ms: 0,
@@ -695,6 +696,7 @@ mod tests {
             writes: vec![writes("a", b"x")],
             idempotency: Some(Idempotency {
                 function: name("a"),
+                request: None,
                 key: "k".into(),
                 outcome: Outcome::Ok(b"done".to_vec()),
                 at_ms: 10,

@@ -141,3 +141,41 @@ fn bad_idempotency_key_is_rejected() {
         .expect_error(400, "bad-idempotency-key");
     assert_eq!(api.ok("c", "get", Value::Null), json!({ "value": 0 }));
 }
+
+/// A key reused for another request (another method or body) is refused with 422
+/// `idempotency-key-reused`, as payment APIs do: answering with the first request's
+/// answer would tell the client that its request ran. The same request with the key is
+/// still replayed, nothing runs twice, and the check survives a crash (what the key
+/// was used for is in the log with the answer).
+#[test]
+fn a_key_reused_for_another_request_is_refused() {
+    let mut node = NodeProcess::start();
+    node.api().deploy_component("c", "counter");
+    let first = node
+        .api()
+        .invoke_keyed("c", "increment", &json!({ "by": 1 }), "k")
+        .expect_status(200);
+    assert_eq!(first.body, json!({ "value": 1 }));
+    let check = |api: &crate::support::Api| {
+        let other_body = api
+            .invoke_keyed("c", "increment", &json!({ "by": 1000 }), "k")
+            .expect_error(422, "idempotency-key-reused");
+        let message = other_body.body["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("\"k\""),
+            "the error names the key: {message}"
+        );
+        api.invoke_keyed("c", "get", &Value::Null, "k")
+            .expect_error(422, "idempotency-key-reused");
+        let same = api
+            .invoke_keyed("c", "increment", &json!({ "by": 1 }), "k")
+            .expect_status(200);
+        assert!(same.replayed(), "{:?}", same.headers);
+        assert_eq!(same.body, json!({ "value": 1 }));
+        assert_eq!(api.ok("c", "get", Value::Null), json!({ "value": 1 }));
+    };
+    check(node.api());
+    node.kill9();
+    node.restart();
+    check(node.api());
+}

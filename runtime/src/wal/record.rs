@@ -127,6 +127,11 @@ pub struct Idempotency {
     pub key: String,
     pub outcome: Outcome,
     pub at_ms: u64,
+    /// What was asked with the key (`request_digest` of the function, method and body):
+    /// a request that reuses the key for something else is refused, not answered with
+    /// this. Absent in records written before it was kept.
+    #[serde(default)]
+    pub request: Option<crate::ids::Digest>,
 }
 
 /// What a handler answered: its output, or its own error (the transaction aborted,

@@ -318,6 +318,7 @@ mod golden {
                 }],
                 idempotency: Some(Idempotency {
                     function: name("bank"),
+                    request: None,
                     key: "transfer-1".into(),
                     outcome: Outcome::Ok(b"{\"ok\":true}".to_vec()),
                     at_ms: 1_790_000_000_001,
@@ -330,6 +331,7 @@ mod golden {
                 writes: vec![],
                 idempotency: Some(Idempotency {
                     function: name("bank"),
+                    request: None,
                     key: "transfer-2".into(),
                     outcome: Outcome::Err {
                         code: "overdraft".into(),
