@@ -601,8 +601,12 @@ pub async fn serve(
         connections_max: conn::connections_max(options.connections_max),
         header_read_timeout: Duration::from_millis(options.header_read_timeout_ms),
     };
+    let counters = conn::Counters {
+        refused: node.metrics().http_connections_refused.clone(),
+        open: node.metrics().http_connections_open.clone(),
+    };
     let app = router(node)
         .layer(middleware::from_fn_with_state(edge, edge::guard))
         .layer(middleware::from_fn(close_after_refused_body));
-    conn::serve(app, listener, limits, shutdown).await
+    conn::serve(app, listener, limits, counters, shutdown).await
 }

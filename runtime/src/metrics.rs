@@ -41,6 +41,10 @@ pub struct Metrics {
     pub fsync_batch_records: Histogram,
     pub log_bytes: Counter,
     pub functions_deployed: Gauge,
+    /// API connections refused because `http.connections_max` were open.
+    pub http_connections_refused: Counter,
+    /// API connections open now.
+    pub http_connections_open: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -62,6 +66,18 @@ impl Metrics {
         let fsync_batch_records = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let log_bytes = Counter::default();
         let functions_deployed = Gauge::default();
+        let http_connections_refused = Counter::default();
+        let http_connections_open = Gauge::default();
+        registry.register(
+            "http_connections_refused",
+            "API connections refused because http.connections_max were open",
+            http_connections_refused.clone(),
+        );
+        registry.register(
+            "http_connections_open",
+            "API connections open now",
+            http_connections_open.clone(),
+        );
         registry.register(
             "invocations",
             "Invocations by function and outcome",
@@ -115,6 +131,8 @@ impl Metrics {
             fsync_batch_records,
             log_bytes,
             functions_deployed,
+            http_connections_refused,
+            http_connections_open,
         }
     }
 

@@ -94,6 +94,36 @@ fn connections_past_the_limit_are_refused_and_logged() {
         Duration::from_secs(30),
         || node.log().contains("refused connections"),
     );
+    // And in the metrics, read over one of the connections held.
+    let mut metrics = held.pop().expect("a connection held");
+    write!(
+        metrics,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+    )
+    .expect("send");
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.contains("# EOF") {
+        let n = metrics.read(&mut buf).expect("read the metrics");
+        assert!(n > 0, "the node closed the connection: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert!(
+        value("understudy_http_connections_refused_total") >= refused as f64,
+        "{refused} refused: {text}"
+    );
+    let open = value("understudy_http_connections_open");
+    assert!(
+        open >= 1.0 && open <= limit as f64,
+        "{open} connections open with a limit of {limit}"
+    );
+    drop(metrics);
 
     // Closing connections makes room again.
     drop(held);

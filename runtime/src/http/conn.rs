@@ -42,6 +42,13 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
+/// Where the connections are counted (`understudy_http_connections_*`).
+#[derive(Clone)]
+pub struct Counters {
+    pub refused: prometheus_client::metrics::counter::Counter,
+    pub open: prometheus_client::metrics::gauge::Gauge,
+}
+
 /// `configured` connections, or fewer when the open-files limit (raised first to the
 /// hard limit where the soft one is lower) leaves no room for them; warns when it had
 /// to lower them and when the limit is low.
@@ -75,6 +82,7 @@ pub async fn serve(
     app: Router,
     listener: TcpListener,
     limits: Limits,
+    counters: Counters,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let permits_max = u32::try_from(limits.connections_max)
@@ -99,6 +107,7 @@ pub async fn serve(
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            counters.refused.inc();
             refusals.refused(permits_max);
             // Best effort: a client whose socket takes it reads why; it is closed anyway.
             let _ = stream.try_write(REFUSAL);
@@ -108,8 +117,11 @@ pub async fn serve(
         let service = TowerToHyperService::new(app.clone());
         let mut closing = closing_rx.clone();
         let header_read_timeout = limits.header_read_timeout;
+        let open = counters.open.clone();
+        open.inc();
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = OpenConnection(open);
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
@@ -129,6 +141,15 @@ pub async fn serve(
     // Every connection holds a permit: with all of them back, every connection closed.
     let _ = permits.acquire_many(permits_max).await;
     Ok(())
+}
+
+/// Counts a connection open for as long as it lives.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Counts refused connections and reports them, at most once per
