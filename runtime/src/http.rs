@@ -306,6 +306,8 @@ fn authorize_invoke(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
 #[derive(serde::Deserialize)]
 struct DeployQuery {
     replicas: Option<u8>,
+    /// The functions it may call: `a,b`, or `*` for any (none by default).
+    calls: Option<String>,
 }
 
 async fn deploy(
@@ -318,6 +320,8 @@ async fn deploy(
     authorize(&node, &headers)?;
     edge::require_media_type(&headers, COMPONENT_MEDIA_TYPES)?;
     let body = body.map_err(|r| body_error(r, node.config().component_max_bytes))?;
+    let calls = understudy_control::CallGrants::parse(query.calls.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-calls", e))?;
     if let Some(cluster) = node.cluster().cloned() {
         let replicas = query.replicas.unwrap_or(crate::cluster::REPLICAS_DEFAULT);
         if replicas == 0 {
@@ -328,9 +332,10 @@ async fn deploy(
             ));
         }
         let existed = cluster.is_deployed(&name);
-        let info =
-            run_to_completion(async move { cluster.deploy(&name, body.to_vec(), replicas).await })
-                .await??;
+        let info = run_to_completion(async move {
+            cluster.deploy(&name, body.to_vec(), replicas, calls).await
+        })
+        .await??;
         let status = if existed {
             StatusCode::OK
         } else {
@@ -339,7 +344,8 @@ async fn deploy(
         return Ok((status, Json(info)).into_response());
     }
     let existed = node.is_deployed(&name);
-    let info = run_to_completion(async move { node.deploy(&name, body.to_vec()).await }).await??;
+    let info =
+        run_to_completion(async move { node.deploy(&name, body.to_vec(), calls).await }).await??;
     let status = if existed {
         StatusCode::OK
     } else {

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
+use understudy_control::CallGrants;
+
 use crate::cluster::wire::{Entry, Kind};
 use crate::config::Config;
 use crate::ids::{Digest, FunctionName, Lsn, TxnId};
@@ -187,6 +189,8 @@ pub struct FunctionInfo {
     pub digest: String,
     pub version: u64,
     pub running: bool,
+    /// The functions it may call (`*`: any), as granted at deploy.
+    pub calls: understudy_control::CallGrants,
     pub deployed_at_ms: u64,
     pub keys: usize,
     pub idempotency_keys: usize,
@@ -1169,6 +1173,7 @@ impl Node {
         function: &FunctionName,
         loaded: &Arc<Loaded>,
         version: u64,
+        calls: CallGrants,
     ) -> Result<(), AdminError> {
         let inner = &self.inner;
         inner.loaded.write().insert(loaded.digest, loaded.clone());
@@ -1177,6 +1182,7 @@ impl Node {
             digest: loaded.digest,
             version,
             at_ms: now_ms(),
+            calls,
         });
         self.log_admin(&record).await?;
         inner
@@ -1187,14 +1193,15 @@ impl Node {
         Ok(())
     }
 
-    /// Deploy `bytes` as `function` at `version`, as the master decided (in a cluster).
-    /// Does nothing when that version is already deployed here.
+    /// Deploy `bytes` as `function` at `version`, allowed to call `calls`, as the master
+    /// decided (in a cluster). Does nothing when that version is already deployed here.
     pub async fn install(
         &self,
         function: &FunctionName,
         bytes: Vec<u8>,
         version: u64,
         running: bool,
+        calls: CallGrants,
     ) -> Result<(), AdminError> {
         let inner = &self.inner;
         let loaded = self.compile_and_keep(bytes).await?;
@@ -1205,7 +1212,7 @@ impl Node {
                 return Ok(());
             }
         }
-        self.log_deploy(function, &loaded, version).await?;
+        self.log_deploy(function, &loaded, version, calls).await?;
         if !running {
             self.log_admin(&Record::SetRunning {
                 function: function.clone(),
@@ -1226,12 +1233,18 @@ impl Node {
             .ok_or_else(|| InvokeError::Storage(format!("component {digest} is not loaded")))
     }
 
-    /// Deploy `bytes` as `function`, or upgrade it: state is kept, new transactions run
-    /// the new component. Returns the function's new description.
+    /// Deploy `bytes` as `function`, allowed to call `calls`, or upgrade it: state is
+    /// kept, new transactions run the new component. Returns the function's new
+    /// description.
     ///
     /// Fails when the name is invalid, the component is not one of the world (the error
     /// says what is wrong), or on storage errors.
-    pub async fn deploy(&self, function: &str, bytes: Vec<u8>) -> Result<FunctionInfo, AdminError> {
+    pub async fn deploy(
+        &self,
+        function: &str,
+        bytes: Vec<u8>,
+        calls: CallGrants,
+    ) -> Result<FunctionInfo, AdminError> {
         let inner = &self.inner;
         let name = FunctionName::new(function).map_err(AdminError::BadName)?;
         let loaded = self.compile_and_keep(bytes).await?;
@@ -1241,7 +1254,7 @@ impl Node {
             .get(&name)
             .map_or(0, |f| f.meta().deploy.version)
             + 1;
-        self.log_deploy(&name, &loaded, version).await?;
+        self.log_deploy(&name, &loaded, version, calls).await?;
         tracing::info!(function = %name, digest = %loaded.digest, version, "deployed");
         self.describe(name.as_str())
     }
@@ -1386,6 +1399,7 @@ impl Node {
             digest: meta.deploy.digest.to_string(),
             version: meta.deploy.version,
             running: meta.running,
+            calls: meta.deploy.calls.clone(),
             deployed_at_ms: meta.deploy.at_ms,
             keys: f.len(),
             idempotency_keys: f.idempotency_keys(),

@@ -628,6 +628,7 @@ mod tests {
             digest: Digest([1; 32]),
             version: 1,
             at_ms: 0,
+            calls: Default::default(),
         })
     }
 

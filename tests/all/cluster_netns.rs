@@ -69,7 +69,10 @@ pub(crate) fn start_nodes(
 pub(crate) fn deploy(api: &Api, name: &str, component_name: &str, replicas: u8) -> Value {
     api.with_token(TOKEN)
         .put_bytes(
-            &format!("/v1/functions/{name}?replicas={replicas}"),
+            &format!(
+                "/v1/functions/{name}?replicas={replicas}&calls={}",
+                crate::support::calls_granted(component_name)
+            ),
             component(component_name),
         )
         .expect_status(201)

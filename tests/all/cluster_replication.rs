@@ -20,7 +20,10 @@ pub(crate) fn deploy(node: &NodeProcess, name: &str, component_name: &str, repli
     let started = std::time::Instant::now();
     let reply = loop {
         let reply = node.api().put_bytes(
-            &format!("/v1/functions/{name}?replicas={replicas}"),
+            &format!(
+                "/v1/functions/{name}?replicas={replicas}&calls={}",
+                crate::support::calls_granted(component_name)
+            ),
             component(component_name),
         );
         if reply.status == 409 && started.elapsed() < SETTLE_TIMEOUT {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{wait_until, NodeProcess};
+use crate::support::{component, wait_until, NodeProcess};
 
 /// An input for hostile's `call` that nests `levels` calls of `h` before a `put` of `key`.
 fn nested_calls(levels: usize, key: &str) -> Value {
@@ -103,4 +103,60 @@ fn guest_log_volume_is_capped_and_drops_are_counted() {
         grown < 256 << 10,
         "one transaction wrote {grown} bytes to the node's log"
     );
+}
+
+/// A function calls only what it was granted at deploy: `transfer` deployed with no
+/// grants gets `call-not-granted` from the host (and changes nothing); redeployed with
+/// `calls=bank-east,bank-west` (a new version, the grants shown by describe) it moves
+/// money between those two, and still may not call a third bank; `*` grants any. A
+/// grant naming an invalid function is a 400.
+#[test]
+fn a_function_calls_only_the_functions_it_was_granted() {
+    let node = NodeProcess::start();
+    let api = node.api();
+    for bank in ["bank-east", "bank-west", "bank-other"] {
+        api.deploy_component(bank, "bank");
+        api.ok(bank, "open", json!({ "account": "a", "initial": 100 }));
+    }
+    let move_to = |to: &str| {
+        json!({
+            "from": { "bank": "bank-east", "account": "a" },
+            "to": { "bank": to, "account": "a" },
+            "amount": 5
+        })
+    };
+    let deploy = |calls: &str| {
+        api.put_bytes(
+            &format!("/v1/functions/transfer?calls={calls}"),
+            component("transfer"),
+        )
+    };
+    let first = deploy("").expect_status(201);
+    assert_eq!(first.body["calls"], json!([]), "{}", first.body);
+    let refused = api.invoke("transfer", "transfer", &move_to("bank-west"));
+    assert_eq!(refused.code(), "call-not-granted", "{}", refused.text);
+    assert!(
+        refused.text.contains("--calls"),
+        "the error says how to grant it: {}",
+        refused.text
+    );
+
+    let granted = deploy("bank-west,bank-east").expect_status(200);
+    assert_eq!(granted.body["version"], 2, "{}", granted.body);
+    assert_eq!(
+        api.describe("transfer").body["calls"],
+        json!(["bank-east", "bank-west"])
+    );
+    api.ok("transfer", "transfer", move_to("bank-west"));
+    let third = api.invoke("transfer", "transfer", &move_to("bank-other"));
+    assert_eq!(third.code(), "call-not-granted", "{}", third.text);
+    assert_eq!(
+        api.ok("bank-east", "balance", json!({ "account": "a" }))["balance"],
+        95,
+        "only the granted transfer moved money"
+    );
+
+    deploy("*").expect_status(200);
+    api.ok("transfer", "transfer", move_to("bank-other"));
+    deploy("Not%20A%20Name").expect_error(400, "bad-calls");
 }

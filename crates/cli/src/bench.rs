@@ -155,7 +155,8 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     println!("== invocation cost: counter.increment, 1 client, no fsync ==");
     let bare = bare_loop(counter, args.seconds).await?;
     let node = open_node(dir, "invoke", Durability::Memory).await?;
-    node.deploy("counter", counter.to_vec()).await?;
+    node.deploy("counter", counter.to_vec(), Default::default())
+        .await?;
     let n = node.clone();
     let (ops, elapsed, lat) = drive(1, args.seconds, move || {
         let n = n.clone();
@@ -379,7 +380,8 @@ async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     );
     for &clients in &args.clients {
         let node = open_node(dir, &format!("commit-{clients}"), Durability::Disk).await?;
-        node.deploy("counter", counter.to_vec()).await?;
+        node.deploy("counter", counter.to_vec(), Default::default())
+            .await?;
         let n = node.clone();
         let (ops, elapsed, lat) = drive(clients, args.seconds, move || {
             let n = n.clone();
@@ -535,7 +537,7 @@ async fn distributed(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     .await?;
     let mut primaries = Vec::new();
     for name in ["lists-a", "lists-b", "lists-c"] {
-        let placed = cluster.deploy(1, name, lists.clone(), 2).await?;
+        let placed = cluster.deploy(1, name, lists.clone(), 2, "*").await?;
         primaries.push(placed["primary"].as_u64().context("no primary")?);
     }
     println!(
@@ -635,7 +637,7 @@ async fn replicated(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyho
                 },
             )
             .await?;
-            alone.deploy(1, "counter", counter.to_vec(), 0).await?;
+            alone.deploy(1, "counter", counter.to_vec(), 0, "").await?;
             let url = format!("{}/v1/functions/counter/increment", alone.node(1).url());
             let pids: Vec<u32> = alone.node(1).pid().into_iter().collect();
             for &clients in &args.clients {
@@ -668,7 +670,7 @@ async fn replicated(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyho
         for copies in 1..=3u8 {
             let function = format!("counter{copies}");
             let placed = cluster
-                .deploy(1, &function, counter.to_vec(), copies)
+                .deploy(1, &function, counter.to_vec(), copies, "")
                 .await?;
             let primary = placed["primary"]
                 .as_u64()
@@ -708,7 +710,7 @@ async fn replicated(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyho
 async fn catch_up(args: &Args, cluster: &crate::local::LocalCluster) -> anyhow::Result<()> {
     let hostile = std::fs::read(&args.hostile)
         .with_context(|| format!("cannot read {}", args.hostile.display()))?;
-    let placed = cluster.deploy(1, "big", hostile.clone(), 2).await?;
+    let placed = cluster.deploy(1, "big", hostile.clone(), 2, "").await?;
     let primary = placed["primary"].as_u64().context("no primary")?;
     let url = format!("{}/v1/functions/big/put-many", cluster.node(primary).url());
     // 10,000 keys of 1,500 bytes: 15 MB of state.
@@ -722,7 +724,7 @@ async fn catch_up(args: &Args, cluster: &crate::local::LocalCluster) -> anyhow::
     if !reply.status().is_success() {
         anyhow::bail!("filling the state: {}", reply.text().await?);
     }
-    cluster.deploy(1, "big", hostile, 3).await?;
+    cluster.deploy(1, "big", hostile, 3, "").await?;
     let started = Instant::now();
     let record = loop {
         let status = cluster.status(primary).await.unwrap_or_default();
@@ -765,7 +767,8 @@ async fn memory(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     for i in 0..FUNCTIONS {
         let mut bytes = counter.to_vec();
         bytes.extend_from_slice(&custom_section(i));
-        node.deploy(&format!("counter-{i}"), bytes).await?;
+        node.deploy(&format!("counter-{i}"), bytes, Default::default())
+            .await?;
         node.invoke(&format!("counter-{i}"), "increment", b"null", None)
             .await?;
     }
@@ -786,7 +789,8 @@ async fn memory(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     // functions (one transaction at a time runs per function).
     const INSTANCES: usize = 100;
     for i in 0..INSTANCES {
-        node.deploy(&format!("spin-{i}"), hostile.clone()).await?;
+        node.deploy(&format!("spin-{i}"), hostile.clone(), Default::default())
+            .await?;
     }
     let before = rss_bytes();
     let mut tasks = Vec::new();

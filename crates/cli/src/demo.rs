@@ -82,7 +82,7 @@ async fn demo(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         2,
         "Deploying the bank example through node 3, with three copies",
     );
-    let placed = cluster.deploy(3, "bank", bank, 3).await?;
+    let placed = cluster.deploy(3, "bank", bank, 3, "").await?;
     let primary = placed["primary"].as_u64().context("no primary")?;
     let epoch = placed["epoch"].as_u64().unwrap_or(0);
     println!(

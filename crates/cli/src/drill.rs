@@ -209,10 +209,12 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
                 args.transfer.display()
             )
         })?;
-        cluster.deploy(1, CROSS, transfer, 2).await?;
+        cluster
+            .deploy(1, CROSS, transfer, 2, &FUNCTIONS.join(","))
+            .await?;
     }
     for f in FUNCTIONS {
-        cluster.deploy(1, f, bank.clone(), 2).await?;
+        cluster.deploy(1, f, bank.clone(), 2, "").await?;
         for account in ACCOUNTS {
             let reply = cluster
                 .client()

@@ -295,22 +295,26 @@ impl LocalCluster {
         }
     }
 
-    /// Deploy `bytes` as `name` with `replicas` copies through node `via`; returns the
-    /// answer (primary, backups, epoch).
+    /// Deploy `bytes` as `name` with `replicas` copies, allowed to call `calls` (`a,b`,
+    /// `*`, or blank for none), through node `via`; returns the answer (primary, backups,
+    /// epoch).
     pub async fn deploy(
         &self,
         via: u64,
         name: &str,
         bytes: Vec<u8>,
         replicas: u8,
+        calls: &str,
     ) -> anyhow::Result<Value> {
-        let mut url = format!("{}/v1/functions/{name}", self.node(via).url());
+        let url = format!("{}/v1/functions/{name}", self.node(via).url());
+        let mut query = vec![("calls", calls.to_owned())];
         if replicas > 0 {
-            url.push_str(&format!("?replicas={replicas}"));
+            query.push(("replicas", replicas.to_string()));
         }
         let reply = self
             .http
             .put(url)
+            .query(&query)
             .header("content-type", "application/wasm")
             .body(bytes)
             .send()

@@ -122,6 +122,9 @@ enum Command {
         /// In a cluster: copies of the function, the primary included (default 2).
         #[arg(long)]
         replicas: Option<u8>,
+        /// The functions it may call, comma-separated, or '*' for any (default: none).
+        #[arg(long)]
+        calls: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -323,16 +326,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             file,
             replicas,
+            calls,
             remote,
         } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let mut url = format!("{}/v1/functions/{name}", remote.node);
+            let url = format!("{}/v1/functions/{name}", remote.node);
+            let mut query: Vec<(&str, String)> = Vec::new();
             if let Some(replicas) = replicas {
-                url.push_str(&format!("?replicas={replicas}"));
+                query.push(("replicas", replicas.to_string()));
+            }
+            if let Some(calls) = calls {
+                query.push(("calls", calls));
             }
             let request = client()?
                 .put(url)
+                .query(&query)
                 .header("content-type", "application/wasm")
                 .body(bytes);
             let body = send(remote.authorized(request))?;
@@ -381,12 +390,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<24} {:>7} {:<8} {:>8}  DIGEST",
-                "NAME", "VERSION", "STATE", "KEYS"
+                "{:<24} {:>7} {:<8} {:>8}  {:<19}  CALLS",
+                "NAME", "VERSION", "STATE", "KEYS", "DIGEST"
             );
             for f in body["functions"].as_array().into_iter().flatten() {
+                let calls: Vec<&str> = f["calls"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c.as_str())
+                    .collect();
                 println!(
-                    "{:<24} {:>7} {:<8} {:>8}  {}",
+                    "{:<24} {:>7} {:<8} {:>8}  {:<19}  {}",
                     f["name"].as_str().unwrap_or("?"),
                     f["version"].to_string(),
                     if f["running"].as_bool() == Some(true) {
@@ -401,6 +416,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .chars()
                         .take(19)
                         .collect::<String>(),
+                    if calls.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        calls.join(",")
+                    },
                 );
             }
             Ok(())

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Epoch, NodeId};
 use crate::placement;
-use crate::state::{Assignment, ClusterState, Function, Health, Node, NodeStatus, Role};
+use crate::state::{
+    Assignment, CallGrants, ClusterState, Function, Health, Node, NodeStatus, Role,
+};
 
 /// The most copies (primary, backups and catching up) a function may have.
 pub const COPIES_MAX: usize = 7;
@@ -44,6 +46,9 @@ pub enum Command {
         name: String,
         digest: [u8; 32],
         replicas: u8,
+        /// The functions it may call.
+        #[serde(default)]
+        calls: CallGrants,
     },
     /// Start or stop a function.
     SetRunning { name: String, running: bool },
@@ -239,7 +244,8 @@ impl ClusterState {
                 name,
                 digest,
                 replicas,
-            } => self.deploy(name, *digest, *replicas),
+                calls,
+            } => self.deploy(name, *digest, *replicas, calls),
             Command::SetRunning { name, running } => self.function_mut(name).map(|f| {
                 f.running = *running;
                 Response::Done
@@ -333,6 +339,7 @@ impl ClusterState {
         name: &str,
         digest: [u8; 32],
         replicas: u8,
+        calls: &CallGrants,
     ) -> Result<Response, Rejection> {
         check_function_name(name).map_err(|reason| Rejection::InvalidName {
             name: name.to_owned(),
@@ -357,6 +364,7 @@ impl ClusterState {
                 version: 1,
                 replicas,
                 running: true,
+                calls: calls.clone(),
             };
             let assignment = Assignment::new(placed.primary, placed.backups);
             self.functions.insert(name.to_owned(), function.clone());
@@ -370,10 +378,13 @@ impl ClusterState {
         if existing.digest != digest || existing.replicas != replicas {
             resize(self, name, &mut assignment, usize::from(replicas))?;
         }
+        let same =
+            existing.digest == digest && existing.replicas == replicas && existing.calls == *calls;
         let function = Function {
             digest,
             replicas,
-            version: if existing.digest == digest && existing.replicas == replicas {
+            calls: calls.clone(),
+            version: if same {
                 existing.version
             } else {
                 existing.version.saturating_add(1)
@@ -634,6 +645,7 @@ mod tests {
             name: name.into(),
             digest: DIGEST,
             replicas,
+            calls: CallGrants::default(),
         };
         match state.apply(&command) {
             Response::Deployed { assignment, .. } => assignment,
@@ -661,6 +673,42 @@ mod tests {
             "the old primary leaves the set"
         );
         assert_eq!(after.backups, vec![placed.backups[1]]);
+    }
+
+    #[test]
+    fn call_grants_parse_allow_and_version_the_function() {
+        let grants = CallGrants::parse(" bank-west, bank-east ,bank-west").expect("valid");
+        assert_eq!(grants.0, vec!["bank-east", "bank-west"]);
+        assert!(grants.allows("transfer", "bank-east"));
+        assert!(!grants.allows("transfer", "bank-other"));
+        assert!(
+            grants.allows("transfer", "transfer"),
+            "a function may call itself"
+        );
+        assert!(CallGrants::parse("*").expect("any").allows("a", "b"));
+        assert!(!CallGrants::parse("").expect("none").allows("a", "b"));
+        assert!(CallGrants::parse("Bad Name").is_err());
+
+        let mut state = cluster(3);
+        deploy(&mut state, "transfer", 2);
+        assert_eq!(state.functions["transfer"].version, 1);
+        let again = |calls: CallGrants| Command::Deploy {
+            name: "transfer".into(),
+            digest: DIGEST,
+            replicas: 2,
+            calls,
+        };
+        state.apply(&again(grants.clone()));
+        assert_eq!(
+            state.functions["transfer"].version, 2,
+            "new grants, new version"
+        );
+        assert_eq!(state.functions["transfer"].calls, grants);
+        state.apply(&again(grants));
+        assert_eq!(
+            state.functions["transfer"].version, 2,
+            "the same deploy changes nothing"
+        );
     }
 
     #[test]
@@ -877,6 +925,7 @@ mod tests {
             name: "bank".into(),
             digest: [8; 32],
             replicas: 2,
+            calls: CallGrants::default(),
         };
         assert!(!state.apply(&new_code).is_rejected());
         assert_eq!(state.functions["bank"].version, 2);
@@ -897,6 +946,7 @@ mod tests {
             name: "bank".into(),
             digest: DIGEST,
             replicas: 4,
+            calls: CallGrants::default(),
         });
         assert!(matches!(
             too_many.rejection(),
@@ -923,6 +973,7 @@ mod tests {
                 name: name.into(),
                 digest: DIGEST,
                 replicas: 2,
+                calls: CallGrants::default(),
             });
             assert!(
                 matches!(r.rejection(), Some(Rejection::InvalidName { .. })),
@@ -934,6 +985,7 @@ mod tests {
                 name: "bank".into(),
                 digest: DIGEST,
                 replicas,
+                calls: CallGrants::default(),
             });
             assert_eq!(
                 r.rejection(),
@@ -944,6 +996,7 @@ mod tests {
             name: "bank".into(),
             digest: DIGEST,
             replicas: 3,
+            calls: CallGrants::default(),
         });
         assert!(matches!(
             r.rejection(),
@@ -1053,6 +1106,7 @@ mod tests {
                     name,
                     digest: [next(3) as u8; 32],
                     replicas: next(5) as u8,
+                    calls: Default::default(),
                 },
                 1 => Command::Promote {
                     function: name,

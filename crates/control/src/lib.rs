@@ -31,6 +31,8 @@ pub use placement::{
     plan_failover, plan_rebalance, plan_repair, FailoverPlan, Placement, Shortfall,
 };
 pub use plane::{ControlPlane, Error, Status};
-pub use state::{Assignment, ClusterState, Function, Health, Load, Node, NodeStatus, Role};
+pub use state::{
+    Assignment, CallGrants, ClusterState, Function, Health, Load, Node, NodeStatus, Role,
+};
 pub use types::{Peer, TypeConfig};
 pub use wire::{BoxFuture, ForwardError, RaftMessage, RaftReply, RaftTransport, TransportError};

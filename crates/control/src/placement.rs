@@ -332,6 +332,7 @@ mod tests {
             name: name.into(),
             digest: [1; 32],
             replicas,
+            calls: Default::default(),
         };
         state
             .apply(&command)
@@ -620,6 +621,7 @@ mod tests {
                 name,
                 digest: [0; 32],
                 replicas: 1 + next(3) as u8,
+                calls: Default::default(),
             });
             if round % 7 == 0 {
                 let gone = NodeId(1 + next(5));

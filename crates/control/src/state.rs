@@ -70,6 +70,48 @@ pub enum Health {
     Down,
 }
 
+/// The functions a function may call, granted at deploy: names, or `*` for any. None by
+/// default: a function calls (and locks) only what its operator allowed, as Spin's
+/// allowed hosts and wasmCloud's links do. A function may always call itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CallGrants(pub Vec<String>);
+
+impl CallGrants {
+    /// Any function.
+    pub fn any() -> CallGrants {
+        CallGrants(vec!["*".into()])
+    }
+
+    /// Parse `a,b` or `*` (blank: none). Fails on a name that is not a valid function
+    /// name.
+    pub fn parse(text: &str) -> Result<CallGrants, String> {
+        let mut names: Vec<String> = Vec::new();
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name != "*" {
+                crate::command::check_function_name(name)
+                    .map_err(|reason| format!("cannot grant calls to {name:?}: {reason}"))?;
+            }
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(CallGrants(names))
+    }
+
+    /// Whether `caller`, holding these grants, may call `callee`.
+    pub fn allows(&self, caller: &str, callee: &str) -> bool {
+        caller == callee || self.0.iter().any(|n| n == "*" || n == callee)
+    }
+}
+
+impl std::fmt::Display for CallGrants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
 /// A deployed function.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Function {
@@ -82,6 +124,9 @@ pub struct Function {
     pub replicas: u8,
     /// Started (serving) or stopped.
     pub running: bool,
+    /// The functions it may call.
+    #[serde(default)]
+    pub calls: CallGrants,
 }
 
 /// Where one function's copies live.

@@ -422,6 +422,7 @@ impl Cluster {
                     "version": f.version,
                     "replicas": f.replicas,
                     "running": f.running,
+                    "calls": f.calls,
                     "epoch": a.map(|a| a.epoch.0),
                     "primary": a.map(|a| a.primary.0),
                     "backups": a.map(|a| a.backups.iter().map(|n| n.0).collect::<Vec<_>>()),
@@ -441,6 +442,7 @@ impl Cluster {
         function: &str,
         bytes: Vec<u8>,
         replicas: u8,
+        calls: understudy_control::CallGrants,
     ) -> Result<serde_json::Value, AdminError> {
         let name = FunctionName::new(function).map_err(AdminError::BadName)?;
         let digest = self.node.prepare(bytes).await?;
@@ -450,6 +452,7 @@ impl Cluster {
                 name: name.to_string(),
                 digest: digest.0,
                 replicas,
+                calls,
             })
             .await
             .map_err(|e| AdminError::Unavailable(e.to_string()))?;
@@ -1212,7 +1215,13 @@ impl Cluster {
                     Ok(bytes) => {
                         if let Err(e) = self
                             .node
-                            .install(&fname, bytes, function.version, function.running)
+                            .install(
+                                &fname,
+                                bytes,
+                                function.version,
+                                function.running,
+                                function.calls.clone(),
+                            )
                             .await
                         {
                             tracing::error!(function = %name, error = %e, "cannot install the component");

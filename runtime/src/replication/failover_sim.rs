@@ -189,6 +189,7 @@ impl Sim {
             name: FUNCTION.into(),
             digest: [0; 32],
             replicas: 3,
+            calls: Default::default(),
         });
         assert!(!deployed.is_rejected(), "{deployed:?}");
         let nodes = NODES

@@ -76,6 +76,9 @@ pub struct Deploy {
     pub digest: Digest,
     pub version: u64,
     pub at_ms: u64,
+    /// The functions it may call (none in records written before grants were kept).
+    #[serde(default)]
+    pub calls: understudy_control::CallGrants,
 }
 
 /// A committed transaction: its writes to every function it touched, and the answer

@@ -295,6 +295,7 @@ mod golden {
             digest: Digest([7; 32]),
             version: 3,
             at_ms: 1_790_000_000_000,
+            calls: Default::default(),
         }
     }
 

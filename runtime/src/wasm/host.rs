@@ -290,6 +290,21 @@ impl call::Host for Ctx {
         method: String,
         input: Vec<u8>,
     ) -> wasmtime::Result<Result<Vec<u8>, types::Error>> {
+        let caller = &self.function.name;
+        if !self
+            .function
+            .meta()
+            .deploy
+            .calls
+            .allows(caller.as_str(), &function)
+        {
+            return Ok(Err(types::Error {
+                code: "call-not-granted".into(),
+                message: format!(
+                    "{caller} may not call {function:?}: deploy {caller} with calls granted to it (--calls {function}, or --calls '*')"
+                ),
+            }));
+        }
         let result = self
             .calls
             .clone()

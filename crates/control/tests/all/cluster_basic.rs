@@ -15,6 +15,7 @@ fn deploy(name: &str, replicas: u8) -> Command {
         name: name.into(),
         digest: [3; 32],
         replicas,
+        calls: Default::default(),
     }
 }
 
@@ -168,6 +169,7 @@ async fn an_oversized_command_is_refused_before_it_reaches_the_log() -> anyhow::
         name: "x".repeat(1 << 20),
         digest: [0; 32],
         replicas: 2,
+        calls: Default::default(),
     };
     match leader.propose(huge.clone()).await {
         Err(Error::TooLarge { bytes }) => assert!(bytes > 1 << 20),

@@ -21,6 +21,7 @@ async fn survivors_of_a_leader_crash_elect_a_leader_that_promotes_and_refuses_st
         name: "bank".into(),
         digest: [5; 32],
         replicas: 3,
+        calls: Default::default(),
     };
     let placed = within(5, plane(&planes, old_leader).propose(deploy)).await??;
     let placed = placed.assignment().cloned().expect("an assignment");
@@ -78,6 +79,7 @@ async fn failover_plan_from_the_new_leader_moves_the_dead_nodes_primaries() -> a
             name: format!("f{i}"),
             digest: [5; 32],
             replicas: 2,
+            calls: Default::default(),
         };
         within(5, plane(&planes, old_leader).propose(deploy)).await??;
     }
@@ -127,6 +129,7 @@ async fn a_cut_off_leader_commits_nothing_and_its_entries_are_discarded_after_he
         name: "lost".into(),
         digest: [1; 32],
         replicas: 1,
+        calls: Default::default(),
     };
     match within(5, zombie.propose(lost)).await? {
         Err(understudy_control::Error::Timeout { .. }) => {}
@@ -143,6 +146,7 @@ async fn a_cut_off_leader_commits_nothing_and_its_entries_are_discarded_after_he
         name: "kept".into(),
         digest: [1; 32],
         replicas: 1,
+        calls: Default::default(),
     };
     within(5, leader.propose(kept)).await??;
 

@@ -17,6 +17,7 @@ fn deploy(name: String) -> Command {
         name,
         digest: [9; 32],
         replicas: 2,
+        calls: Default::default(),
     }
 }
 

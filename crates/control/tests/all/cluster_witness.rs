@@ -17,6 +17,7 @@ async fn two_data_nodes_and_a_witness_place_only_on_the_data_nodes() -> anyhow::
             name: format!("f{i}"),
             digest: [1; 32],
             replicas: 2,
+            calls: Default::default(),
         };
         let response = within(5, leader.propose(deploy)).await??;
         let a = response.assignment().cloned().expect("placed");
@@ -28,6 +29,7 @@ async fn two_data_nodes_and_a_witness_place_only_on_the_data_nodes() -> anyhow::
         name: "wide".into(),
         digest: [1; 32],
         replicas: 3,
+        calls: Default::default(),
     };
     let refused = within(5, leader.propose(wide)).await??;
     assert!(
@@ -61,6 +63,7 @@ async fn a_data_node_and_the_witness_carry_on_when_the_other_data_node_dies() ->
             name: format!("f{i}"),
             digest: [1; 32],
             replicas: 2,
+            calls: Default::default(),
         };
         within(5, leader.propose(deploy)).await??;
     }

@@ -28,6 +28,7 @@ fn history() -> (Vec<Command>, Vec<Command>) {
         name: name.into(),
         digest: [0xab; 32],
         replicas: 1,
+        calls: Default::default(),
     };
     let before_snapshot = vec![
         deploy("bank"),

@@ -38,6 +38,7 @@ async fn single_node_with_functions(cluster: &Cluster) -> anyhow::Result<()> {
             name: format!("f{i}"),
             digest: [2; 32],
             replicas: 1,
+            calls: Default::default(),
         };
         within(5, planes[0].propose(deploy)).await??;
     }
@@ -63,6 +64,7 @@ async fn a_torn_log_tail_is_cut_and_the_node_carries_on() -> anyhow::Result<()> 
         name: "after".into(),
         digest: [2; 32],
         replicas: 1,
+        calls: Default::default(),
     };
     within(5, plane.propose(deploy)).await??;
     cluster.crash(&plane).await;
@@ -120,6 +122,7 @@ async fn a_damaged_snapshot_stops_the_node() -> anyhow::Result<()> {
         name: "bank".into(),
         digest: [2; 32],
         replicas: 1,
+        calls: Default::default(),
     };
     within(5, planes[0].propose(deploy)).await??;
     within(5, planes[0].snapshot_now()).await??;
