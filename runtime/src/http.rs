@@ -104,7 +104,9 @@ impl From<InvokeError> for ApiError {
             InvokeError::ResourceCap(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::Conflict(_) => StatusCode::CONFLICT,
             InvokeError::CalleeFailedAcrossNodes(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            InvokeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            InvokeError::Busy(_) | InvokeError::PreparedElsewhere(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             InvokeError::OutputTooLarge(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::NotPrimary(_) | InvokeError::Unavailable(_) => {

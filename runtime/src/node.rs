@@ -47,6 +47,14 @@ pub const OUTPUT_LEN_MAX: usize = 16 << 20;
 /// The first back-off after a lost conflict, doubled each retry up to the max.
 const CONFLICT_BACKOFF_US: u64 = 50;
 const CONFLICT_BACKOFF_US_MAX: u64 = 20_000;
+/// How long a call waits, holding its caller's locks, for a prepared part on its callee
+/// to be resolved, before the whole transaction lets go of everything and waits for it
+/// (see `InvokeError::PreparedElsewhere`).
+const NESTED_PREPARED_WAIT: Duration = Duration::from_millis(10);
+/// The first pause before running a transaction again after `PreparedElsewhere`,
+/// doubled each time up to the max.
+const PREPARED_PAUSE_MS: u64 = 2;
+const PREPARED_PAUSE_MS_MAX: u64 = 20;
 
 /// Bits of a transaction id that hold the node it began on (see `Inner::next_txn`).
 pub const TXN_NODE_BITS: u32 = 8;
@@ -80,6 +88,11 @@ pub enum InvokeError {
     CalleeFailedAcrossNodes(String),
     #[error("the node is overloaded: {0}")]
     Busy(String),
+    /// A function the transaction called is held by a distributed transaction whose
+    /// outcome is not known yet (its part there is prepared). The transaction is run
+    /// again once that is resolved, without holding any lock meanwhile.
+    #[error("{0}")]
+    PreparedElsewhere(String),
     #[error("the handler's output of {0} bytes exceeds the limit of {OUTPUT_LEN_MAX} bytes")]
     OutputTooLarge(usize),
     #[error("storage failure: {0}")]
@@ -125,7 +138,7 @@ impl InvokeError {
             InvokeError::ResourceCap(_) => "resource-cap",
             InvokeError::Conflict(_) => "conflict",
             InvokeError::CalleeFailedAcrossNodes(_) => "callee-failed-across-nodes",
-            InvokeError::Busy(_) => "busy",
+            InvokeError::Busy(_) | InvokeError::PreparedElsewhere(_) => "busy",
             InvokeError::OutputTooLarge(_) => "output-too-large",
             InvokeError::Storage(_) => "storage",
             InvokeError::NotPrimary(_) => "not-primary",
@@ -406,6 +419,8 @@ impl Node {
         let age = inner.next_txn();
         let mut id = age;
         let mut attempt = 0;
+        let mut prepared_waits = 0u32;
+        let gate = Duration::from_millis(inner.config.wasm.deadline_ms);
         let result = loop {
             attempt += 1;
             if attempt > 1 {
@@ -426,6 +441,16 @@ impl Node {
                     tokio::time::sleep(Duration::from_micros(backoff_us + jitter_us)).await;
                 }
                 Err(InvokeError::Conflict(_)) => break Err(InvokeError::Conflict(attempt)),
+                Err(InvokeError::PreparedElsewhere(_)) if started.elapsed() < gate => {
+                    // A function it called waits for an in-doubt outcome. Waiting for it
+                    // here holds no lock: held, they would stop every transaction on the
+                    // caller's functions (and a hand-over of them) for as long. Within the
+                    // same bound as a transaction waiting at its own function's gate.
+                    let pause =
+                        (PREPARED_PAUSE_MS << prepared_waits.min(8)).min(PREPARED_PAUSE_MS_MAX);
+                    prepared_waits += 1;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
                 other => break other,
             }
         };
@@ -1839,15 +1864,25 @@ impl Calls for Inner {
                 return Err(wasmtime::Error::new(Propagated(InvokeError::Conflict(1))));
             }
             if !holds {
-                // Waiting for a lock counts against the transaction's deadline.
+                // Waiting for a lock counts against the transaction's deadline. A
+                // prepared part is waited for only briefly: this transaction holds its
+                // caller's locks meanwhile.
+                let gate = deadline.min(Instant::now() + NESTED_PREPARED_WAIT);
                 let acquired = tokio::time::timeout_at(
                     tokio::time::Instant::from_std(deadline),
-                    lock_unprepared(&f, id, age, Mode::Nested, deadline),
+                    lock_unprepared(&f, id, age, Mode::Nested, gate),
                 )
                 .await;
                 match acquired {
                     Ok(Ok(())) => {}
                     Ok(Err(Blocked::Lock(e))) => return Err(wasmtime::Error::new(e)),
+                    Ok(Err(Blocked::Prepared(other))) if Instant::now() < deadline => {
+                        return Err(wasmtime::Error::new(Propagated(
+                            InvokeError::PreparedElsewhere(format!(
+                                "function {function} is held by distributed transaction {other}, whose outcome is not known yet"
+                            )),
+                        )))
+                    }
                     Err(_) | Ok(Err(Blocked::Prepared(_))) => {
                         return Err(wasmtime::Error::new(Abort::Deadline(
                             self.config.wasm.deadline_ms,

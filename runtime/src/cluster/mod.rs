@@ -1108,6 +1108,9 @@ impl Cluster {
                     expected_epoch: epoch,
                 };
                 match self.control.propose_via_leader(command).await {
+                    Ok(understudy_control::Response::Rejected(why)) => {
+                        tracing::info!(%function, epoch = epoch.0, %why, "restarted as primary of an epoch the cluster has left; following the cluster");
+                    }
                     Ok(_) => {
                         tracing::info!(%function, epoch = epoch.0, "restarted as primary: serving again in a new epoch");
                     }
