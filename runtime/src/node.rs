@@ -203,7 +203,7 @@ pub struct FunctionInfo {
     pub version: u64,
     pub running: bool,
     /// The functions it may call (`*`: any), as granted at deploy.
-    pub calls: understudy_control::CallGrants,
+    pub calls: CallGrants,
     pub deployed_at_ms: u64,
     pub keys: usize,
     pub idempotency_keys: usize,
@@ -679,9 +679,8 @@ impl Node {
                 && writes.is_empty()
                 && participants.is_empty())
         });
-        let request = request_digest(&f.name, method, input);
         let idempotency = idempotency_key.map(|key| Idempotency {
-            request: Some(request),
+            request: Some(request_digest(&f.name, method, input)),
             function: f.name.clone(),
             key: key.to_owned(),
             outcome: match &outcome {
@@ -1719,12 +1718,13 @@ fn lock_error(e: lock::Error) -> InvokeError {
 /// What an idempotency key is remembered with: the sha256 of the function, the method
 /// and the body, each length-prefixed.
 pub fn request_digest(function: &FunctionName, method: &str, input: &[u8]) -> Digest {
-    let mut bytes = Vec::with_capacity(24 + function.as_str().len() + method.len() + input.len());
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
     for part in [function.as_str().as_bytes(), method.as_bytes(), input] {
-        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(part);
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
     }
-    Digest::of(&bytes)
+    Digest(hasher.finalize().into())
 }
 
 /// Refuse to replay an answer remembered for another request under the same key (as

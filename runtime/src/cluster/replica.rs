@@ -140,12 +140,6 @@ impl PrimaryCopy {
         });
     }
 
-    /// Whether every commit appended so far is released.
-    pub fn drained(&self) -> bool {
-        let engine = self.engine.lock();
-        engine.seq_released() >= engine.seq_last()
-    }
-
     /// Names this copy's engine among the primaries of its epoch (see `replication::Append`).
     pub fn session(&self) -> u64 {
         self.engine.lock().session()
