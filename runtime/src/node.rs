@@ -51,6 +51,9 @@ const CONFLICT_BACKOFF_US_MAX: u64 = 20_000;
 /// to be resolved, before the whole transaction lets go of everything and waits for it
 /// (see `InvokeError::PreparedElsewhere`).
 const NESTED_PREPARED_WAIT: Duration = Duration::from_millis(10);
+/// How often a transaction waiting, under its locks, for what it read to be replicated
+/// looks again at whether the copies it read are still primaries here.
+const RELEASE_POLL: Duration = Duration::from_millis(5);
 /// The first pause before running a transaction again after `PreparedElsewhere`,
 /// doubled each time up to the max.
 const PREPARED_PAUSE_MS: u64 = 2;
@@ -722,6 +725,38 @@ impl Node {
                 }
                 None => Vec::new(),
             };
+        // A commit enters the logs of the functions it writes (and of its own function,
+        // for the remembered answer or the decision); a function it only read is in
+        // none of them. Before the commit can be replicated, what it read there must be:
+        // otherwise a failover of that function alone could lose a write this commit
+        // depended on, and keep the commit (and the answer remembered for its key).
+        if let Some(cluster) = inner.cluster.get() {
+            let own = idempotency.is_some() || !participants.is_empty();
+            if own || !writes.is_empty() {
+                let read_only: Vec<&(Arc<crate::cluster::replica::PrimaryCopy>, Arc<Function>)> =
+                    copies
+                        .iter()
+                        .filter(|(_, g)| {
+                            !(own && g.name == f.name
+                                || writes.iter().any(|w| w.function == g.name)
+                                || participants.contains(&g.name))
+                        })
+                        .collect();
+                if !read_only.is_empty() {
+                    let lsn = read_only
+                        .iter()
+                        .map(|(_, g)| g.lsn_last_write())
+                        .max()
+                        .unwrap_or(Lsn::ZERO);
+                    let positions = read_only
+                        .iter()
+                        .map(|(c, g)| (c.clone(), g.seq()))
+                        .collect();
+                    self.reads_released(cluster, lsn, positions, deadline)
+                        .await?;
+                }
+            }
+        }
         let commit = Commit {
             txn: id,
             writes,
@@ -1088,16 +1123,47 @@ impl Node {
             };
             seqs.push((copy, g.seq()));
         }
+        self.reads_released(cluster, lsn, seqs, deadline).await
+    }
+
+    /// Wait, holding the caller's locks, until what it read is durable here up to `lsn`
+    /// and each copy has released its position, or `deadline`. Ends early, with an
+    /// error, once a copy is no longer its function's primary here or the lease has run
+    /// out: what such a copy had not released may be lost in its failover, and a change
+    /// of role waits for these very locks.
+    async fn reads_released(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        lsn: Lsn,
+        positions: Positions,
+        deadline: Instant,
+    ) -> Result<(), InvokeError> {
+        let late = || {
+            InvokeError::Deadline(
+                "the deadline passed while what the transaction read was being replicated".into(),
+            )
+        };
         let left = deadline.saturating_duration_since(Instant::now());
-        tokio::time::timeout(left, self.wait_released(lsn, seqs.clone()))
+        tokio::time::timeout(left, self.wait_durable(lsn))
             .await
-            .map_err(|_| {
-                InvokeError::Deadline(
-                    "the deadline passed while what a call read was being replicated".into(),
-                )
-            })??;
-        for (copy, _) in &seqs {
-            check_lease(cluster, Some(copy))?;
+            .map_err(|_| late())??;
+        for (copy, seq) in positions {
+            loop {
+                check_lease(cluster, Some(&copy))?;
+                if copy.is_released(seq) {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(late());
+                }
+                match tokio::time::timeout(left.min(RELEASE_POLL), copy.released(seq)).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => return Err(InvokeError::Unavailable(e.to_string())),
+                    // Look at the role and the lease again.
+                    Err(_) => {}
+                }
+            }
         }
         Ok(())
     }

@@ -697,6 +697,114 @@ fn a_read_through_another_node_never_shows_an_unreplicated_commit() {
     assert_eq!(total["total"], INITIAL + 5, "the deposit once replicated");
 }
 
+/// A transaction that reads one function and writes another, both with their primary
+/// on one node, commits only once what it read is replicated. The write enters only the
+/// written function's log: if it were replicated (and answered) while the read function's
+/// last commit was still on its way to that function's backup, a failover of the read
+/// function alone would lose that commit and keep a write that depended on it, and the
+/// answer remembered for the key. (The nemesis found this as two reads of one list that
+/// disagreed on its order.) The read function's only backup is paused, with failure
+/// detection slowed so it stays in the set: the transaction must not be answered 200
+/// showing the unreplicated append; once the backup resumes, both go through.
+#[test]
+fn a_commit_never_depends_on_an_unreplicated_read_of_another_function() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let members = members3();
+    let nodes: Vec<NodeProcess> = members
+        .iter()
+        .map(|(id, _, _)| {
+            let mut toml = config(*id, certs.path(), &members);
+            toml.push_str("failure_timeout_ms = 60000\n");
+            NodeProcess::start_with(NodeOptions {
+                config_toml: Some(toml),
+                ..NodeOptions::default()
+            })
+        })
+        .collect();
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    // The written function has no backup: its commits are released as soon as they
+    // are logged.
+    let writer = deploy(&nodes[0], "lists-w", "lists", 1);
+    // A function with one backup, not the master, and its primary on the writer's node.
+    let backup_of = |name: &str| -> u64 {
+        status(&nodes[0]).expect("status")["functions"]
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["name"] == name))
+            .and_then(|f| f["backups"][0].as_u64())
+            .expect("one backup")
+    };
+    let (read, backup) = (0..9)
+        .find_map(|i| {
+            let name = format!("lists-r{i}");
+            let primary = deploy(&nodes[0], &name, "lists", 2);
+            let backup = backup_of(&name);
+            (primary == writer && backup != master).then_some((name, backup))
+        })
+        .expect("a function with its primary on the writer's node and its backup off the master");
+    println!("{read}: primary {writer}, backup {backup}; lists-w on {writer}; master {master}");
+    let api = nodes[(writer - 1) as usize].api().clone();
+
+    let paused = &nodes[(backup - 1) as usize];
+    let signal = |sig: &str| {
+        let pid = paused.pid().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let append = {
+        let (api, read) = (api.clone(), read.clone());
+        std::thread::spawn(move || {
+            api.try_invoke(&read, "txn", &json!([["append", "k", 7]]), Some("append-7"))
+        })
+    };
+    // The append is applied on the primary and waits for the paused backup.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !append.is_finished(),
+        "the append was answered while its function's only backup was paused"
+    );
+    let across = json!([
+        [read, [["read", "k", null]]],
+        ["lists-w", [["append", "k", 1]]]
+    ]);
+    let seen = |reply: &Value| reply[0][1][0][2].clone();
+    let first = api
+        .try_invoke("lists-w", "across", &across, Some("across-1"))
+        .expect("an answer");
+    println!(
+        "the transaction while the backup is paused: {} {}",
+        first.status, first.body
+    );
+    assert!(
+        first.status != 200 || seen(&first.body) == json!([]),
+        "a commit on lists-w depended on an append to {read} that its backup did not hold: {}",
+        first.body
+    );
+    assert!(
+        !append.is_finished(),
+        "the append was answered while its function's only backup was paused"
+    );
+    signal("-CONT");
+    let appended = append
+        .join()
+        .expect("the append thread")
+        .expect("the append's answer");
+    assert_eq!(appended.status, 200, "the append: {}", appended.body);
+    let second = api
+        .try_invoke("lists-w", "across", &across, Some("across-2"))
+        .expect("an answer");
+    assert_eq!(
+        second.status, 200,
+        "the transaction once replicated: {}",
+        second.body
+    );
+    assert_eq!(seen(&second.body), json!([7]), "{}", second.body);
+}
+
 /// The file naming the failpoint node `id` dies at (see `understudy::failpoint`).
 fn failpoint_file(certs: &std::path::Path, id: u64) -> std::path::PathBuf {
     certs.join(format!("failpoint-{id}"))

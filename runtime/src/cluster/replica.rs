@@ -103,6 +103,11 @@ impl PrimaryCopy {
         self.dispatch(&mut engine, commands);
     }
 
+    /// Whether every commit up to `seq` is held by every backup of the epoch already.
+    pub fn is_released(&self, seq: u64) -> bool {
+        self.released.borrow().0 >= seq
+    }
+
     /// Resolves once every commit up to `seq` is held by every backup of the epoch.
     pub async fn released(&self, seq: u64) -> Result<(), NotReleased> {
         let mut released = self.released.subscribe();
