@@ -41,9 +41,8 @@ use crate::cluster::wire::{self, Entry, Invoke, InvokeReply, Kind, PartCall};
 use crate::cluster::Cluster;
 use crate::ids::{FunctionName, TxnId};
 use crate::node::{InvokeError, Node};
-use crate::twophase::{self, coordinator, participant, Message};
+use crate::twophase::{self, coordinator, participant, records, Message};
 use crate::txn::Txn;
-use crate::wal::record::{End, Prepare, Record, Resolved};
 use crate::wasm::GuestError;
 
 /// How often the state machines' timers run and expired parts are dropped.
@@ -691,34 +690,28 @@ impl Distributed {
                 waiters: HashMap::new(),
                 in_doubt: HashMap::new(),
             };
-            let prepared = f.prepared();
-            let decided = f.decided();
-            if !prepared.is_empty() || !decided.is_empty() {
-                tracing::info!(%function, epoch = copy.epoch.0, prepared = prepared.len(), decided = decided.len(), "recovering distributed transactions from the log");
-            }
-            for (txn, _) in &prepared {
-                slot.in_doubt.insert(*txn, now);
+            let (as_participant, as_coordinator) = records::recovered(&f);
+            if let (
+                participant::Event::Recovered { prepared, .. },
+                coordinator::Event::Recovered { committed },
+            ) = (&as_participant, &as_coordinator)
+            {
+                if !prepared.is_empty() || !committed.is_empty() {
+                    tracing::info!(%function, epoch = copy.epoch.0, prepared = prepared.len(), decided = committed.len(), "recovering distributed transactions from the log");
+                }
+                for (txn, _) in prepared {
+                    slot.in_doubt.insert(*txn, now);
+                }
             }
             let mut cmds: Vec<Cmd> = slot
                 .participant
-                .step(
-                    now,
-                    participant::Event::Recovered {
-                        prepared: prepared.into_iter().collect(),
-                        decided: Vec::new(),
-                    },
-                )
+                .step(now, as_participant)
                 .into_iter()
                 .map(Cmd::P)
                 .collect();
             cmds.extend(
                 slot.coordinator
-                    .step(
-                        now,
-                        coordinator::Event::Recovered {
-                            committed: decided.into_iter().collect(),
-                        },
-                    )
+                    .step(now, as_coordinator)
                     .into_iter()
                     .map(Cmd::C),
             );
@@ -822,13 +815,13 @@ impl Distributed {
         let coordinator = part.lock().coordinator.clone();
         let written = match coordinator {
             Some(coordinator) if copy.serving() && self.serves(copy) => {
-                let record = Record::Prepare(Prepare {
-                    function: function.clone(),
+                let record = records::prepare(
+                    function,
                     txn,
-                    coordinator: coordinator.clone(),
-                    ops: ops.clone(),
-                    epoch: copy.epoch.0,
-                });
+                    coordinator.clone(),
+                    ops.clone(),
+                    copy.epoch.0,
+                );
                 let entry = Entry {
                     txn,
                     ops,
@@ -875,25 +868,19 @@ impl Distributed {
         let Some(f) = self.node.store().get(function) else {
             return;
         };
-        let written = if !f.is_prepared(txn) {
+        let written = match records::outcome(&f, txn, commit, copy.epoch.0) {
             // Never prepared here (or already resolved): nothing to write.
-            Ok(None)
-        } else if copy.serving() && self.serves(copy) {
-            let record = Record::Resolved(Resolved {
-                function: function.clone(),
-                txn,
-                commit,
-                epoch: copy.epoch.0,
-            });
-            let entry = Entry {
-                txn,
-                ops: Vec::new(),
-                idempotency: None,
-                kind: Kind::Resolved { commit },
-            };
-            self.node.log_step(&f, copy, &record, entry).map(Some)
-        } else {
-            Err(crate::node::LogError::NotServed(function.clone()))
+            None => Ok(None),
+            Some(record) if copy.serving() && self.serves(copy) => {
+                let entry = Entry {
+                    txn,
+                    ops: Vec::new(),
+                    idempotency: None,
+                    kind: Kind::Resolved { commit },
+                };
+                self.node.log_step(&f, copy, &record, entry).map(Some)
+            }
+            Some(_) => Err(crate::node::LogError::NotServed(function.clone())),
         };
         drop(locked);
         let done = match written {
@@ -928,14 +915,12 @@ impl Distributed {
         let Some(f) = self.node.store().get(function) else {
             return;
         };
-        if !f.decided().iter().any(|(t, _)| *t == txn) || !copy.serving() || !self.serves(copy) {
+        let Some(record) = records::end(&f, txn, copy.epoch.0) else {
+            return;
+        };
+        if !copy.serving() || !self.serves(copy) {
             return;
         }
-        let record = Record::End(End {
-            function: function.clone(),
-            txn,
-            epoch: copy.epoch.0,
-        });
         let entry = Entry {
             txn,
             ops: Vec::new(),

@@ -2,9 +2,9 @@
 //! `replication`): a transaction that wrote functions whose primaries are on different
 //! nodes commits on all of them or on none.
 //!
-//! The primary of the function that began the transaction coordinates. Each participant
-//! (a function the transaction wrote, the coordinator's own function included) is asked
-//! to prepare: it writes PREPARE with its write set to its own replicated log and votes
+//! The primary of the function that began the transaction coordinates; its own writes
+//! ride on its decision. Each participant (every other function the transaction wrote,
+//! on this node or another) is asked to prepare: it writes PREPARE with its write set to its own replicated log and votes
 //! yes only once that is durable (or no, if its part failed). When every vote is yes the
 //! coordinator writes COMMIT to its replicated log, and only then tells anyone; a no vote
 //! or silence past the prepare timeout aborts, which needs no log record (presumed
@@ -35,6 +35,7 @@
 
 pub mod coordinator;
 pub mod participant;
+pub mod records;
 
 #[cfg(test)]
 mod sim;

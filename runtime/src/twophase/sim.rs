@@ -1,14 +1,24 @@
-//! A seeded simulation of two-phase commit: four functions, each with a coordinator and
-//! a participant, whose logs survive crashes (they are replicated: what a log
-//! acknowledged survives a failover, as `replication::failover_sim` checks) but whose
-//! memory does not (parts of transactions not yet prepared, locks, records being
-//! written). Messages are dropped, duplicated, delayed and reordered; functions crash at
-//! any step of the protocol and come back from their logs (the promoted backup).
+//! A seeded simulation of two-phase commit over the real composition: four functions,
+//! each with its own log and its own store (the real `Store`, applying the records of
+//! `twophase::records` as the node does), each coordinating transactions and taking part
+//! in others'. What a log made durable survives a crash (it is replicated: what a log
+//! released survives a failover, as `replication::failover_sim` checks); the rest of it
+//! and all memory (parts of transactions not yet prepared, the function's lock, the
+//! protocol's state) does not. The promoted copy rebuilds its store from the durable
+//! records and its protocol state from the store (`records::recovered`, as a new primary
+//! copy's slot does). Messages are dropped, duplicated, delayed and reordered; functions
+//! crash at any step and come back.
+//!
+//! As on the node, the coordinator's own writes ride on its decision and every other
+//! function written prepares; a part holds its function's lock until its PREPARE is
+//! appended, the coordinator's until its decision is; a prepared part then isolates its
+//! function through the store (a transaction does not begin on a function with one).
 //!
 //! Checked: every participant of a transaction reaches the same outcome, and the
-//! client's answer is that outcome; a commit is applied only after the coordinator's
-//! log holds it; once the network heals and the crashes stop, no transaction is left
-//! prepared (nothing waits forever) and every coordinator has delivered everything.
+//! client's answer is that outcome; a commit is applied only after the coordinator's log
+//! holds it durably; every record the protocol writes applies to the store; once the
+//! network heals and the crashes stop, no transaction is left prepared or undelivered,
+//! and each store holds the writes of exactly the committed transactions it took part in.
 //! A failing seed replays exactly: `SIM_SEED=N cargo test --release --lib twophase`.
 
 use std::collections::BTreeMap;
@@ -16,41 +26,72 @@ use std::time::{Duration, Instant};
 
 use super::coordinator::{self, Coordinator};
 use super::participant::{self, Participant};
-use super::{Message, TxnId};
+use super::{records, Message, TxnId};
+use crate::ids::{Digest, FunctionName, Lsn};
 use crate::sim_support::{seeds, Rng};
+use crate::store::{Function, Store};
+use crate::wal::record::{Commit, Decision, Deploy, Op, Record, Writes};
 
 const PARTIES: u8 = 4;
+/// The epoch every record is written in (failover here is a restart from the log).
+const EPOCH: u64 = 1;
 
-#[derive(Clone, Debug)]
-enum Record {
-    Prepare {
-        txn: TxnId,
-        coordinator: u8,
-    },
-    Outcome {
-        txn: TxnId,
-        commit: bool,
-        coordinator: u8,
-    },
-    Commit {
-        txn: TxnId,
-        participants: Vec<u8>,
-    },
-    End {
-        txn: TxnId,
-    },
+fn name(p: u8) -> FunctionName {
+    FunctionName::new(&format!("f{p}")).expect("a valid name")
+}
+
+fn party_of(f: &FunctionName) -> u8 {
+    f.as_str()[1..].parse().expect("a party's name")
+}
+
+/// What each transaction writes to every function it touches: its id, under its id.
+fn write_of(txn: TxnId) -> Vec<Op> {
+    vec![Op {
+        key: txn.0.to_be_bytes().to_vec(),
+        value: Some(b"w".to_vec()),
+    }]
+}
+
+/// A store holding `function` deployed, and `records` applied.
+fn store_of(function: &FunctionName, records: &[Record]) -> Store {
+    let store = Store::default();
+    let deploy = Record::Deploy(Deploy {
+        function: function.clone(),
+        digest: Digest([0; 32]),
+        version: 1,
+        at_ms: 0,
+        calls: Default::default(),
+    });
+    store.apply(Lsn(0), &deploy).expect("deploy applies");
+    for (i, r) in records.iter().enumerate() {
+        store
+            .apply(Lsn(i as u64 + 1), r)
+            .expect("a durable record applied before applies again");
+    }
+    store
+}
+
+/// What the protocol is told once a record is durable.
+#[derive(Clone, Copy, Debug)]
+enum Then {
+    PrepareLogged(TxnId),
+    OutcomeLogged(TxnId),
+    DecisionLogged(TxnId),
+    Nothing,
 }
 
 enum Event {
     Deliver {
         to: u8,
-        message: Message<u8>,
+        message: Message<FunctionName>,
     },
-    /// A log write of `party` becomes durable (void if the party crashed since).
-    Logged {
+    /// `party`'s log is durable up to its first `len` records (void if the party crashed
+    /// since).
+    Durable {
         party: u8,
         life: u32,
-        record: Record,
+        len: usize,
+        then: Then,
     },
     Restart {
         party: u8,
@@ -60,13 +101,19 @@ enum Event {
 struct Party {
     up: bool,
     life: u32,
+    /// Every record appended, in order; the first `durable` survive a crash.
     log: Vec<Record>,
-    coordinator: Coordinator<u8>,
-    participant: Participant<u8>,
-    /// Parts of transactions made here and still in memory (lost in a crash), with
+    durable: usize,
+    /// The primary's state: each record applied as it is appended, as the node applies
+    /// a commit before it is durable.
+    store: Store,
+    coordinator: Coordinator<FunctionName>,
+    participant: Participant<FunctionName>,
+    /// Parts of transactions made here and not yet prepared (lost in a crash), with
     /// when they were made.
     parts: BTreeMap<TxnId, u64>,
-    /// The one lock: the transaction whose part is here (made, prepared or finishing).
+    /// The function's lock (in memory): held by a part until its PREPARE is appended,
+    /// and by the coordinator's transaction until its decision is (or it aborts).
     lock: Option<TxnId>,
     /// When the last log write issued becomes durable.
     log_due: u64,
@@ -78,12 +125,18 @@ impl Party {
             up: true,
             life: 0,
             log: Vec::new(),
-            coordinator: Coordinator::new(me),
-            participant: Participant::new(me),
+            durable: 0,
+            store: store_of(&name(me), &[]),
+            coordinator: Coordinator::new(name(me)),
+            participant: Participant::new(name(me)),
             parts: BTreeMap::new(),
             lock: None,
             log_due: 0,
         }
+    }
+
+    fn function(&self, me: u8) -> std::sync::Arc<Function> {
+        self.store.get(&name(me)).expect("deployed")
     }
 }
 
@@ -95,8 +148,8 @@ struct Sim {
     queued: u64,
     parties: Vec<Party>,
     next_txn: u64,
-    /// Every transaction begun: its participants.
-    begun: BTreeMap<TxnId, Vec<u8>>,
+    /// Every transaction begun: its coordinator and its participants.
+    begun: BTreeMap<TxnId, (u8, Vec<u8>)>,
     /// The answers the clients got.
     answers: BTreeMap<TxnId, bool>,
     drop_percent: u64,
@@ -133,7 +186,8 @@ impl Sim {
         self.queue.insert((self.now_ms + delay, self.queued), event);
     }
 
-    fn send(&mut self, to: u8, message: Message<u8>) {
+    fn send(&mut self, to: &FunctionName, message: Message<FunctionName>) {
+        let to = party_of(to);
         if self.rng.chance(self.drop_percent) {
             return;
         }
@@ -151,38 +205,88 @@ impl Sim {
         self.at(delay, Event::Deliver { to, message });
     }
 
-    /// A log write: replicated and fsynced a few milliseconds later, after the writes
-    /// before it (a log is written in order).
-    fn log(&mut self, party: u8, record: Record) {
-        let life = self.parties[party as usize].life;
-        let due = (self.now_ms + 1 + self.rng.below(5)).max(self.parties[party as usize].log_due);
-        self.parties[party as usize].log_due = due;
+    /// Append `record` to `party`'s log and apply it to its store; it is replicated and
+    /// durable a few milliseconds later, after the records before it (a log is written
+    /// in order), and then the protocol hears `then`.
+    fn append(&mut self, party: u8, record: Record, then: Then) {
+        if let Record::Resolved(r) = &record {
+            // Atomicity, as soon as an outcome is written.
+            let (c, participants) = self.begun[&r.txn].clone();
+            for q in participants.iter().chain([&c]) {
+                for other in &self.parties[*q as usize].log {
+                    if let Record::Resolved(o) = other {
+                        assert!(
+                            o.txn != r.txn || o.commit == r.commit,
+                            "{}: party {party} writes commit={}, party {q} wrote commit={}",
+                            r.txn,
+                            r.commit,
+                            o.commit
+                        );
+                    }
+                }
+            }
+        }
+        let p = &mut self.parties[party as usize];
+        let lsn = Lsn(p.log.len() as u64 + 1);
+        if let Err(e) = p.store.apply(lsn, &record) {
+            panic!(
+                "party {party}: the composition wrote a record its store refuses: {e} ({record:?})"
+            );
+        }
+        p.log.push(record);
+        let len = p.log.len();
+        let life = p.life;
+        let due = (self.now_ms + 1 + self.rng.below(5)).max(p.log_due);
+        p.log_due = due;
         let delay = due - self.now_ms;
         self.at(
             delay,
-            Event::Logged {
+            Event::Durable {
                 party,
                 life,
-                record,
+                len,
+                then,
             },
         );
     }
 
+    /// Whether `coordinator`'s durable log holds the decision to commit `txn`.
     fn holds_commit(&self, coordinator: u8, txn: TxnId) -> bool {
-        self.parties[coordinator as usize]
-            .log
+        let p = &self.parties[coordinator as usize];
+        p.log[..p.durable]
             .iter()
-            .any(|r| matches!(r, Record::Commit { txn: t, .. } if *t == txn))
+            .any(|r| matches!(r, Record::Commit(c) if c.txn == txn && c.decision.is_some()))
     }
 
-    fn coordinator_commands(&mut self, c: u8, commands: Vec<coordinator::Command<u8>>) {
+    fn coordinator_commands(&mut self, c: u8, commands: Vec<coordinator::Command<FunctionName>>) {
         for command in commands {
             match command {
-                coordinator::Command::Send { to, message } => self.send(to, message),
+                coordinator::Command::Send { to, message } => self.send(&to, message),
                 coordinator::Command::LogCommit { txn, participants } => {
-                    self.log(c, Record::Commit { txn, participants })
+                    // The decision, with the coordinator's own writes.
+                    let record = Record::Commit(Commit {
+                        txn,
+                        writes: vec![Writes {
+                            function: name(c),
+                            ops: write_of(txn),
+                        }],
+                        idempotency: None,
+                        epochs: Vec::new(),
+                        decision: Some(Decision {
+                            coordinator: name(c),
+                            participants,
+                        }),
+                    });
+                    self.append(c, record, Then::DecisionLogged(txn));
+                    // Appended and applied: the transaction lets go of its lock.
+                    self.unlock(c, txn);
                 }
-                coordinator::Command::LogEnd { txn } => self.log(c, Record::End { txn }),
+                coordinator::Command::LogEnd { txn } => {
+                    let f = self.parties[c as usize].function(c);
+                    if let Some(record) = records::end(&f, txn, EPOCH) {
+                        self.append(c, record, Then::Nothing);
+                    }
+                }
                 coordinator::Command::Decided { txn, commit } => {
                     assert!(
                         !commit || self.holds_commit(c, txn),
@@ -191,32 +295,35 @@ impl Sim {
                     if let Some(earlier) = self.answers.insert(txn, commit) {
                         assert_eq!(earlier, commit, "{txn}: two different answers");
                     }
+                    if !commit {
+                        self.unlock(c, txn);
+                    }
                 }
             }
         }
     }
 
-    fn participant_commands(&mut self, p: u8, commands: Vec<participant::Command<u8>>) {
+    fn participant_commands(&mut self, p: u8, commands: Vec<participant::Command<FunctionName>>) {
         for command in commands {
             match command {
-                participant::Command::Send { to, message } => self.send(to, message),
+                participant::Command::Send { to, message } => self.send(&to, message),
                 participant::Command::LogPrepare { txn } => {
-                    let coordinator = self.coordinator_of(txn);
-                    self.log(p, Record::Prepare { txn, coordinator })
+                    let coordinator = name(self.begun[&txn].0);
+                    let record = records::prepare(&name(p), txn, coordinator, write_of(txn), EPOCH);
+                    self.append(p, record, Then::PrepareLogged(txn));
+                    // Its writes are promised in the log: isolation is the store's now.
+                    self.release(p, txn);
                 }
                 participant::Command::LogOutcome { txn, commit } => {
-                    let coordinator = self.coordinator_of(txn);
-                    self.log(
-                        p,
-                        Record::Outcome {
-                            txn,
-                            commit,
-                            coordinator,
-                        },
-                    )
+                    let f = self.parties[p as usize].function(p);
+                    match records::outcome(&f, txn, commit, EPOCH) {
+                        Some(record) => self.append(p, record, Then::OutcomeLogged(txn)),
+                        // Nothing prepared here: the outcome counts as logged.
+                        None => self.participant_step(p, participant::Event::OutcomeLogged { txn }),
+                    }
                 }
                 participant::Command::Finish { txn, commit } => {
-                    let coordinator = self.coordinator_of(txn);
+                    let coordinator = self.begun[&txn].0;
                     assert!(
                         !commit || self.holds_commit(coordinator, txn),
                         "{txn}: party {p} applied a commit its coordinator never logged"
@@ -228,32 +335,50 @@ impl Sim {
         }
     }
 
-    fn coordinator_of(&self, txn: TxnId) -> u8 {
-        self.begun[&txn][0]
+    fn participant_step(&mut self, p: u8, event: participant::Event<FunctionName>) {
+        let now = self.now();
+        let commands = self.parties[p as usize].participant.step(now, event);
+        self.participant_commands(p, commands);
     }
 
+    fn coordinator_step(&mut self, c: u8, event: coordinator::Event<FunctionName>) {
+        let now = self.now();
+        let commands = self.parties[c as usize].coordinator.step(now, event);
+        self.coordinator_commands(c, commands);
+    }
+
+    /// `txn`'s part at `p` is gone (prepared, finished or dropped): so is its lock.
     fn release(&mut self, p: u8, txn: TxnId) {
+        self.parties[p as usize].parts.remove(&txn);
+        self.unlock(p, txn);
+    }
+
+    fn unlock(&mut self, p: u8, txn: TxnId) {
         let party = &mut self.parties[p as usize];
-        party.parts.remove(&txn);
         if party.lock == Some(txn) {
             party.lock = None;
         }
     }
 
-    /// A client's transaction at a random coordinator, writing it and one or two other
-    /// functions (their parts made now, under their locks), then asking to commit.
+    /// A client's transaction at a random coordinator, writing its own function and one
+    /// or two others (their parts made now, under their locks), then asking to commit.
     fn begin(&mut self) {
         let c = self.rng.below(u64::from(PARTIES)) as u8;
-        let mut participants = vec![c];
+        let mut participants = Vec::new();
         for _ in 0..1 + self.rng.below(2) {
             let p = self.rng.below(u64::from(PARTIES)) as u8;
-            if !participants.contains(&p) {
+            if p != c && !participants.contains(&p) {
                 participants.push(p);
             }
         }
-        let free = participants.iter().all(|p| {
+        if participants.is_empty() {
+            return;
+        }
+        // As `lock_unprepared`: not while another transaction holds a function's lock or
+        // its prepared part isolates it.
+        let free = participants.iter().chain([&c]).all(|p| {
             let party = &self.parties[*p as usize];
-            party.up && party.lock.is_none()
+            party.up && party.lock.is_none() && party.function(*p).prepared().is_empty()
         });
         if !free {
             return;
@@ -265,97 +390,60 @@ impl Sim {
             party.parts.insert(txn, self.now_ms);
             party.lock = Some(txn);
         }
-        self.begun.insert(txn, participants.clone());
-        let now = self.now();
-        let commands = self.parties[c as usize]
-            .coordinator
-            .step(now, coordinator::Event::Begin { txn, participants });
-        self.coordinator_commands(c, commands);
+        self.parties[c as usize].lock = Some(txn);
+        self.begun.insert(txn, (c, participants.clone()));
+        let participants = participants.into_iter().map(name).collect();
+        self.coordinator_step(c, coordinator::Event::Begin { txn, participants });
     }
 
     fn handle(&mut self, event: Event) {
-        let now = self.now();
         match event {
             Event::Deliver { to, message } => {
-                let party = &mut self.parties[to as usize];
-                if !party.up {
+                if !self.parties[to as usize].up {
                     return;
                 }
                 match message {
                     Message::Prepare { txn, coordinator } => {
-                        let ok = party.parts.contains_key(&txn);
-                        let commands = party.participant.step(
-                            now,
+                        let ok = self.parties[to as usize].parts.contains_key(&txn);
+                        self.participant_step(
+                            to,
                             participant::Event::Prepare {
                                 txn,
                                 coordinator,
                                 ok,
                             },
                         );
-                        self.participant_commands(to, commands);
                     }
                     Message::Decision { .. } => {
-                        let commands = party
-                            .participant
-                            .step(now, participant::Event::Received(message));
-                        self.participant_commands(to, commands);
+                        self.participant_step(to, participant::Event::Received(message))
                     }
                     Message::Vote { .. } | Message::Ack { .. } | Message::Query { .. } => {
-                        let commands = party
-                            .coordinator
-                            .step(now, coordinator::Event::Received(message));
-                        self.coordinator_commands(to, commands);
+                        self.coordinator_step(to, coordinator::Event::Received(message))
                     }
                 }
             }
-            Event::Logged {
+            Event::Durable {
                 party: p,
                 life,
-                record,
+                len,
+                then,
             } => {
                 let party = &mut self.parties[p as usize];
                 if !party.up || party.life != life {
                     return;
                 }
-                if let Record::Outcome { txn, commit, .. } = &record {
-                    // Atomicity, as soon as it is written.
-                    let (txn, commit) = (*txn, *commit);
-                    for q in &self.begun[&txn] {
-                        for r in &self.parties[*q as usize].log {
-                            if let Record::Outcome {
-                                txn: t, commit: c, ..
-                            } = r
-                            {
-                                assert!(
-                                    *t != txn || *c == commit,
-                                    "{txn}: party {p} logs commit={commit}, party {q} logged commit={c}"
-                                );
-                            }
-                        }
+                party.durable = party.durable.max(len);
+                match then {
+                    Then::PrepareLogged(txn) => {
+                        self.participant_step(p, participant::Event::PrepareLogged { txn })
                     }
-                }
-                let party = &mut self.parties[p as usize];
-                party.log.push(record.clone());
-                match record {
-                    Record::Prepare { txn, .. } => {
-                        let commands = party
-                            .participant
-                            .step(now, participant::Event::PrepareLogged { txn });
-                        self.participant_commands(p, commands);
+                    Then::OutcomeLogged(txn) => {
+                        self.participant_step(p, participant::Event::OutcomeLogged { txn })
                     }
-                    Record::Outcome { txn, .. } => {
-                        let commands = party
-                            .participant
-                            .step(now, participant::Event::OutcomeLogged { txn });
-                        self.participant_commands(p, commands);
+                    Then::DecisionLogged(txn) => {
+                        self.coordinator_step(p, coordinator::Event::Logged { txn })
                     }
-                    Record::Commit { txn, .. } => {
-                        let commands = party
-                            .coordinator
-                            .step(now, coordinator::Event::Logged { txn });
-                        self.coordinator_commands(p, commands);
-                    }
-                    Record::End { .. } => {}
+                    Then::Nothing => {}
                 }
             }
             Event::Restart { party: p } => self.recover(p),
@@ -367,64 +455,30 @@ impl Sim {
         let party = &mut self.parties[p as usize];
         party.up = false;
         party.life += 1;
-        party.coordinator = Coordinator::new(p);
-        party.participant = Participant::new(p);
+        party.log.truncate(party.durable);
+        party.coordinator = Coordinator::new(name(p));
+        party.participant = Participant::new(name(p));
         party.parts.clear();
         party.lock = None;
         let down_for = 20 + self.rng.below(80);
         self.at(down_for, Event::Restart { party: p });
     }
 
-    /// The promoted backup takes over from the log.
+    /// The promoted copy takes over: its store holds the durable records, and its slot
+    /// starts from what that store holds.
     fn recover(&mut self, p: u8) {
-        let now = self.now();
         let party = &mut self.parties[p as usize];
         party.up = true;
-        let mut committed: BTreeMap<TxnId, Vec<u8>> = BTreeMap::new();
-        let mut prepared: BTreeMap<TxnId, u8> = BTreeMap::new();
-        let mut decided = Vec::new();
-        for r in &party.log {
-            match r {
-                Record::Commit { txn, participants } => {
-                    committed.insert(*txn, participants.clone());
-                }
-                Record::End { txn } => {
-                    committed.remove(txn);
-                }
-                Record::Prepare { txn, coordinator } => {
-                    prepared.insert(*txn, *coordinator);
-                }
-                Record::Outcome {
-                    txn,
-                    commit,
-                    coordinator,
-                } => {
-                    prepared.remove(txn);
-                    decided.push((*txn, *commit, *coordinator));
-                }
-            }
-        }
+        party.store = store_of(&name(p), &party.log);
+        let f = party.function(p);
+        let prepared = f.prepared();
         assert!(
             prepared.len() <= 1,
             "party {p} holds two prepared transactions: {prepared:?}"
         );
-        party.lock = prepared.keys().next().copied();
-        let commands = party.coordinator.step(
-            now,
-            coordinator::Event::Recovered {
-                committed: committed.into_iter().collect(),
-            },
-        );
-        self.coordinator_commands(p, commands);
-        let party = &mut self.parties[p as usize];
-        let commands = party.participant.step(
-            now,
-            participant::Event::Recovered {
-                prepared: prepared.into_iter().collect(),
-                decided,
-            },
-        );
-        self.participant_commands(p, commands);
+        let (as_participant, as_coordinator) = records::recovered(&f);
+        self.coordinator_step(p, as_coordinator);
+        self.participant_step(p, as_participant);
     }
 
     fn run(&mut self, ms: u64, begin_percent: u64, crash_per_mille: u64) {
@@ -441,17 +495,12 @@ impl Sim {
                 self.handle(event);
             }
             if self.now_ms.is_multiple_of(5) {
-                let now = self.now();
                 for p in 0..PARTIES {
-                    let party = &mut self.parties[p as usize];
-                    if !party.up {
+                    if !self.parties[p as usize].up {
                         continue;
                     }
-                    let commands = party.coordinator.step(now, coordinator::Event::Tick);
-                    self.coordinator_commands(p, commands);
-                    let party = &mut self.parties[p as usize];
-                    let commands = party.participant.step(now, participant::Event::Tick);
-                    self.participant_commands(p, commands);
+                    self.coordinator_step(p, coordinator::Event::Tick);
+                    self.participant_step(p, participant::Event::Tick);
                     // Parts never prepared (their Prepare and abort were lost): dropped
                     // after twice the prepare timeout.
                     let party = &self.parties[p as usize];
@@ -480,8 +529,9 @@ impl Sim {
         }
     }
 
-    /// After the faults: nothing is left undecided, and every transaction has one
-    /// outcome everywhere, the one its client was told.
+    /// After the faults: nothing is left undecided or undelivered, every transaction has
+    /// one outcome everywhere, the one its client was told, and the stores hold the
+    /// writes of exactly the committed transactions.
     fn check_settled(&self) -> (usize, usize, usize) {
         let (mut committed, mut aborted) = (0, 0);
         for (p, party) in self.parties.iter().enumerate() {
@@ -493,13 +543,19 @@ impl Sim {
                 0,
                 "party {p} has undelivered decisions"
             );
+            let f = party.function(p as u8);
+            assert!(
+                f.prepared().is_empty(),
+                "party {p}'s store holds prepared parts: {:?}",
+                f.prepared()
+            );
         }
-        for (txn, participants) in &self.begun {
+        for (txn, (c, participants)) in &self.begun {
             let outcomes: Vec<Option<bool>> = participants
                 .iter()
                 .map(|p| {
                     self.parties[*p as usize].log.iter().find_map(|r| match r {
-                        Record::Outcome { txn: t, commit, .. } if t == txn => Some(*commit),
+                        Record::Resolved(o) if o.txn == *txn => Some(o.commit),
                         _ => None,
                     })
                 })
@@ -512,10 +568,24 @@ impl Sim {
                 commits == 0 || all_committed,
                 "{txn}: mixed outcomes {outcomes:?} over {participants:?}"
             );
+            assert_eq!(
+                all_committed,
+                self.holds_commit(*c, *txn),
+                "{txn}: the participants hold {outcomes:?}, the coordinator's decision disagrees"
+            );
             if let Some(answer) = self.answers.get(txn) {
                 assert_eq!(
                     *answer, all_committed,
                     "{txn}: the client was told commit={answer}, the participants hold {outcomes:?}"
+                );
+            }
+            let key = txn.0.to_be_bytes();
+            for p in participants.iter().chain([c]) {
+                let f = self.parties[*p as usize].function(*p);
+                assert_eq!(
+                    f.get(&key).is_some(),
+                    all_committed,
+                    "{txn}: party {p}'s state disagrees with the outcome (committed: {all_committed})"
                 );
             }
             if all_committed {
