@@ -12,10 +12,19 @@
 //! primary reports as the node does. Each copy follows the state it learns (a little
 //! late) with the node's own role decisions, `replication::follow::as_primary`.
 //!
+//! Leases are the node's (`cluster::lease`): every node pings the master every
+//! `HEARTBEAT_MS` over the same lossy network; the master's failure detector declares a
+//! node down once no ping has arrived for `DETECT_MS` on the master's clock, and answers
+//! the pings of nodes it holds up with a lease that runs `LEASE_MS` from when the ping
+//! was sent, on the node's clock, once the node knows the cluster state the master knew.
+//! Every clock runs at its own rate, within `DRIFT` of real time. A node appends and
+//! serves reads as primary only while it holds a lease and its view names it primary.
+//!
 //! Checked throughout: no two releases of one position disagree; a new primary's log
-//! holds every released entry (no acknowledged commit is lost); at the end, with the
-//! network healed, everything appended in the last epoch is released and every backup's
-//! log equals the primary's. A failing seed replays exactly:
+//! holds every released entry (no acknowledged commit is lost); a read served by a
+//! primary holds every entry released anywhere before it (no stale read from a deposed
+//! primary that does not know it yet); at the end, with the network healed, everything
+//! appended in the last epoch is released and every backup's log equals the primary's. A failing seed replays exactly:
 //! `SIM_SEED=N cargo test --release --lib failover_sim` (`SIM_TRACE=1` to see it);
 //! `SIM_SEEDS=5000` runs that many.
 
@@ -34,8 +43,17 @@ use crate::sim_support::{seeds, Rng};
 
 const NODES: [NodeId; 3] = [NodeId(1), NodeId(2), NodeId(3)];
 const FUNCTION: &str = "f";
-/// The master's failure detector: how long a node must be silent to be declared down.
+/// The master's failure detector: how long no ping from a node may arrive before it is
+/// declared down (the node's `failure_timeout_ms`), on the master's clock.
 const DETECT_MS: u64 = 20;
+/// How often a node pings the master (`heartbeat_ms`).
+const HEARTBEAT_MS: u64 = 5;
+/// How long a lease runs from the ping that asked for it, on the node's clock (the
+/// node's: three quarters of the failure timeout).
+const LEASE_MS: f64 = DETECT_MS as f64 * 3.0 / 4.0;
+/// How far any clock's rate may be from real time. A lease of three quarters of the
+/// failure timeout is safe up to (1 - 3/4) / (1 + 3/4) = 1/7 (about 14%).
+const DRIFT: f64 = 0.10;
 /// How long a primary waits before it sends a refused snapshot again (the node's
 /// `CATCH_UP_RETRY`).
 const CATCH_UP_RETRY_MS: u64 = 200;
@@ -92,18 +110,35 @@ enum Event {
     Restart {
         node: NodeId,
     },
+    /// `from` asks the master for a lease, at `sent` on its own clock (in its life `life`).
+    Ping {
+        from: NodeId,
+        life: u32,
+        sent: f64,
+    },
+    /// The master grants the lease asked for at `sent`, to count once `to` knows the
+    /// cluster state as of change `version`.
+    Pong {
+        to: NodeId,
+        life: u32,
+        sent: f64,
+        version: u64,
+    },
 }
 
 impl Event {
-    /// The node that handles it.
-    fn target(&self) -> NodeId {
+    /// The node that handles it (none: the master, which does not stall).
+    fn target(&self) -> Option<NodeId> {
         match self {
-            Event::Append { to, .. } | Event::Reply { to, .. } => *to,
+            Event::Append { to, .. } | Event::Reply { to, .. } | Event::Pong { to, .. } => {
+                Some(*to)
+            }
             Event::Synced { node, .. }
             | Event::Snapshot { node, .. }
             | Event::Config { node, .. }
-            | Event::Restart { node } => *node,
-            Event::Installed { primary, .. } | Event::Refused { primary, .. } => *primary,
+            | Event::Restart { node } => Some(*node),
+            Event::Installed { primary, .. } | Event::Refused { primary, .. } => Some(*primary),
+            Event::Ping { .. } => None,
         }
     }
 }
@@ -134,8 +169,16 @@ struct Node {
     /// as (`booted` then holds the epoch it found itself primary of, if any).
     fresh: bool,
     booted: Option<Epoch>,
-    /// Silent (crashed or stalled) since then: what the failure detector sees.
+    /// Crashed or stalled since then (the faults' own bookkeeping: the master knows
+    /// only the pings it gets).
     silent_since: Option<u64>,
+    /// Its clock runs at this many times real time (within `DRIFT`).
+    rate: f64,
+    /// The lease it holds: until then on its own clock, once it knows the cluster state
+    /// of that version.
+    lease: Option<(f64, u64)>,
+    /// When it pings the master next (real ms; a stalled node pings when it wakes).
+    next_ping: u64,
 }
 
 /// The function's assignment as the sim reads it.
@@ -160,6 +203,8 @@ struct Sim {
     version: u64,
     /// Every release so far, by position: the payload released there.
     released: BTreeMap<u64, u64>,
+    /// The epoch each position was first released in.
+    released_in: BTreeMap<u64, Epoch>,
     payloads: u64,
     drop_percent: u64,
     dup_percent: u64,
@@ -171,6 +216,19 @@ struct Sim {
     snapshots: u32,
     /// The last primary session handed out.
     sessions: u64,
+    /// The master's clock rate, when the last ping of each node arrived by that clock,
+    /// and when each node was last declared down.
+    master_rate: f64,
+    pinged: BTreeMap<NodeId, f64>,
+    downed: BTreeMap<NodeId, f64>,
+    /// Each time the highest released position grew: when (real ms), and to what.
+    released_high: Vec<(u64, u64)>,
+    reads: u32,
+}
+
+/// A clock rate within `DRIFT` of real time.
+fn drifting(rng: &mut Rng) -> f64 {
+    1.0 + (rng.below(2001) as f64 - 1000.0) / 1000.0 * DRIFT
 }
 
 impl Sim {
@@ -192,6 +250,7 @@ impl Sim {
             calls: Default::default(),
         });
         assert!(!deployed.is_rejected(), "{deployed:?}");
+        let mut rng = Rng(seed);
         let nodes = NODES
             .iter()
             .map(|&n| {
@@ -209,12 +268,16 @@ impl Sim {
                         fresh: false,
                         booted: None,
                         silent_since: None,
+                        rate: drifting(&mut rng),
+                        lease: None,
+                        next_ping: 0,
                     },
                 )
             })
             .collect();
+        let master_rate = drifting(&mut rng);
         let mut sim = Sim {
-            rng: Rng(seed),
+            rng,
             start: Instant::now(),
             now_ms: 0,
             queue: BTreeMap::new(),
@@ -223,6 +286,7 @@ impl Sim {
             state,
             version: 0,
             released: BTreeMap::new(),
+            released_in: BTreeMap::new(),
             payloads: 0,
             drop_percent: 15,
             dup_percent: 5,
@@ -233,6 +297,11 @@ impl Sim {
             promotions: 0,
             snapshots: 0,
             sessions: 0,
+            master_rate,
+            pinged: BTreeMap::new(),
+            downed: BTreeMap::new(),
+            released_high: Vec::new(),
+            reads: 0,
         };
         sim.publish();
         sim
@@ -301,6 +370,22 @@ impl Sim {
                     from: *from,
                     reply: *reply,
                 },
+                Event::Ping { from, life, sent } => Event::Ping {
+                    from: *from,
+                    life: *life,
+                    sent: *sent,
+                },
+                Event::Pong {
+                    to,
+                    life,
+                    sent,
+                    version,
+                } => Event::Pong {
+                    to: *to,
+                    life: *life,
+                    sent: *sent,
+                    version: *version,
+                },
                 _ => unreachable!("only messages are sent"),
             };
             let delay = self.rng.below(self.delay_ms_max + 1);
@@ -330,19 +415,21 @@ impl Sim {
         self.publish();
     }
 
-    /// The failure detector, as the master runs it: a node silent for `DETECT_MS` is
-    /// declared down and its copies failed over; a node heard again is declared up and
-    /// gets its copies back.
+    /// The failure detector, as the master runs it: a node whose last ping arrived
+    /// `DETECT_MS` ago (on the master's clock) is declared down and its copies failed
+    /// over; a node heard again is declared up and gets its copies back.
     fn detect(&mut self) {
+        let master_now = self.now_ms as f64 * self.master_rate;
         for n in NODES {
             let health = self.state.nodes[&n].health;
-            let silent_since = self.nodes[&n].silent_since;
-            match (health, silent_since) {
-                (Health::Up, Some(since)) if self.now_ms - since >= DETECT_MS => {
+            let heard = self.pinged.get(&n).copied().unwrap_or(0.0);
+            match health {
+                Health::Up if master_now - heard >= DETECT_MS as f64 => {
                     if self.nodes[&n].up {
                         self.false_downs += 1;
                     }
                     self.trace(|| format!("master: {n} is down"));
+                    self.downed.insert(n, master_now);
                     self.propose(Change::SetHealth {
                         node: n,
                         health: Health::Down,
@@ -352,7 +439,7 @@ impl Sim {
                         self.propose(change);
                     }
                 }
-                (Health::Down, None) => {
+                Health::Down if heard > self.downed.get(&n).copied().unwrap_or(0.0) => {
                     self.trace(|| format!("master: {n} is up"));
                     self.propose(Change::SetHealth {
                         node: n,
@@ -364,6 +451,64 @@ impl Sim {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// `n`'s clock now.
+    fn clock(&self, n: NodeId) -> f64 {
+        self.now_ms as f64 * self.nodes[&n].rate
+    }
+
+    /// Whether `n` holds a lease now, and knows the state it was granted in.
+    fn lease_ok(&self, n: NodeId) -> bool {
+        let node = &self.nodes[&n];
+        let known = node.view.as_ref().map_or(0, |(v, _)| *v);
+        node.lease
+            .is_some_and(|(until, version)| self.clock(n) < until && known >= version)
+    }
+
+    /// Whether `n` may answer as the primary of the current view: it holds a serving
+    /// engine of the epoch its view names it primary of, and a lease (`check_lease`).
+    fn serves(&self, n: NodeId) -> bool {
+        let node = &self.nodes[&n];
+        node.up
+            && node.slow_until <= self.now_ms
+            && matches!(
+                (&node.role, &node.view),
+                (Role::Primary(e), Some((_, view)))
+                    if !e.is_fenced() && view.primary == n && view.epoch == e.epoch()
+            )
+            && self.lease_ok(n)
+    }
+
+    /// A client's read at a random node, served if that node serves as primary: it
+    /// holds every entry released anywhere so far (the node answers once its position
+    /// is released; it may hold more).
+    fn read(&mut self) {
+        let n = NODES[self.rng.below(3) as usize];
+        if !self.serves(n) {
+            return;
+        }
+        self.reads += 1;
+        let high = self.released_high.last().map_or(0, |(_, s)| *s);
+        let log = &self.nodes[&n].log;
+        assert!(
+            log.len() as u64 >= high,
+            "{n} served a read at {} while #{high} had been released elsewhere: a stale read",
+            log.len()
+        );
+        // The highest released entry and one other (checking them all at every read
+        // would make a run quadratic in its length).
+        if high == 0 {
+            return;
+        }
+        let other = 1 + self.rng.below(high);
+        for s in [high, other] {
+            assert_eq!(
+                log[(s - 1) as usize].1,
+                self.released[&s],
+                "{n} served a read whose #{s} is not the released one: a stale read"
+            );
         }
     }
 
@@ -400,6 +545,10 @@ impl Sim {
     /// The invariant: a release never contradicts an earlier one.
     fn released_up_to(&mut self, n: NodeId, seq: Seq) {
         self.trace(|| format!("{n} releases up to {seq}"));
+        let epoch = match &self.nodes[&n].role {
+            Role::Primary(engine) => engine.epoch(),
+            _ => unreachable!("only a primary releases"),
+        };
         let log = &self.nodes[&n].log;
         assert!(
             log.len() as u64 >= seq.0,
@@ -415,6 +564,8 @@ impl Sim {
                 ),
                 None => {
                     self.released.insert(s, payload);
+                    self.released_in.insert(s, epoch);
+                    self.released_high.push((self.now_ms, s));
                 }
             }
         }
@@ -568,7 +719,16 @@ impl Sim {
                     let log = &self.nodes[&n].log;
                     let seq = Seq(log.len() as u64);
                     let epoch_last = log.last().map_or(Epoch(0), |e| e.0);
-                    for (s, payload) in &self.released {
+                    // A primary of `epoch` holds what was released before it; a stale
+                    // view (a node that learns of its promotion late, after a later
+                    // epoch released more) lacks the later releases, and its engine
+                    // releases nothing until its backups follow it (they refuse an
+                    // older epoch).
+                    let earlier = self
+                        .released
+                        .iter()
+                        .filter(|(s, _)| self.released_in[s] < epoch);
+                    for (s, payload) in earlier {
                         let held = self.nodes[&n].log.get((*s - 1) as usize).map(|e| e.1);
                         assert_eq!(
                             held,
@@ -760,6 +920,37 @@ impl Sim {
                     );
                 }
             }
+            Event::Ping { from, life, sent } => {
+                // As the master records it: when the ping arrived, on its own clock.
+                let master_now = self.now_ms as f64 * self.master_rate;
+                let heard = self.pinged.entry(from).or_insert(0.0);
+                *heard = heard.max(master_now);
+                // Suspected nodes get no lease until they are judged up again.
+                if self.state.nodes[&from].health == Health::Up {
+                    let version = self.version;
+                    self.send(Event::Pong {
+                        to: from,
+                        life,
+                        sent,
+                        version,
+                    });
+                }
+            }
+            Event::Pong {
+                to,
+                life,
+                sent,
+                version,
+            } => {
+                let node = self.node(to);
+                if !node.up || node.life != life {
+                    return;
+                }
+                let until = sent + LEASE_MS;
+                if node.lease.is_none_or(|(u, _)| until > u) {
+                    node.lease = Some((until, version));
+                }
+            }
             Event::Restart { node: n } => {
                 let node = self.node(n);
                 node.up = true;
@@ -793,6 +984,7 @@ impl Sim {
         node.life += 1;
         node.silent_since = Some(now_ms);
         node.draining_since = None;
+        node.lease = None;
         // What was not fsynced is gone.
         let durable = node.durable;
         node.log.truncate(durable);
@@ -851,7 +1043,7 @@ impl Sim {
                 }
                 let event = entry.remove();
                 // A stalled node handles it when it wakes, in the order it arrived.
-                let slow_until = self.nodes[&event.target()].slow_until;
+                let slow_until = event.target().map_or(0, |n| self.nodes[&n].slow_until);
                 if slow_until > self.now_ms {
                     self.at_ms(slow_until, event);
                     continue;
@@ -870,6 +1062,19 @@ impl Sim {
                     }
                 }
             }
+            for n in NODES {
+                let node = &self.nodes[&n];
+                if node.up && node.slow_until <= self.now_ms && node.next_ping <= self.now_ms {
+                    let (life, sent) = (node.life, self.clock(n));
+                    self.node(n).next_ping = self.now_ms + HEARTBEAT_MS;
+                    self.send(Event::Ping {
+                        from: n,
+                        life,
+                        sent,
+                    });
+                }
+            }
+            self.read();
             self.detect();
             if fault_per_mille > 0 && self.whole() && self.rng.below(1000) < fault_per_mille {
                 let victim = NODES[self.rng.below(3) as usize];
@@ -894,13 +1099,9 @@ impl Sim {
         let config = self.config();
         let p = config.primary;
         let now = self.now();
-        let serving = {
-            let node = &self.nodes[&p];
-            node.up
-                && node.slow_until <= self.now_ms
-                && matches!(&node.role, Role::Primary(e) if !e.is_fenced() && e.epoch() == config.epoch)
-        };
-        if !serving {
+        if !self.serves(p)
+            || self.nodes[&p].view.as_ref().map(|(_, v)| v.epoch) != Some(config.epoch)
+        {
             return;
         }
         self.payloads += 1;
@@ -957,6 +1158,7 @@ fn no_acknowledged_entry_is_lost_across_crashes_stalls_and_failovers() {
         promotions: u32,
         snapshots: u32,
         released: usize,
+        reads: u32,
     }
     let mut totals = Totals::default();
     for seed in seeds() {
@@ -980,21 +1182,23 @@ fn no_acknowledged_entry_is_lost_across_crashes_stalls_and_failovers() {
                 totals.promotions += sim.promotions;
                 totals.snapshots += sim.snapshots;
                 totals.released += sim.released.len();
+                totals.reads += sim.reads;
             }
             Err(_) => panic!("failover simulation failed with SIM_SEED={seed}"),
         }
     }
     println!(
-        "failover simulation: {} crashes, {} stalls ({} nodes declared down while alive), {} promotions, {} snapshots, {} entries released and checked",
+        "failover simulation: {} crashes, {} stalls ({} nodes declared down while alive), {} promotions, {} snapshots, {} entries released and checked, {} reads checked",
         totals.crashes,
         totals.stalls,
         totals.false_downs,
         totals.promotions,
         totals.snapshots,
-        totals.released
+        totals.released,
+        totals.reads
     );
     assert!(
-        totals.crashes > 0 && totals.promotions > 0 && totals.false_downs > 0,
+        totals.crashes > 0 && totals.promotions > 0 && totals.false_downs > 0 && totals.reads > 0,
         "the simulation crashed nodes, took stalled ones for dead and promoted backups"
     );
 }
