@@ -579,6 +579,9 @@ async fn healthz(State(node): State<Node>) -> Response {
 }
 
 async fn metrics(State(node): State<Node>) -> Response {
+    if let Some(cluster) = node.cluster() {
+        cluster.sample_metrics();
+    }
     let mut r = node.metrics().encode().into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
