@@ -72,6 +72,8 @@ pub struct Metrics {
     pub http_connections_refused: Counter,
     /// API connections open now.
     pub http_connections_open: Gauge,
+    /// Recent throughput and latency per function, for the console.
+    pub rates: crate::rates::Rates,
     pub cluster: ClusterMetrics,
 }
 
@@ -205,8 +207,10 @@ impl Metrics {
             "Functions currently deployed",
             functions_deployed.clone(),
         );
+        let rates = crate::rates::Rates::default();
         let cluster = ClusterMetrics::register(&mut registry);
         Metrics {
+            rates,
             cluster,
             registry,
             invocation_counters: Default::default(),

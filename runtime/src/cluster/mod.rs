@@ -386,6 +386,19 @@ impl Cluster {
         self.id
     }
 
+    /// Whether `origin` (`http://host:port`, lowercase) is the HTTP address of a
+    /// member of the cluster, as its state knows it now.
+    pub fn has_member_origin(&self, origin: &str) -> bool {
+        let Some(address) = origin.strip_prefix("http://") else {
+            return false;
+        };
+        self.control.state().nodes.values().any(|n| {
+            n.status != understudy_control::NodeStatus::Removed
+                && !n.http_addr.is_empty()
+                && n.http_addr.eq_ignore_ascii_case(address)
+        })
+    }
+
     /// Await `proposed`, a command proposed to the control plane, timing it in
     /// `raft_commit_latency_seconds` when it was applied.
     pub(crate) async fn timed<T, E>(

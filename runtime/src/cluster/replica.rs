@@ -960,14 +960,17 @@ impl Replicas {
         for (name, copy) in copies.iter() {
             let value = match copy {
                 Copy::Primary(p) => {
-                    let backups: Vec<NodeId> = assignments
-                        .assignments
-                        .get(name.as_str())
+                    let assignment = assignments.assignments.get(name.as_str());
+                    let backups: Vec<NodeId> = assignment
                         .map(|a| a.backups.iter().chain(&a.catching_up).copied().collect())
                         .unwrap_or_default();
                     let mut v = p.status(&backups);
                     v["role"] = "primary".into();
                     v["epoch"] = p.epoch.0.into();
+                    let catching_up = assignment
+                        .map(|a| a.catching_up.clone())
+                        .unwrap_or_default();
+                    v["catch_up"] = self.catch_up_progress(name, p, &catching_up);
                     v
                 }
                 Copy::Backup(b) => serde_json::json!({
@@ -979,5 +982,35 @@ impl Replicas {
             out.insert(name.to_string(), value);
         }
         serde_json::Value::Object(out)
+    }
+
+    /// For each backup of `copy` still catching up: whether its snapshot is on the way,
+    /// and how much of the primary's log it holds (a percentage of the entries).
+    fn catch_up_progress(
+        &self,
+        function: &FunctionName,
+        copy: &PrimaryCopy,
+        catching_up: &[NodeId],
+    ) -> serde_json::Value {
+        let engine = copy.engine.lock();
+        let last = engine.seq_last().0;
+        let installing = self.senders.catching_up.lock();
+        let progress: serde_json::Map<String, serde_json::Value> = catching_up
+            .iter()
+            .map(|b| {
+                let lag = engine.lag(*b).unwrap_or(last);
+                let held = last.saturating_sub(lag);
+                let percent = match last {
+                    0 => 100.0,
+                    _ => held as f64 * 100.0 / last as f64,
+                };
+                let snapshot = installing.contains(&(function.clone(), *b));
+                (
+                    b.0.to_string(),
+                    serde_json::json!({ "percent": percent, "snapshot": snapshot, "lag": lag }),
+                )
+            })
+            .collect();
+        serde_json::Value::Object(progress)
     }
 }
