@@ -95,6 +95,9 @@ pub struct NodeOptions {
     pub extra_args: Vec<String>,
     /// Environment variables for the node (`UNDERSTUDY_FAILPOINT`).
     pub env: Vec<(String, String)>,
+    /// The HTTP port on 127.0.0.1 (a free one when not given), for configs that name
+    /// the members' HTTP addresses.
+    pub port: Option<u16>,
 }
 
 /// The HTTP port of a node in a network namespace of its own.
@@ -313,7 +316,7 @@ impl NodeProcess {
                 (command, format!("0.0.0.0:{NETNS_PORT}"))
             }
             None => {
-                self.port = free_port();
+                self.port = self.options.port.unwrap_or_else(free_port);
                 (Command::new(exe), format!("127.0.0.1:{}", self.port))
             }
         };
