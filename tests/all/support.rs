@@ -330,6 +330,13 @@ impl NodeProcess {
             // The test decides about the admin token, not the environment it runs in.
             .env_remove("UNDERSTUDY_ADMIN_TOKEN")
             .env_remove("UNDERSTUDY_INVOKE_TOKEN")
+            // Nor does the environment make it a cluster member (`cluster_flags`).
+            .env_remove("UNDERSTUDY_CONFIG")
+            .env_remove("UNDERSTUDY_NODE_ID")
+            .env_remove("UNDERSTUDY_PEERS")
+            .env_remove("UNDERSTUDY_CERTS_DIR")
+            .env_remove("UNDERSTUDY_PEER_LISTEN")
+            .env_remove("UNDERSTUDY_JOIN")
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
             .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -217,7 +217,7 @@ impl Cluster {
                 parse_role(&m.role)?,
             );
             if m.id == config.node_id {
-                node.http_addr = http_addr.to_string();
+                node.http_addr = advertised_http(http_addr, &m.http_addr, config.peer_listen);
             }
             members.insert(NodeId(m.id), node);
         }
@@ -352,7 +352,7 @@ impl Cluster {
                 let me = understudy_control::Node::new(
                     NodeId(config.node_id),
                     config.peer_listen.to_string(),
-                    http_addr.to_string(),
+                    advertised_http(http_addr, "", config.peer_listen),
                     role,
                 );
                 let transport = transport.clone();
@@ -1406,6 +1406,23 @@ impl Cluster {
 }
 
 /// `ID@HOST:PORT`.
+/// The HTTP address the cluster state gives this node (the console and other members
+/// reach it there): the one it listens on, unless that is every interface (`0.0.0.0`,
+/// `[::]`), which no one can connect to; then the one its config names (`configured`),
+/// else its peer address's IP with the HTTP port.
+fn advertised_http(bound: SocketAddr, configured: &str, peer_listen: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    if !peer_listen.ip().is_unspecified() {
+        return SocketAddr::new(peer_listen.ip(), bound.port()).to_string();
+    }
+    bound.to_string()
+}
+
 fn parse_join(target: &str) -> Result<(NodeId, SocketAddr), Error> {
     let bad = || {
         Error::Config(format!(
@@ -1649,5 +1666,32 @@ impl Handler for Dispatch {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_on_every_interface_advertises_an_address_one_can_reach() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("an address");
+        let peer = addr("10.0.0.1:7301");
+        assert_eq!(
+            advertised_http(addr("10.0.0.1:7201"), "10.9.9.9:1", peer),
+            "10.0.0.1:7201"
+        );
+        assert_eq!(
+            advertised_http(addr("0.0.0.0:7201"), "10.0.0.1:8080", peer),
+            "10.0.0.1:8080"
+        );
+        assert_eq!(
+            advertised_http(addr("0.0.0.0:7201"), "", peer),
+            "10.0.0.1:7201"
+        );
+        assert_eq!(
+            advertised_http(addr("[::]:7201"), "", addr("0.0.0.0:7301")),
+            "[::]:7201"
+        );
     }
 }
