@@ -239,7 +239,7 @@ fn open_on_primary(browser: &Browser, nodes: &[NodeProcess]) -> (u64, u64) {
         let settled = try_wait_for_page(browser, |p| {
             p["view"] == id.as_str()
                 && (1..=3).all(|n| p["nodes"][n.to_string()]["link"] == "live")
-                && p["primary"] != ""
+                && p["primary"].as_str().is_some_and(|p| !p.is_empty())
         });
         match settled {
             Ok(page) if page["primary"] == id.as_str() => {
@@ -296,8 +296,9 @@ fn console_in_a_browser_follows_a_killed_primary_through_another_node() {
             && p["view"] != id(primary)
             && p["nodes"][id(primary)]["health"] == "down"
             && p["nodes"][id(primary)]["link"] == "lost"
-            && p["primary"] != id(primary)
-            && p["primary"] != ""
+            && p["primary"]
+                .as_str()
+                .is_some_and(|p| !p.is_empty() && p != id(primary))
             && p["epoch"].as_u64().is_some_and(|e| e > epoch_before)
             && timeline.contains(&format!("node-down:{primary}").as_str())
             && timeline.iter().any(|k| k.starts_with("promoted:"))
