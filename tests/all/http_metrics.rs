@@ -133,12 +133,17 @@ fn cluster_metrics_move_with_replication_two_phase_commit_and_failover() {
     assert_eq!(all("understudy_raft_leader", &[]), 1.0, "one master");
     for s in &scrapes {
         assert!(sample(s, "understudy_raft_term", &[]) >= 1.0, "{s}");
-        assert_eq!(sample(s, "understudy_lease_held", &[]), 1.0, "{s}");
-        assert_eq!(
-            sample(s, "understudy_function_epoch", &[("function", "bank-east")]),
-            1.0,
+        // At least 1: a busy machine may already have failed a node over.
+        assert!(
+            sample(s, "understudy_function_epoch", &[("function", "bank-east")]) >= 1.0,
             "{s}"
         );
+    }
+    // A lease can lapse for a moment on a busy machine: each node holds one again soon.
+    for node in &nodes {
+        scrape_until(node.api(), "the node holds its lease", |s| {
+            sample(s, "understudy_lease_held", &[]) == 1.0
+        });
     }
     every_dashboard_series_exists(&scrapes[0]);
     let east_scrape = &scrapes[(east - 1) as usize];
