@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The multi-node fault tests need iproute2, iptables and nftables (network namespaces,
-# partitions, packet loss) when run as root; install what is missing, as the README
-# promises the scripts do. (Not root: those tests skip themselves.)
+# partitions, packet loss) when run as root, and the console's test a real browser
+# (chromium, driven by chromedriver from chromium-driver); install what is missing, as
+# the README promises the scripts do. (Not root: the fault tests skip themselves; the
+# console's test fails, naming the packages to install.)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""
-    for tool in ip:iproute2 iptables:iptables nft:nftables; do
+    for tool in ip:iproute2 iptables:iptables nft:nftables chromium:chromium chromedriver:chromium-driver; do
         command -v "${tool%%:*}" >/dev/null || missing="$missing ${tool##*:}"
     done
     if [ -n "$missing" ]; then

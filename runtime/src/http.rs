@@ -8,6 +8,7 @@
 //! not cancel a transaction half-way (it commits or aborts as if the client stayed).
 
 pub mod conn;
+pub mod console;
 pub mod edge;
 
 use std::sync::Arc;
@@ -148,6 +149,11 @@ fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
 /// The API's routes, every error answered as JSON. Serve it with [`serve`], which adds
 /// the edge's checks.
 pub fn router(node: Node) -> Router {
+    router_closing(node, console::Closing::new())
+}
+
+/// The API's routes, the console's streams ending when `closing` is closed.
+fn router_closing(node: Node, closing: console::Closing) -> Router {
     let body_max = node.config().body_max_bytes;
     let component_max = node.config().component_max_bytes;
     let admin = Router::new()
@@ -169,6 +175,7 @@ pub fn router(node: Node) -> Router {
         .layer(DefaultBodyLimit::max(body_max));
     admin
         .merge(public)
+        .merge(console::routes(closing))
         .fallback(not_found)
         .layer(middleware::from_fn(json_errors))
         .with_state(node)
@@ -579,6 +586,9 @@ async fn healthz(State(node): State<Node>) -> Response {
 }
 
 async fn metrics(State(node): State<Node>) -> Response {
+    if let Some(cluster) = node.cluster() {
+        cluster.sample_metrics();
+    }
     let mut r = node.metrics().encode().into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -604,7 +614,16 @@ pub async fn serve(
         .as_ref()
         .and_then(|c| c.vip.as_deref())
         .and_then(|v| v.split('/').next()?.parse().ok());
-    let edge = Arc::new(edge::Edge::new(listening, vip, &options));
+    let mut edge = edge::Edge::new(listening, vip, &options);
+    if let Some(cluster) = node.cluster() {
+        let cluster = Arc::downgrade(cluster);
+        edge = edge.with_members(Arc::new(move |origin: &str| {
+            cluster
+                .upgrade()
+                .is_some_and(|c| c.has_member_origin(origin))
+        }));
+    }
+    let edge = Arc::new(edge);
     let limits = conn::Limits {
         connections_max: conn::connections_max(options.connections_max),
         header_read_timeout: Duration::from_millis(options.header_read_timeout_ms),
@@ -613,8 +632,15 @@ pub async fn serve(
         refused: node.metrics().http_connections_refused.clone(),
         open: node.metrics().http_connections_open.clone(),
     };
-    let app = router(node)
+    let closing = console::Closing::new();
+    let app = router_closing(node, closing.clone())
         .layer(middleware::from_fn_with_state(edge, edge::guard))
         .layer(middleware::from_fn(close_after_refused_body));
+    // The console's streams never end by themselves: end them, or a graceful shutdown
+    // would wait for them forever.
+    let shutdown = async move {
+        shutdown.await;
+        closing.close();
+    };
     conn::serve(app, listener, limits, counters, shutdown).await
 }

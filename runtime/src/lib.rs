@@ -10,6 +10,7 @@ pub mod ids;
 pub mod lock;
 pub mod metrics;
 pub mod node;
+pub mod rates;
 pub mod replication;
 #[doc(hidden)]
 pub mod sim_support;

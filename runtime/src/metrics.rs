@@ -1,7 +1,10 @@
 //! The node's metrics, exported at `GET /metrics` in Prometheus text format.
 //!
 //! Metrics are recorded by whoever observes the event (the invocation path, the log
-//! writer); this module only owns their definitions and the registry.
+//! writer, the replication senders, the failure detector, two-phase commit); gauges of
+//! the cluster's state (lag, epochs, the Raft term, the lease) are sampled when
+//! `/metrics` is read (`Cluster::sample_metrics`). This module only owns their
+//! definitions and the registry; `cluster` the cluster's (`ClusterMetrics`).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +16,30 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FunctionLabels {
     pub function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    pub backup: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionBackupLabels {
+    pub function: String,
+    pub backup: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeHealthLabels {
+    pub node: String,
+    /// `up` or `down`.
+    pub health: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `commit` or `abort`.
+    pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +72,67 @@ pub struct Metrics {
     pub http_connections_refused: Counter,
     /// API connections open now.
     pub http_connections_open: Gauge,
+    /// Recent throughput and latency per function, for the console.
+    pub rates: crate::rates::Rates,
+    pub cluster: ClusterMetrics,
+}
+
+/// The cluster's series: replication, failover, leases and Raft, catch-ups, two-phase
+/// commit. They stay absent (no samples) on a node that runs alone.
+pub struct ClusterMetrics {
+    /// Entries a primary shipped to each backup node (resends included).
+    pub replication_shipped_entries: Family<BackupLabels, Counter>,
+    /// Bytes of replication requests sent to each backup node.
+    pub replication_shipped_bytes: Family<BackupLabels, Counter>,
+    /// Appends batched into one request.
+    pub replication_batch_appends: Histogram,
+    /// From a replication request sent to its answer.
+    pub replication_ack_latency_seconds: Histogram,
+    /// Replication requests that got no answer (the engines resend).
+    pub replication_requests_failed: Family<BackupLabels, Counter>,
+    /// How far each backup is behind its primary here, in entries (sampled).
+    pub replication_lag_entries: Family<FunctionBackupLabels, Gauge>,
+    /// Health verdicts as this node applied them.
+    pub node_health_changes: Family<NodeHealthLabels, Counter>,
+    /// Backups promoted because their primary's node was declared down.
+    pub promotions: Family<FunctionLabels, Counter>,
+    /// Primaries moved off a live node (drain, rebalance, restart).
+    pub handovers: Family<FunctionLabels, Counter>,
+    /// New epochs of each function's configuration.
+    pub epoch_changes: Family<FunctionLabels, Counter>,
+    /// Each function's epoch (sampled).
+    pub function_epoch: Family<FunctionLabels, Gauge>,
+    /// As master: silence before a node was declared down.
+    pub failover_detection_seconds: Histogram,
+    /// As master: from a down verdict to its plan (the promotions) committed.
+    pub failover_promotion_seconds: Histogram,
+    /// Raft term as this node knows it (sampled).
+    pub raft_term: Gauge,
+    /// 1 while this node leads the Raft group (is master), else 0 (sampled).
+    pub raft_leader: Gauge,
+    /// Changes of Raft leader this node saw.
+    pub raft_leader_changes: Counter,
+    /// Raft log entries applied here (sampled).
+    pub raft_applied_index: Gauge,
+    /// From a command proposed here to its being applied (deploys, verdicts, promotions).
+    pub raft_commit_latency_seconds: Histogram,
+    /// 1 while this node holds its lease, else 0 (sampled).
+    pub lease_held: Gauge,
+    /// Since this node's lease was last renewed (sampled; the lateness of the lease).
+    pub lease_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Snapshot catch-ups of a backup that completed, their bytes and durations.
+    pub catchups: Counter,
+    pub catchup_bytes: Counter,
+    pub catchup_duration_seconds: Histogram,
+    /// Two-phase commit: parts prepared here, decisions taken here as coordinator.
+    pub twophase_prepared: Counter,
+    pub twophase_decided: Family<DecisionLabels, Counter>,
+    /// In-doubt transactions a promoted copy found, and how each was resolved.
+    pub twophase_in_doubt_found: Counter,
+    pub twophase_in_doubt_resolved: Family<DecisionLabels, Counter>,
+    pub twophase_in_doubt_resolution_seconds: Histogram,
+    /// In-doubt transactions held here now (sampled).
+    pub twophase_in_doubt: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -119,7 +207,11 @@ impl Metrics {
             "Functions currently deployed",
             functions_deployed.clone(),
         );
+        let rates = crate::rates::Rates::default();
+        let cluster = ClusterMetrics::register(&mut registry);
         Metrics {
+            rates,
+            cluster,
             registry,
             invocation_counters: Default::default(),
             invocations,
@@ -165,6 +257,188 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+impl ClusterMetrics {
+    fn register(registry: &mut Registry) -> ClusterMetrics {
+        // 50 us .. ~1.6 s: a loopback round trip to a stalled peer.
+        let round_trip = || Histogram::new(exponential_buckets(50e-6, 2.0, 16));
+        let m = ClusterMetrics {
+            replication_shipped_entries: Family::default(),
+            replication_shipped_bytes: Family::default(),
+            replication_batch_appends: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            replication_ack_latency_seconds: round_trip(),
+            replication_requests_failed: Family::default(),
+            replication_lag_entries: Family::default(),
+            node_health_changes: Family::default(),
+            promotions: Family::default(),
+            handovers: Family::default(),
+            epoch_changes: Family::default(),
+            function_epoch: Family::default(),
+            failover_detection_seconds: round_trip(),
+            failover_promotion_seconds: round_trip(),
+            raft_term: Gauge::default(),
+            raft_leader: Gauge::default(),
+            raft_leader_changes: Counter::default(),
+            raft_applied_index: Gauge::default(),
+            raft_commit_latency_seconds: round_trip(),
+            lease_held: Gauge::default(),
+            lease_age_seconds: Gauge::default(),
+            catchups: Counter::default(),
+            catchup_bytes: Counter::default(),
+            // 1 ms .. ~65 s.
+            catchup_duration_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 17)),
+            twophase_prepared: Counter::default(),
+            twophase_decided: Family::default(),
+            twophase_in_doubt_found: Counter::default(),
+            twophase_in_doubt_resolved: Family::default(),
+            twophase_in_doubt_resolution_seconds: round_trip(),
+            twophase_in_doubt: Gauge::default(),
+        };
+        let r = registry;
+        r.register(
+            "replication_shipped_entries",
+            "Log entries shipped to each backup node, resends included",
+            m.replication_shipped_entries.clone(),
+        );
+        r.register(
+            "replication_shipped_bytes",
+            "Bytes of replication requests sent to each backup node",
+            m.replication_shipped_bytes.clone(),
+        );
+        r.register(
+            "replication_batch_appends",
+            "Appends (of one function each) batched into one replication request",
+            m.replication_batch_appends.clone(),
+        );
+        r.register(
+            "replication_ack_latency_seconds",
+            "From a replication request sent to its acknowledgement",
+            m.replication_ack_latency_seconds.clone(),
+        );
+        r.register(
+            "replication_requests_failed",
+            "Replication requests that got no answer (resent)",
+            m.replication_requests_failed.clone(),
+        );
+        r.register(
+            "replication_lag_entries",
+            "How far each backup is behind this node's primary copy, in entries",
+            m.replication_lag_entries.clone(),
+        );
+        r.register(
+            "node_health_changes",
+            "Health verdicts on nodes, as this node applied them",
+            m.node_health_changes.clone(),
+        );
+        r.register("promotions", "Backups promoted because their primary's node was declared down, as this node applied them", m.promotions.clone());
+        r.register(
+            "handovers",
+            "Primaries moved off a live node, as this node applied them",
+            m.handovers.clone(),
+        );
+        r.register(
+            "epoch_changes",
+            "New epochs of each function's configuration, as this node applied them",
+            m.epoch_changes.clone(),
+        );
+        r.register(
+            "function_epoch",
+            "Each function's epoch as this node knows it",
+            m.function_epoch.clone(),
+        );
+        r.register(
+            "failover_detection_seconds",
+            "As master: silence of a node before it was declared down",
+            m.failover_detection_seconds.clone(),
+        );
+        r.register(
+            "failover_promotion_seconds",
+            "As master: from a down verdict to its failover plan committed",
+            m.failover_promotion_seconds.clone(),
+        );
+        r.register(
+            "raft_term",
+            "Raft term as this node knows it",
+            m.raft_term.clone(),
+        );
+        r.register(
+            "raft_leader",
+            "1 while this node leads the Raft group (is master)",
+            m.raft_leader.clone(),
+        );
+        r.register(
+            "raft_leader_changes",
+            "Changes of Raft leader this node saw",
+            m.raft_leader_changes.clone(),
+        );
+        r.register(
+            "raft_applied_index",
+            "Raft log index applied on this node",
+            m.raft_applied_index.clone(),
+        );
+        r.register(
+            "raft_commit_latency_seconds",
+            "From a control-plane command proposed on this node to its being applied",
+            m.raft_commit_latency_seconds.clone(),
+        );
+        r.register(
+            "lease_held",
+            "1 while this node holds its lease (may serve as primary)",
+            m.lease_held.clone(),
+        );
+        r.register(
+            "lease_age_seconds",
+            "Since this node's lease was last renewed",
+            m.lease_age_seconds.clone(),
+        );
+        r.register(
+            "catchups",
+            "Snapshot catch-ups of a backup completed by this node's primaries",
+            m.catchups.clone(),
+        );
+        r.register(
+            "catchup_bytes",
+            "Bytes of snapshots sent to catching-up backups",
+            m.catchup_bytes.clone(),
+        );
+        r.register(
+            "catchup_duration_seconds",
+            "Duration of each completed snapshot catch-up",
+            m.catchup_duration_seconds.clone(),
+        );
+        r.register(
+            "twophase_prepared",
+            "Parts of distributed transactions prepared on this node",
+            m.twophase_prepared.clone(),
+        );
+        r.register(
+            "twophase_decided",
+            "Distributed transactions decided by a coordinator on this node, by outcome",
+            m.twophase_decided.clone(),
+        );
+        r.register(
+            "twophase_in_doubt_found",
+            "Prepared transactions a promoted copy found without an outcome",
+            m.twophase_in_doubt_found.clone(),
+        );
+        r.register(
+            "twophase_in_doubt_resolved",
+            "In-doubt transactions resolved, by outcome",
+            m.twophase_in_doubt_resolved.clone(),
+        );
+        r.register(
+            "twophase_in_doubt_resolution_seconds",
+            "From an in-doubt transaction found to its outcome applied",
+            m.twophase_in_doubt_resolution_seconds.clone(),
+        );
+        r.register(
+            "twophase_in_doubt",
+            "In-doubt transactions held on this node now",
+            m.twophase_in_doubt.clone(),
+        );
+        m
     }
 }
 

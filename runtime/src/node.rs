@@ -468,6 +468,12 @@ impl Node {
             Err(_) => "error",
         };
         inner.metrics.invocation(f.name.as_str(), outcome);
+        inner.metrics.rates.record(
+            f.name.as_str(),
+            crate::rates::now_second(),
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            matches!(outcome, "commit" | "abort"),
+        );
         match outcome {
             "commit" => {
                 inner.metrics.commits.inc();

@@ -152,6 +152,69 @@ fn three_nodes_elect_one_master_and_agree_on_membership() {
     }
 }
 
+/// No config file: nodes 1 and 2 get `--id`, `--peers` and `--certs`, node 3 the same
+/// in environment variables. They form one cluster whose state knows every member's
+/// HTTP address (the console finds the nodes through them), and it serves a function.
+#[test]
+fn three_nodes_started_from_flags_and_environment_form_a_cluster() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let ports: Vec<(u64, u16, u16)> = (1..=3).map(|id| (id, free_port(), free_port())).collect();
+    let peers: Vec<String> = ports
+        .iter()
+        .map(|(id, peer, http)| format!("{id}@127.0.0.1:{peer}/{http}"))
+        .collect();
+    let peers = peers.join(",");
+    let certs_dir = certs.path().display().to_string();
+    let nodes: Vec<NodeProcess> = ports
+        .iter()
+        .map(|(id, _, http)| {
+            let mut options = NodeOptions {
+                port: Some(*http),
+                ..NodeOptions::default()
+            };
+            let settings = [
+                ("--id", "UNDERSTUDY_NODE_ID", id.to_string()),
+                ("--peers", "UNDERSTUDY_PEERS", peers.clone()),
+                ("--certs", "UNDERSTUDY_CERTS_DIR", certs_dir.clone()),
+            ];
+            for (flag, var, value) in settings {
+                if *id == 3 {
+                    options.env.push((var.to_owned(), value));
+                } else {
+                    options.extra_args.extend([flag.to_owned(), value]);
+                }
+            }
+            NodeProcess::start_with(options)
+        })
+        .collect();
+    converged_leader(&nodes.iter().collect::<Vec<_>>());
+    for node in &nodes {
+        let s = status_with_members(node, 3);
+        let mut addrs: Vec<(u64, String)> = s["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| {
+                let id = n["id"].as_u64().expect("an id");
+                (id, n["http_addr"].as_str().expect("an address").to_owned())
+            })
+            .collect();
+        addrs.sort();
+        let want: Vec<(u64, String)> = ports
+            .iter()
+            .map(|(id, _, http)| (*id, format!("127.0.0.1:{http}")))
+            .collect();
+        assert_eq!(addrs, want, "{s}");
+    }
+    crate::cluster_distributed::deploy(&nodes[0], "bank", "bank", 3);
+    nodes[2].api().ok(
+        "bank",
+        "open",
+        serde_json::json!({ "account": "a", "initial": 7 }),
+    );
+}
+
 #[test]
 fn killed_master_is_replaced_and_rejoins_as_follower() {
     let certs = tempfile::tempdir().expect("tempdir");

@@ -81,3 +81,162 @@ fn metrics_count_invocations_commits_and_aborts() {
         "{after}"
     );
 }
+
+/// The sum of `name` (with `labels`) over every node's scrape.
+fn total(scrapes: &[String], name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrapes.iter().map(|s| sample(s, name, labels)).sum()
+}
+
+#[test]
+fn cluster_metrics_move_with_replication_two_phase_commit_and_failover() {
+    use crate::cluster_distributed::{deploy, primary_of};
+    use crate::cluster_form::{cluster_init, converged_leader, members3, start_cluster};
+
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let mut nodes = start_cluster(certs.path(), &members3());
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    let east = deploy(&nodes[0], "bank-east", "bank", 2);
+    deploy(&nodes[0], "bank-west", "bank", 2);
+    deploy(&nodes[0], "transfer", "transfer", 2);
+    for bank in ["bank-east", "bank-west"] {
+        nodes[0]
+            .api()
+            .ok(bank, "open", json!({ "account": "a", "initial": 100 }));
+    }
+    let input = json!({
+        "from": { "bank": "bank-east", "account": "a" },
+        "to": { "bank": "bank-west", "account": "a" },
+        "amount": 5,
+    });
+    nodes[0].api().ok("transfer", "transfer", input);
+
+    let scrapes: Vec<String> = nodes.iter().map(|n| scrape(n.api())).collect();
+    let all = |name: &str, labels: &[(&str, &str)]| total(&scrapes, name, labels);
+    for (name, labels) in [
+        ("understudy_replication_shipped_entries_total", &[][..]),
+        ("understudy_replication_shipped_bytes_total", &[]),
+        ("understudy_replication_ack_latency_seconds_count", &[]),
+        ("understudy_replication_batch_appends_count", &[]),
+        ("understudy_twophase_prepared_total", &[]),
+        (
+            "understudy_twophase_decided_total",
+            &[("outcome", "commit")],
+        ),
+        ("understudy_raft_commit_latency_seconds_count", &[]),
+    ] {
+        assert!(
+            all(name, labels) >= 1.0,
+            "{name} {labels:?} never moved: {scrapes:#?}"
+        );
+    }
+    assert_eq!(all("understudy_raft_leader", &[]), 1.0, "one master");
+    for s in &scrapes {
+        assert!(sample(s, "understudy_raft_term", &[]) >= 1.0, "{s}");
+        // At least 1: a busy machine may already have failed a node over.
+        assert!(
+            sample(s, "understudy_function_epoch", &[("function", "bank-east")]) >= 1.0,
+            "{s}"
+        );
+    }
+    // A lease can lapse for a moment on a busy machine: each node holds one again soon.
+    for node in &nodes {
+        scrape_until(node.api(), "the node holds its lease", |s| {
+            sample(s, "understudy_lease_held", &[]) == 1.0
+        });
+    }
+    every_dashboard_series_exists(&scrapes[0]);
+    let east_scrape = &scrapes[(east - 1) as usize];
+    assert!(
+        east_scrape.contains("understudy_replication_lag_entries{function=\"bank-east\""),
+        "the primary reports its backup's lag: {east_scrape}"
+    );
+
+    // Kill bank-east's primary: every survivor counts the verdict, the promotion and
+    // the new epoch; the master times the detection.
+    nodes[(east - 1) as usize].kill9();
+    let survivor = (0..3).find(|i| *i as u64 + 1 != east).expect("a survivor");
+    crate::cluster_failover::wait_for("bank-east's new primary", || {
+        primary_of(&nodes[survivor], "bank-east").is_some_and(|p| p != east)
+    });
+    // The counters move when each node applies the new state, the master's histograms
+    // once its whole plan is carried out: both a little after the new primary serves.
+    let east_label = east.to_string();
+    scrape_until(nodes[survivor].api(), "the failover counted", |s| {
+        sample(
+            s,
+            "understudy_node_health_changes_total",
+            &[("node", east_label.as_str()), ("health", "down")],
+        ) >= 1.0
+            && sample(
+                s,
+                "understudy_promotions_total",
+                &[("function", "bank-east")],
+            ) >= 1.0
+            && sample(
+                s,
+                "understudy_epoch_changes_total",
+                &[("function", "bank-east")],
+            ) >= 1.0
+            && sample(s, "understudy_function_epoch", &[("function", "bank-east")]) >= 2.0
+    });
+    if master != east {
+        scrape_until(
+            nodes[(master - 1) as usize].api(),
+            "the master timed the failover",
+            |s| {
+                sample(s, "understudy_failover_detection_seconds_count", &[]) >= 1.0
+                    && sample(s, "understudy_failover_promotion_seconds_count", &[]) >= 1.0
+            },
+        );
+    }
+}
+
+/// Scrape `api` until `done` holds for the scrape; that scrape. Fails, showing the last
+/// one, after the failover tests' settling time.
+fn scrape_until(api: &Api, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let s = scrape(api);
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "never happened: {what}; the last scrape:\n{s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Every series the Grafana dashboard in `docs/` queries is one a clustered node exports
+/// (its `# TYPE` line is there even before the first sample).
+fn every_dashboard_series_exists(scrape: &str) {
+    let path = crate::support::repo_root().join("docs/grafana-dashboard.json");
+    let dashboard = std::fs::read_to_string(&path).expect("the Grafana dashboard");
+    let mut names: Vec<String> = dashboard
+        .match_indices("understudy_")
+        .map(|(at, _)| {
+            dashboard[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(
+        names.len() > 20,
+        "the dashboard queries the cluster's series: {names:?}"
+    );
+    for name in names {
+        let family = ["_bucket", "_sum", "_count", "_total"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
+        assert!(
+            scrape.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {name}, which no node exports"
+        );
+    }
+}

@@ -15,6 +15,7 @@ mod cluster_failover;
 mod cluster_form;
 mod cluster_netns;
 mod cluster_replication;
+mod console_browser;
 mod crash_recovery;
 mod http_admin;
 mod http_connections;

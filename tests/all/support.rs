@@ -95,6 +95,9 @@ pub struct NodeOptions {
     pub extra_args: Vec<String>,
     /// Environment variables for the node (`UNDERSTUDY_FAILPOINT`).
     pub env: Vec<(String, String)>,
+    /// The HTTP port on 127.0.0.1 (a free one when not given), for configs that name
+    /// the members' HTTP addresses.
+    pub port: Option<u16>,
 }
 
 /// The HTTP port of a node in a network namespace of its own.
@@ -313,7 +316,7 @@ impl NodeProcess {
                 (command, format!("0.0.0.0:{NETNS_PORT}"))
             }
             None => {
-                self.port = free_port();
+                self.port = self.options.port.unwrap_or_else(free_port);
                 (Command::new(exe), format!("127.0.0.1:{}", self.port))
             }
         };
@@ -327,6 +330,13 @@ impl NodeProcess {
             // The test decides about the admin token, not the environment it runs in.
             .env_remove("UNDERSTUDY_ADMIN_TOKEN")
             .env_remove("UNDERSTUDY_INVOKE_TOKEN")
+            // Nor does the environment make it a cluster member (`cluster_flags`).
+            .env_remove("UNDERSTUDY_CONFIG")
+            .env_remove("UNDERSTUDY_NODE_ID")
+            .env_remove("UNDERSTUDY_PEERS")
+            .env_remove("UNDERSTUDY_CERTS_DIR")
+            .env_remove("UNDERSTUDY_PEER_LISTEN")
+            .env_remove("UNDERSTUDY_JOIN")
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
             .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

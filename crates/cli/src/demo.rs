@@ -77,6 +77,10 @@ async fn demo(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     println!("data and logs: {}", dir.display());
+    println!(
+        "live console: {}/ui (open it now: it shows the failover as it happens, and reads on through another node when its own dies)",
+        cluster.node(1).url()
+    );
 
     step(
         2,

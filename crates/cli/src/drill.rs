@@ -202,6 +202,10 @@ async fn drill(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Run>> {
         },
     )
     .await?;
+    say(format!(
+        "live console: {}/ui (every node serves one; it reads on through another node when its own dies)",
+        cluster.node(1).url()
+    ));
     if args.cross_clients > 0 {
         let transfer = std::fs::read(&args.transfer).with_context(|| {
             format!(

@@ -3,6 +3,7 @@
 //! `understudy` library; this crate holds only what a command line needs.
 
 mod bench;
+mod cluster_flags;
 mod demo;
 mod drill;
 mod local;
@@ -67,12 +68,12 @@ enum Command {
     /// Run a node.
     Node {
         /// TOML config file; flags override it.
-        #[arg(long)]
+        #[arg(long, env = "UNDERSTUDY_CONFIG")]
         config: Option<PathBuf>,
-        #[arg(long)]
+        #[arg(long, env = "UNDERSTUDY_DATA_DIR")]
         data_dir: Option<PathBuf>,
         /// Address of the HTTP API (default 127.0.0.1:7070).
-        #[arg(long)]
+        #[arg(long, env = "UNDERSTUDY_LISTEN")]
         listen: Option<std::net::SocketAddr>,
         /// disk (fsynced on every copy before an answer) or memory.
         #[arg(long)]
@@ -102,8 +103,10 @@ enum Command {
         memory_max_mib: Option<usize>,
         /// Join a running cluster through a member: `ID@HOST:PORT` (its id and peer
         /// address). Overrides `join` in the config's `[cluster]` section.
-        #[arg(long)]
+        #[arg(long, env = "UNDERSTUDY_JOIN")]
         join: Option<String>,
+        #[command(flatten)]
+        cluster: Box<cluster_flags::ClusterFlags>,
         /// A virtual address the master holds and a new master takes over (with
         /// gratuitous ARP), `ADDR/PREFIX`. Needs --vip-dev, root (or CAP_NET_ADMIN and
         /// CAP_NET_RAW) and a `[cluster]` section.
@@ -269,6 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             deadline_ms,
             memory_max_mib,
             join,
+            cluster,
             vip,
             vip_dev,
             log_format,
@@ -303,10 +307,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(v) = memory_max_mib {
                 cfg.wasm.memory_max_bytes = v << 20;
             }
+            cluster_flags::apply(&mut cfg, *cluster, join.is_some())?;
             if let Some(target) = join {
                 match cfg.cluster.as_mut() {
                     Some(cluster) => cluster.join = Some(target),
-                    None => bail!("--join needs a [cluster] section in the config (node id, peer address, certificates)"),
+                    None => bail!("--join needs a [cluster] section in the config, or --id and --certs (node id, peer address, certificates)"),
                 }
             }
             if vip.is_some() {

@@ -146,14 +146,40 @@ impl Distributed {
         self.in_doubt_log.lock().iter().cloned().collect()
     }
 
+    /// The in-doubt transactions held here now: found prepared by a promoted copy, their
+    /// outcome not yet known. Function, transaction and how long ago it was found, in ms.
+    pub fn in_doubt_held(&self) -> Vec<(String, u64, f64)> {
+        let slots = self.slots.lock();
+        let mut held: Vec<(String, u64, f64)> = slots
+            .iter()
+            .flat_map(|(function, slot)| {
+                slot.in_doubt.iter().map(move |(txn, found)| {
+                    (
+                        function.to_string(),
+                        txn.0,
+                        found.elapsed().as_secs_f64() * 1000.0,
+                    )
+                })
+            })
+            .collect();
+        held.sort_by_key(|h| h.1);
+        held
+    }
+
     /// Counts for status: parts held here, slots, transactions being coordinated.
     pub fn status(&self) -> serde_json::Value {
+        let held: Vec<serde_json::Value> = self
+            .in_doubt_held()
+            .into_iter()
+            .map(|(function, txn, ms)| serde_json::json!({ "function": function, "txn": txn, "held_ms": ms }))
+            .collect();
         let slots = self.slots.lock();
         serde_json::json!({
             "parts": self.parts.lock().len(),
             "coordinating": slots.values().map(|s| s.coordinator.in_flight()).sum::<usize>(),
             "prepared": slots.values().map(|s| s.participant.unresolved().count()).sum::<usize>(),
             "in_doubt": self.in_doubt(),
+            "in_doubt_held": held,
         })
     }
 
@@ -615,6 +641,19 @@ impl Distributed {
             let mut i = 0;
             while i < cmds.len() {
                 let mut more = Vec::new();
+                let metrics = &self.node.metrics().cluster;
+                match &cmds[i] {
+                    Cmd::C(coordinator::Command::Decided { commit, .. }) => {
+                        metrics
+                            .twophase_decided
+                            .get_or_create(&decision(*commit))
+                            .inc();
+                    }
+                    Cmd::P(participant::Command::LogPrepare { .. }) => {
+                        metrics.twophase_prepared.inc();
+                    }
+                    _ => {}
+                }
                 match &cmds[i] {
                     Cmd::C(coordinator::Command::LogCommit { txn, .. }) => {
                         let told = slot
@@ -640,6 +679,25 @@ impl Distributed {
                         if let Some(found) = slot.in_doubt.remove(txn) {
                             let ms = found.elapsed().as_secs_f64() * 1000.0;
                             tracing::info!(%function, txn = %*txn, commit, ms, "resolved an in-doubt transaction");
+                            metrics
+                                .twophase_in_doubt_resolved
+                                .get_or_create(&decision(*commit))
+                                .inc();
+                            metrics
+                                .twophase_in_doubt_resolution_seconds
+                                .observe(ms / 1000.0);
+                            if let Some(cluster) = self.cluster.upgrade() {
+                                cluster.timeline().record(super::timeline::Change {
+                                    kind: super::timeline::Kind::InDoubtResolved,
+                                    node: Some(cluster.id().0),
+                                    function: Some(function.to_string()),
+                                    text: format!(
+                                        "in-doubt transaction {} of {function} {} after {ms:.1} ms",
+                                        txn.0,
+                                        if *commit { "committed" } else { "aborted" }
+                                    ),
+                                });
+                            }
                             let mut log = self.in_doubt_log.lock();
                             if log.len() == IN_DOUBT_LOG_MAX {
                                 log.pop_front();
@@ -703,6 +761,11 @@ impl Distributed {
                     slot.in_doubt.insert(*txn, now);
                 }
             }
+            me.node
+                .metrics()
+                .cluster
+                .twophase_in_doubt_found
+                .inc_by(prepared.len() as u64);
             let mut cmds: Vec<Cmd> = slot
                 .participant
                 .step(now, as_participant)
@@ -964,5 +1027,11 @@ impl Distributed {
         {
             parts.remove(&txn);
         }
+    }
+}
+
+fn decision(commit: bool) -> crate::metrics::DecisionLabels {
+    crate::metrics::DecisionLabels {
+        outcome: if commit { "commit" } else { "abort" }.to_owned(),
     }
 }

@@ -127,7 +127,10 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
         // Announce this master, so that placement keeps primaries off it; then, while
         // every node is up, hand over the primaries it holds.
         if state.master != Some(c.id) {
-            if let Err(e) = c.control.propose(Command::MasterIs { node: c.id }).await {
+            if let Err(e) = c
+                .timed(c.control.propose(Command::MasterIs { node: c.id }))
+                .await
+            {
                 tracing::warn!(error = %e, "cannot announce this master");
             }
         } else if now.duration_since(since) >= REBALANCE_AFTER
@@ -221,8 +224,7 @@ impl Cluster {
             Health::Up => "up",
         };
         match self
-            .control
-            .propose(Command::SetHealth { node, health })
+            .timed(self.control.propose(Command::SetHealth { node, health }))
             .await
         {
             Ok(_) => {}
@@ -255,6 +257,15 @@ impl Cluster {
             commit_ms: started.elapsed().as_secs_f64() * 1000.0,
             steps,
         };
+        if health == Health::Down {
+            let metrics = &self.node.metrics().cluster;
+            metrics
+                .failover_detection_seconds
+                .observe(silent.as_secs_f64());
+            metrics
+                .failover_promotion_seconds
+                .observe(event.commit_ms / 1000.0);
+        }
         let commands: Vec<&str> = event.steps.iter().map(|s| s.command.as_str()).collect();
         tracing::warn!(node = %node, verdict, silent_ms = event.silent_ms, commit_ms = event.commit_ms, ?commands, "node health changed");
         let mut events = self.events.lock();
@@ -297,7 +308,7 @@ impl Cluster {
     pub(super) async fn carry_out(&self, plan: &FailoverPlan) -> Vec<(String, Instant)> {
         let mut done = Vec::new();
         for command in &plan.commands {
-            match self.control.propose(command.clone()).await {
+            match self.timed(self.control.propose(command.clone())).await {
                 Ok(understudy_control::Response::Rejected(why)) => {
                     tracing::info!(?command, %why, "plan step rejected (the state moved on)");
                 }

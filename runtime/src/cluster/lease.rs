@@ -101,6 +101,59 @@ impl Cluster {
     }
 }
 
+/// This node's lease as status shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LeaseStatus {
+    /// Whether it may serve as a primary now.
+    pub held: bool,
+    /// Since the lease was last renewed (the request the master granted was sent; as
+    /// master, since a quorum last acknowledged it), in milliseconds.
+    pub renewed_ms_ago: Option<f64>,
+    /// How far the last renewal is behind its schedule (one heartbeat), in milliseconds.
+    pub late_ms: Option<f64>,
+    /// How long a lease lasts, in milliseconds.
+    pub for_ms: f64,
+    /// As master: since each node's last lease request arrived, in milliseconds.
+    pub pinged_ms_ago: std::collections::BTreeMap<u64, f64>,
+}
+
+impl Cluster {
+    /// This node's lease now, for status, the console and the metrics.
+    pub fn lease_status(&self) -> LeaseStatus {
+        let leading = self.control.leader() == Some(self.id);
+        let held = self.lease_ok();
+        let now = Instant::now();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let renewed = {
+            let lease = self.lease.lock();
+            match leading {
+                true => lease.quorum_acked_at,
+                false => lease
+                    .granted
+                    .and_then(|(until, _)| until.checked_sub(self.lease_for)),
+            }
+        };
+        let renewed_ms_ago = renewed.map(|t| ms(now.saturating_duration_since(t)));
+        let pinged_ms_ago = match leading {
+            true => self
+                .grants
+                .lock()
+                .pinged
+                .iter()
+                .map(|(n, t)| (n.0, ms(now.saturating_duration_since(*t))))
+                .collect(),
+            false => Default::default(),
+        };
+        LeaseStatus {
+            held,
+            renewed_ms_ago,
+            late_ms: renewed_ms_ago.map(|r| (r - ms(self.heartbeat)).max(0.0)),
+            for_ms: ms(self.lease_for),
+            pinged_ms_ago,
+        }
+    }
+}
+
 /// How often the lease task checks that it runs: a gap longer than half a lease means
 /// the process (or this runtime) stalled.
 const STALL_CHECK: Duration = Duration::from_millis(1);

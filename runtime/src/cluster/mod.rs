@@ -18,6 +18,7 @@ pub mod distributed;
 pub mod health;
 pub mod lease;
 pub mod replica;
+pub mod timeline;
 pub mod vip;
 pub mod wire;
 
@@ -180,6 +181,10 @@ pub struct Cluster {
     route_wait: Duration,
     /// Distributed transactions: parts run here, two-phase commit.
     distributed: Arc<distributed::Distributed>,
+    /// What happened to the cluster, as this node saw it (for the console).
+    timeline: Arc<timeline::Timeline>,
+    /// How often this node asks the master for its lease (`heartbeat_ms`).
+    heartbeat: Duration,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -212,7 +217,7 @@ impl Cluster {
                 parse_role(&m.role)?,
             );
             if m.id == config.node_id {
-                node.http_addr = http_addr.to_string();
+                node.http_addr = advertised_http(http_addr, &m.http_addr, config.peer_listen);
             }
             members.insert(NodeId(m.id), node);
         }
@@ -295,6 +300,8 @@ impl Cluster {
             vip: vip.clone(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             route_wait: Duration::from_millis(config.route_wait_ms),
+            timeline: Arc::new(timeline::Timeline::default()),
+            heartbeat: Duration::from_millis(config.heartbeat_ms.max(1)),
         });
         // Before anything is served: from now on the node runs transactions only as a
         // primary of the cluster.
@@ -305,6 +312,12 @@ impl Cluster {
             links.spawn(async move { transport.serve(dispatch).await });
         }
         tokio::spawn(reconcile_loop(Arc::downgrade(&cluster)));
+        tokio::spawn(timeline::run(
+            cluster.timeline.clone(),
+            node.clone(),
+            control.watch(),
+            control.metrics(),
+        ));
         links.spawn(lease::run(
             Arc::downgrade(&cluster),
             Duration::from_millis(config.heartbeat_ms.max(1)),
@@ -339,7 +352,7 @@ impl Cluster {
                 let me = understudy_control::Node::new(
                     NodeId(config.node_id),
                     config.peer_listen.to_string(),
-                    http_addr.to_string(),
+                    advertised_http(http_addr, "", config.peer_listen),
                     role,
                 );
                 let transport = transport.clone();
@@ -367,6 +380,86 @@ impl Cluster {
 
     pub fn control(&self) -> &ControlPlane {
         &self.control
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Whether `origin` (`http://host:port`, lowercase) is the HTTP address of a
+    /// member of the cluster, as its state knows it now.
+    pub fn has_member_origin(&self, origin: &str) -> bool {
+        let Some(address) = origin.strip_prefix("http://") else {
+            return false;
+        };
+        self.control.state().nodes.values().any(|n| {
+            n.status != understudy_control::NodeStatus::Removed
+                && !n.http_addr.is_empty()
+                && n.http_addr.eq_ignore_ascii_case(address)
+        })
+    }
+
+    /// Await `proposed`, a command proposed to the control plane, timing it in
+    /// `raft_commit_latency_seconds` when it was applied.
+    pub(crate) async fn timed<T, E>(
+        &self,
+        proposed: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let result = proposed.await;
+        if result.is_ok() {
+            self.node
+                .metrics()
+                .cluster
+                .raft_commit_latency_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    pub fn timeline(&self) -> &Arc<timeline::Timeline> {
+        &self.timeline
+    }
+
+    /// Set the gauges of `/metrics` that sample the cluster's state: each function's
+    /// epoch, the lag of this node's primaries' backups, the Raft term and leader, the
+    /// lease and the in-doubt transactions held.
+    pub fn sample_metrics(&self) {
+        let m = &self.node.metrics().cluster;
+        let status = self.control.status();
+        let state = self.control.state();
+        m.raft_term
+            .set(i64::try_from(status.term).unwrap_or(i64::MAX));
+        m.raft_leader.set(i64::from(status.leader == Some(self.id)));
+        m.raft_applied_index.set(
+            status
+                .last_applied_index
+                .and_then(|i| i64::try_from(i).ok())
+                .unwrap_or(0),
+        );
+        let lease = self.lease_status();
+        m.lease_held.set(i64::from(lease.held));
+        m.lease_age_seconds
+            .set(lease.renewed_ms_ago.map_or(0.0, |ms| ms / 1000.0));
+        m.function_epoch.clear();
+        for (name, a) in &state.assignments {
+            m.function_epoch
+                .get_or_create(&crate::metrics::FunctionLabels {
+                    function: name.clone(),
+                })
+                .set(i64::try_from(a.epoch.0).unwrap_or(i64::MAX));
+        }
+        m.replication_lag_entries.clear();
+        for (function, backup, lag) in self.replicas.lags(&state) {
+            m.replication_lag_entries
+                .get_or_create(&crate::metrics::FunctionBackupLabels {
+                    function: function.to_string(),
+                    backup: backup.0.to_string(),
+                })
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        }
+        m.twophase_in_doubt
+            .set(i64::try_from(self.distributed.in_doubt_held().len()).unwrap_or(i64::MAX));
     }
 
     /// The cluster as this node sees it: for people (`understudy status`) and tools.
@@ -403,6 +496,7 @@ impl Cluster {
             },
             "nodes": nodes,
             "functions": self.functions_status(&state),
+            "lease": self.lease_status(),
             "failovers": *self.events.lock(),
             "catch_ups": *self.replicas.senders().catch_up_log.lock(),
             "transactions": self.distributed.status(),
@@ -447,13 +541,15 @@ impl Cluster {
         let name = FunctionName::new(function).map_err(AdminError::BadName)?;
         let digest = self.node.prepare(bytes).await?;
         let response = self
-            .control
-            .propose_via_leader(understudy_control::Command::Deploy {
-                name: name.to_string(),
-                digest: digest.0,
-                replicas,
-                calls,
-            })
+            .timed(
+                self.control
+                    .propose_via_leader(understudy_control::Command::Deploy {
+                        name: name.to_string(),
+                        digest: digest.0,
+                        replicas,
+                        calls,
+                    }),
+            )
             .await
             .map_err(|e| AdminError::Unavailable(e.to_string()))?;
         let (function, assignment) = match response {
@@ -541,7 +637,7 @@ impl Cluster {
         if !self.is_deployed(function) {
             return Err(AdminError::UnknownFunction(function.to_owned()));
         }
-        match self.control.propose_via_leader(command).await {
+        match self.timed(self.control.propose_via_leader(command)).await {
             Ok(understudy_control::Response::Rejected(
                 understudy_control::Rejection::UnknownFunction { .. },
             )) => Err(AdminError::UnknownFunction(function.to_owned())),
@@ -595,7 +691,7 @@ impl Cluster {
     }
 
     async fn propose_node(&self, command: understudy_control::Command) -> Result<(), AdminError> {
-        match self.control.propose_via_leader(command).await {
+        match self.timed(self.control.propose_via_leader(command)).await {
             Ok(understudy_control::Response::Rejected(why)) => {
                 Err(AdminError::Rejected(why.to_string()))
             }
@@ -684,7 +780,10 @@ impl Cluster {
             if past(&self.control.state()) {
                 return true;
             }
-            match self.control.propose_via_leader(promote.clone()).await {
+            match self
+                .timed(self.control.propose_via_leader(promote.clone()))
+                .await
+            {
                 Ok(understudy_control::Response::Rejected(why)) => {
                     if past(&self.control.state()) {
                         return true;
@@ -1107,7 +1206,7 @@ impl Cluster {
                     primary: self.id,
                     expected_epoch: epoch,
                 };
-                match self.control.propose_via_leader(command).await {
+                match self.timed(self.control.propose_via_leader(command)).await {
                     Ok(understudy_control::Response::Rejected(why)) => {
                         tracing::info!(%function, epoch = epoch.0, %why, "restarted as primary of an epoch the cluster has left; following the cluster");
                     }
@@ -1135,7 +1234,7 @@ impl Cluster {
                         node: n,
                         expected_epoch: a.epoch,
                     };
-                    if let Err(e) = self.control.propose_via_leader(command).await {
+                    if let Err(e) = self.timed(self.control.propose_via_leader(command)).await {
                         tracing::warn!(%function, backup = %n, error = %e, "cannot report a caught-up backup");
                     }
                 }
@@ -1307,6 +1406,23 @@ impl Cluster {
 }
 
 /// `ID@HOST:PORT`.
+/// The HTTP address the cluster state gives this node (the console and other members
+/// reach it there): the one it listens on, unless that is every interface (`0.0.0.0`,
+/// `[::]`), which no one can connect to; then the one its config names (`configured`),
+/// else its peer address's IP with the HTTP port.
+fn advertised_http(bound: SocketAddr, configured: &str, peer_listen: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    if !peer_listen.ip().is_unspecified() {
+        return SocketAddr::new(peer_listen.ip(), bound.port()).to_string();
+    }
+    bound.to_string()
+}
+
 fn parse_join(target: &str) -> Result<(NodeId, SocketAddr), Error> {
     let bad = || {
         Error::Config(format!(
@@ -1550,5 +1666,32 @@ impl Handler for Dispatch {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_on_every_interface_advertises_an_address_one_can_reach() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("an address");
+        let peer = addr("10.0.0.1:7301");
+        assert_eq!(
+            advertised_http(addr("10.0.0.1:7201"), "10.9.9.9:1", peer),
+            "10.0.0.1:7201"
+        );
+        assert_eq!(
+            advertised_http(addr("0.0.0.0:7201"), "10.0.0.1:8080", peer),
+            "10.0.0.1:8080"
+        );
+        assert_eq!(
+            advertised_http(addr("0.0.0.0:7201"), "", peer),
+            "10.0.0.1:7201"
+        );
+        assert_eq!(
+            advertised_http(addr("[::]:7201"), "", addr("0.0.0.0:7301")),
+            "[::]:7201"
+        );
     }
 }

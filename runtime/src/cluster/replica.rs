@@ -413,6 +413,10 @@ impl Senders {
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
                 let mb_per_s = bytes as f64 / 1e6 / (ms / 1000.0).max(1e-9);
                 tracing::info!(function = %copy.function, backup = %to, seq, bytes, ms, mb_per_s, "backup installed a snapshot");
+                let metrics = &self.node.metrics().cluster;
+                metrics.catchups.inc();
+                metrics.catchup_bytes.inc_by(bytes as u64);
+                metrics.catchup_duration_seconds.observe(ms / 1000.0);
                 let mut log = self.catch_up_log.lock();
                 log.push(CatchUpRecord {
                     function: copy.function.to_string(),
@@ -480,22 +484,43 @@ impl Senders {
                     .map(|(copy, append)| (copy.function.clone(), append.clone()))
                     .collect(),
             };
+            let body = wire::encode(&request);
+            let metrics = &self.node.metrics().cluster;
+            let backup = crate::metrics::BackupLabels {
+                backup: to.0.to_string(),
+            };
+            let entries: usize = request.appends.iter().map(|(_, a)| a.entries.len()).sum();
+            metrics
+                .replication_shipped_entries
+                .get_or_create(&backup)
+                .inc_by(entries as u64);
+            metrics
+                .replication_shipped_bytes
+                .get_or_create(&backup)
+                .inc_by(body.len() as u64);
+            metrics
+                .replication_batch_appends
+                .observe(request.appends.len() as f64);
+            let sent = Instant::now();
             let reply = self
                 .transport
-                .request_within(
-                    to.0,
-                    addr,
-                    Channel::Replication,
-                    wire::encode(&request),
-                    REPLICATE_TIMEOUT,
-                )
+                .request_within(to.0, addr, Channel::Replication, body, REPLICATE_TIMEOUT)
                 .await;
             let reply: ReplicateReply = match reply
                 .map_err(|e| e.to_string())
                 .and_then(|bytes| wire::decode(&bytes).map_err(|e| e.to_string()))
             {
-                Ok(reply) => reply,
+                Ok(reply) => {
+                    metrics
+                        .replication_ack_latency_seconds
+                        .observe(sent.elapsed().as_secs_f64());
+                    reply
+                }
                 Err(e) => {
+                    metrics
+                        .replication_requests_failed
+                        .get_or_create(&backup)
+                        .inc();
                     // Lost: the engines resend what stays unacknowledged.
                     tracing::debug!(backup = %to, error = %e, "replication request failed");
                     continue;
@@ -911,6 +936,28 @@ impl Replicas {
         ReplicateReply { replies }
     }
 
+    /// How far each backup (caught up or catching up) of this node's primaries is
+    /// behind, in entries.
+    pub fn lags(
+        &self,
+        state: &understudy_control::ClusterState,
+    ) -> Vec<(FunctionName, NodeId, u64)> {
+        let copies = self.copies.read();
+        let mut out = Vec::new();
+        for (name, copy) in copies.iter() {
+            let (Copy::Primary(p), Some(a)) = (copy, state.assignments.get(name.as_str())) else {
+                continue;
+            };
+            let engine = p.engine.lock();
+            for b in a.backups.iter().chain(&a.catching_up) {
+                if let Some(lag) = engine.lag(*b) {
+                    out.push((name.clone(), *b, lag));
+                }
+            }
+        }
+        out
+    }
+
     /// What `GET /v1/cluster` shows of this node's copies.
     pub fn status(&self, assignments: &understudy_control::ClusterState) -> serde_json::Value {
         let copies = self.copies.read();
@@ -918,14 +965,17 @@ impl Replicas {
         for (name, copy) in copies.iter() {
             let value = match copy {
                 Copy::Primary(p) => {
-                    let backups: Vec<NodeId> = assignments
-                        .assignments
-                        .get(name.as_str())
+                    let assignment = assignments.assignments.get(name.as_str());
+                    let backups: Vec<NodeId> = assignment
                         .map(|a| a.backups.iter().chain(&a.catching_up).copied().collect())
                         .unwrap_or_default();
                     let mut v = p.status(&backups);
                     v["role"] = "primary".into();
                     v["epoch"] = p.epoch.0.into();
+                    let catching_up = assignment
+                        .map(|a| a.catching_up.clone())
+                        .unwrap_or_default();
+                    v["catch_up"] = self.catch_up_progress(name, p, &catching_up);
                     v
                 }
                 Copy::Backup(b) => serde_json::json!({
@@ -937,5 +987,35 @@ impl Replicas {
             out.insert(name.to_string(), value);
         }
         serde_json::Value::Object(out)
+    }
+
+    /// For each backup of `copy` still catching up: whether its snapshot is on the way,
+    /// and how much of the primary's log it holds (a percentage of the entries).
+    fn catch_up_progress(
+        &self,
+        function: &FunctionName,
+        copy: &PrimaryCopy,
+        catching_up: &[NodeId],
+    ) -> serde_json::Value {
+        let engine = copy.engine.lock();
+        let last = engine.seq_last().0;
+        let installing = self.senders.catching_up.lock();
+        let progress: serde_json::Map<String, serde_json::Value> = catching_up
+            .iter()
+            .map(|b| {
+                let lag = engine.lag(*b).unwrap_or(last);
+                let held = last.saturating_sub(lag);
+                let percent = match last {
+                    0 => 100.0,
+                    _ => held as f64 * 100.0 / last as f64,
+                };
+                let snapshot = installing.contains(&(function.clone(), *b));
+                (
+                    b.0.to_string(),
+                    serde_json::json!({ "percent": percent, "snapshot": snapshot, "lag": lag }),
+                )
+            })
+            .collect();
+        serde_json::Value::Object(progress)
     }
 }

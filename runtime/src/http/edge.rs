@@ -8,7 +8,9 @@
 //!   virtual address) or one the operator allowed (`http.allowed_hosts`): a rebound name
 //!   is refused;
 //! - a request carrying a browser's `Origin` is refused unless that origin is the node's
-//!   own or one the operator allowed (`http.allowed_origins`);
+//!   own or one the operator allowed (`http.allowed_origins`); the one exception is the
+//!   console's read-only stream, which a page served by another member of the cluster
+//!   may read (so a console whose node died reads on through another);
 //! - a body must say what it is (`application/json` for an invocation): a page cannot
 //!   send that cross-site without a CORS preflight, which the node never grants;
 //! - tokens are compared in constant time.
@@ -30,8 +32,11 @@ use super::{ApiError, Options};
 /// The port a `Host` without one names.
 const HTTP_PORT_DEFAULT: u16 = 80;
 
+/// Whether an origin (`http://host:port`) is the HTTP address of a member of the
+/// cluster, as the cluster state knows it now.
+pub type MemberOrigins = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// The hosts and origins a node answers, fixed when it starts serving.
-#[derive(Debug)]
 pub struct Edge {
     port: u16,
     /// Listening on every address: any address literal names this node.
@@ -45,6 +50,18 @@ pub struct Edge {
     /// Lowercase `scheme://host[:port]`.
     origins: Vec<String>,
     origins_any: bool,
+    /// In a cluster: the members' pages, which may read the console's stream.
+    members: Option<MemberOrigins>,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("port", &self.port)
+            .field("hosts", &self.hosts)
+            .field("origins", &self.origins)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Edge {
@@ -68,7 +85,34 @@ impl Edge {
             origins_any: origins.iter().any(|o| o == "*"),
             hosts,
             origins,
+            members: None,
         }
+    }
+
+    /// Let pages served by the cluster's members read the console's stream.
+    pub fn with_members(mut self, members: MemberOrigins) -> Edge {
+        self.members = Some(members);
+        self
+    }
+
+    /// The origin of a request that another member's console page may make: a `GET` of
+    /// the console's stream from a member's address, answered with CORS headers. The
+    /// stream is read-only and public (as `GET /v1/cluster` is), so this grants a page
+    /// nothing it could harm with.
+    pub fn console_peer_origin(
+        &self,
+        method: &axum::http::Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<header::HeaderValue> {
+        let members = self.members.as_ref()?;
+        if method != axum::http::Method::GET || path != super::console::STREAM_PATH {
+            return None;
+        }
+        let origin = headers.get(header::ORIGIN)?;
+        let text = origin.to_str().ok()?.trim().to_ascii_lowercase();
+        let text = text.replacen("http://localhost:", "http://127.0.0.1:", 1);
+        members(&text).then(|| origin.clone())
     }
 
     /// Whether `host` (a `Host` header's value) names this node.
@@ -111,19 +155,7 @@ impl Edge {
     /// Fails with 403 `forbidden-host` or `forbidden-origin` for a request that may not
     /// reach the API.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !self.host_allowed(host) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden-host",
-                format!(
-                    "this node does not answer to Host {host:?}: use its address, or add the name to http.allowed_hosts"
-                ),
-            ));
-        }
+        let host = self.check_host(headers)?;
         if let Some(origin) = headers.get(header::ORIGIN) {
             let origin = String::from_utf8_lossy(origin.as_bytes());
             if !self.origin_allowed(&origin, host) {
@@ -138,14 +170,45 @@ impl Edge {
         }
         Ok(())
     }
+
+    /// Fails with 403 `forbidden-host` unless the request's `Host` names this node;
+    /// returns it.
+    fn check_host<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, ApiError> {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !self.host_allowed(host) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden-host",
+                format!(
+                    "this node does not answer to Host {host:?}: use its address, or add the name to http.allowed_hosts"
+                ),
+            ));
+        }
+        Ok(host)
+    }
 }
 
-/// Middleware: refuse what [`Edge::check`] refuses, before any route runs.
+/// Middleware: refuse what [`Edge::check`] refuses, before any route runs; answer a
+/// member's console page reading the stream with the CORS header it needs.
 pub async fn guard(State(edge): State<Arc<Edge>>, request: Request, next: Next) -> Response {
-    match edge.check(request.headers()) {
-        Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
+    let peer = edge.console_peer_origin(request.method(), request.uri().path(), request.headers());
+    let checked = match peer {
+        Some(_) => edge.check_host(request.headers()).map(|_| ()),
+        None => edge.check(request.headers()),
+    };
+    if let Err(e) = checked {
+        return e.into_response();
     }
+    let mut response = next.run(request).await;
+    if let Some(origin) = peer {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::VARY, header::HeaderValue::from_static("origin"));
+    }
+    response
 }
 
 /// Fails with 415 `unsupported-media-type` unless the request's `Content-Type` is one of
@@ -271,6 +334,38 @@ mod tests {
         assert!(!e.origin_allowed("http://evil.example", "127.0.0.1:7070"));
         assert!(!e.origin_allowed("null", "127.0.0.1:7070"));
         assert!(!e.origin_allowed("http://localhost:7070", "127.0.0.1:7070"));
+    }
+
+    #[test]
+    fn only_members_pages_may_read_the_console_stream_from_elsewhere() {
+        let members: MemberOrigins = Arc::new(|o: &str| o == "http://127.0.0.1:7071");
+        let e = edge("127.0.0.1:7070", &[], &[]).with_members(members);
+        let get = axum::http::Method::GET;
+        let stream = crate::http::console::STREAM_PATH;
+        let from = |origin: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ORIGIN, origin.parse().expect("header"));
+            headers
+        };
+        for member in ["http://127.0.0.1:7071", "http://localhost:7071"] {
+            assert!(
+                e.console_peer_origin(&get, stream, &from(member)).is_some(),
+                "{member}"
+            );
+        }
+        assert!(e
+            .console_peer_origin(&get, stream, &from("http://evil.example"))
+            .is_none());
+        assert!(e
+            .console_peer_origin(&get, "/v1/cluster", &from("http://127.0.0.1:7071"))
+            .is_none());
+        let post = axum::http::Method::POST;
+        assert!(e
+            .console_peer_origin(&post, stream, &from("http://127.0.0.1:7071"))
+            .is_none());
+        assert!(edge("127.0.0.1:7070", &[], &[])
+            .console_peer_origin(&get, stream, &from("http://127.0.0.1:7071"))
+            .is_none());
     }
 
     #[test]
