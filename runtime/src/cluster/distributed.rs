@@ -760,12 +760,12 @@ impl Distributed {
                 for (txn, _) in prepared {
                     slot.in_doubt.insert(*txn, now);
                 }
+                me.node
+                    .metrics()
+                    .cluster
+                    .twophase_in_doubt_found
+                    .inc_by(prepared.len() as u64);
             }
-            me.node
-                .metrics()
-                .cluster
-                .twophase_in_doubt_found
-                .inc_by(prepared.len() as u64);
             let mut cmds: Vec<Cmd> = slot
                 .participant
                 .step(now, as_participant)
