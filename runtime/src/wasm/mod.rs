@@ -124,6 +124,20 @@ pub enum Abort {
     TableCap { desired: usize, cap: usize },
 }
 
+/// A trap (not the deadline, nor a cap) with the end of what the guest wrote to stderr
+/// before it: an interpreter (Python, JavaScript) prints its exception there, and the
+/// trap alone says only `unreachable`.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{trap}{}", match stderr_tail.is_empty() {
+    true => String::new(),
+    false => format!("; the guest's stderr ended with: {stderr_tail}"),
+})]
+pub struct GuestTrap {
+    pub trap: String,
+    /// At most `host::STDERR_TAIL_MAX` bytes.
+    pub stderr_tail: String,
+}
+
 /// A deployed component, checked and compiled, ready to instantiate.
 pub struct Loaded {
     pub digest: Digest,
@@ -320,8 +334,11 @@ impl Runtime {
             Ok(result) => result,
             Err(_) => Err(wasmtime::Error::new(Abort::Deadline(deadline_ms))),
         };
-        store.data_mut().flush_output();
-        Ok(result?.map_err(GuestError::from))
+        let stderr_tail = store.data_mut().flush_output();
+        match result {
+            Ok(answer) => Ok(answer.map_err(GuestError::from)),
+            Err(error) => Err(with_stderr(store.data(), error, stderr_tail)),
+        }
     }
 }
 
@@ -329,6 +346,29 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticking.store(false, Ordering::Relaxed);
     }
+}
+
+/// A trap becomes a `GuestTrap` carrying the end of the guest's stderr, logged at WARN
+/// with the function and the transaction (the wasm backtrace at DEBUG). Other errors
+/// (the deadline, caps, errors of host calls) pass unchanged.
+fn with_stderr(ctx: &Ctx, error: wasmtime::Error, stderr_tail: String) -> wasmtime::Error {
+    let Some(trap) = error.downcast_ref::<wasmtime::Trap>() else {
+        return error;
+    };
+    let trap = GuestTrap {
+        trap: trap.to_string(),
+        stderr_tail,
+    };
+    let txn = ctx.txn_id();
+    tracing::debug!(function = %ctx.function.name, %txn, error = ?error, "guest trapped");
+    tracing::warn!(
+        function = %ctx.function.name,
+        %txn,
+        stderr = %guest_log::escape(&trap.stderr_tail),
+        "guest trapped: {}",
+        trap.trap
+    );
+    wasmtime::Error::new(trap)
 }
 
 /// The engine configuration every node uses: pooled instances, epoch interruption for
@@ -396,10 +436,20 @@ fn check_imports(bytes: &[u8]) -> Result<(), Error> {
     if unknown.is_empty() {
         return Ok(());
     }
-    Err(Error::UnknownImport(format!(
-        "{} (the host provides understudy:function's state, call and log, and WASI clocks, random, io and cli)",
+    let mut message = format!(
+        "{} (the node provides understudy:function's state, call and log, and WASI 0.2's io, \
+         clocks, random and cli, with filesystem and sockets linked but nothing granted)",
         unknown.join(", ")
-    )))
+    );
+    if unknown.iter().any(|name| name.starts_with("wasi:http/")) {
+        message.push_str(
+            ". The node does not provide wasi:http: a JavaScript function built with \
+             componentize-js imports it unless built with \
+             disableFeatures: ['http', 'fetch-event'] (as scripts/componentize-js.mjs does; \
+             see docs/guide-js.md)",
+        );
+    }
+    Err(Error::UnknownImport(message))
 }
 
 /// Refuse a component whose handler has another type than the world's: its every call
