@@ -153,6 +153,16 @@ fn sdk_keeps_its_promises(component: &str) {
     assert_eq!(api.ok("sdk", "raw", Value::Null), json!({ "raw": true }));
     assert_eq!(api.ok("sdk", "nothing", Value::Null), Value::Null);
 
+    // Every transaction gets a fresh instance: a module-level counter never passes 1,
+    // however often the pool slot (its memory kept resident) is used again.
+    for _ in 0..3 {
+        assert_eq!(
+            api.ok("sdk", "count", Value::Null),
+            json!(1),
+            "linear memory outlived a transaction"
+        );
+    }
+
     // Dispatch: an unknown method names the known ones.
     let reply = api
         .invoke("sdk", "nope", &Value::Null)

@@ -41,6 +41,10 @@ pub mod bindings {
 /// call) may take before it is cut off.
 const DEADLINE_GRACE: Duration = Duration::from_millis(20);
 
+/// Pool slots kept warm (memory resident, see `Options::memory_keep_resident_bytes`)
+/// while no instance uses them: bounds what the pool holds beyond the instances alive.
+const WARM_SLOTS_UNUSED_MAX: u32 = 16;
+
 /// How often the engine's epoch advances: the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -76,6 +80,14 @@ pub struct Options {
     pub table_elements_max: usize,
     /// Instances alive at once on the node (the pool's size).
     pub instances_max: u32,
+    /// Linear memory a pool slot keeps mapped between instances, copied back from the
+    /// component's initial image in place instead of being unmapped. An interpreter
+    /// guest (Python, JavaScript) touches megabytes per call: kept resident, those
+    /// pages cost no page fault the next time, at the price of a copy of the slot's
+    /// memory (up to this bound) when the instance is dropped, and of resident memory:
+    /// up to this much per warm pool slot (slots in use, plus at most
+    /// `WARM_SLOTS_UNUSED_MAX` unused ones).
+    pub memory_keep_resident_bytes: usize,
 }
 
 impl Default for Options {
@@ -86,6 +98,7 @@ impl Default for Options {
             stack_max_bytes: 512 << 10,
             table_elements_max: 20_000,
             instances_max: 1000,
+            memory_keep_resident_bytes: 32 << 20,
         }
     }
 }
@@ -374,6 +387,19 @@ fn with_stderr(ctx: &Ctx, error: wasmtime::Error, stderr_tail: String) -> wasmti
 /// The engine configuration every node uses: pooled instances, epoch interruption for
 /// deadlines, and the stack, memory and table bounds of `options`.
 pub fn engine_config(options: &Options) -> Config {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(options.stack_max_bytes)
+        .async_stack_size(options.stack_max_bytes + (1 << 20))
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(options)));
+    config
+}
+
+/// The pooling allocator's configuration in `engine_config` (public for `understudy
+/// bench`, which compares it with others).
+pub fn pool_config(options: &Options) -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(options.instances_max)
         .total_core_instances(options.instances_max * 2)
@@ -382,18 +408,16 @@ pub fn engine_config(options: &Options) -> Config {
         .total_stacks(options.instances_max)
         .max_memory_size(options.memory_max_bytes)
         .table_elements(options.table_elements_max)
-        // Keeping a little memory resident between uses of a slot saves the page
-        // faults that dominate instantiation (see TOOLCHAIN.md).
-        .linear_memory_keep_resident(256 << 10)
-        .table_keep_resident(16 << 10);
-    let mut config = Config::new();
-    config
-        .wasm_component_model(true)
-        .epoch_interruption(true)
-        .max_wasm_stack(options.stack_max_bytes)
-        .async_stack_size(options.stack_max_bytes + (1 << 20))
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    config
+        // Keeping memory resident between uses of a slot saves the page faults that
+        // dominate a fresh instance (see TOOLCHAIN.md); the next instance still sees
+        // the component's initial memory, nothing of the last transaction. Not
+        // PAGEMAP_SCAN: wasmtime 48 resets at most 32 written regions that way and
+        // unmaps the rest, and an interpreter writes more (`understudy bench --what
+        // languages` compares).
+        .linear_memory_keep_resident(options.memory_keep_resident_bytes)
+        .table_keep_resident(16 << 10)
+        .max_unused_warm_slots(WARM_SLOTS_UNUSED_MAX);
+    pool
 }
 
 /// Tell apart the common mistakes before handing the bytes to the compiler, whose

@@ -6,7 +6,12 @@ import { handle, state, call, log, Fail } from '../../../sdk/js/understudy.js';
 
 const decoder = new TextDecoder();
 
+// Each transaction runs in a fresh instance, so this counter is 1 whenever `count`
+// returns it: nothing in linear memory outlives a call.
+let calls = 0;
+
 export const handler = handle({
+  count: () => ++calls,
   echo: (args) => args,
   raw: () => new TextEncoder().encode('{"raw":true}'),
   'not-json': () => ({ set: new Set([1, 2]) }),
