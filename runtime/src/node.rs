@@ -33,7 +33,7 @@ use crate::wal::record::{
     Writes,
 };
 use crate::wal::{self, Durability, Wal};
-use crate::wasm::{self, Abort, CallFuture, Calls, Ctx, GuestError, Loaded, Runtime};
+use crate::wasm::{self, Abort, CallFuture, Calls, Ctx, GuestError, GuestTrap, Loaded, Runtime};
 
 /// How long answers to keys the cluster assigned itself are kept (see
 /// `store::AUTO_KEY_PREFIX`): long enough for a retry across a failover.
@@ -1849,6 +1849,10 @@ fn classify(error: wasmtime::Error) -> InvokeError {
     }
     if let Some(e) = error.downcast_ref::<lock::Error>() {
         return lock_error(e.clone());
+    }
+    // Logged, with the end of the guest's stderr, where it trapped (`wasm::Runtime::run`).
+    if let Some(trap) = error.downcast_ref::<GuestTrap>() {
+        return InvokeError::Trap(trap.to_string());
     }
     let text = format!("{error:#}");
     if text.contains("maximum concurrent") || text.contains("pooling allocator") {

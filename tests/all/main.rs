@@ -35,4 +35,5 @@ mod txn_isolation;
 mod wal_damage;
 mod wasm_deploy;
 mod wasm_host;
+mod wasm_languages;
 mod wasm_limits;

@@ -132,7 +132,7 @@ impl NodeOptions {
 /// functions may call any (the tests name their functions freely); the others none.
 pub fn calls_granted(component_name: &str) -> &'static str {
     match component_name {
-        "transfer" | "orders" | "lists" | "hostile" => "*",
+        "transfer" | "orders" | "lists" | "hostile" | "sdk-py" | "sdk-js" => "*",
         _ => "",
     }
 }

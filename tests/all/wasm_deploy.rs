@@ -26,6 +26,11 @@ const HTTP_IMPORT_WAT: &str = r#"(component
   (import "wasi:http/outgoing-handler@0.2.0" (instance (export "handle" (func))))
 )"#;
 
+/// A component that imports an interface the host does not provide, not `wasi:http`.
+const KEYVALUE_IMPORT_WAT: &str = r#"(component
+  (import "wasi:keyvalue/store@0.2.0-draft" (instance (export "get" (func))))
+)"#;
+
 /// The component a WAT text describes, made with wasm-tools; `None` (and a note) when
 /// wasm-tools is not installed.
 fn component_from_wat(wat: &str) -> Option<Vec<u8>> {
@@ -95,7 +100,26 @@ fn unknown_import_is_refused_and_nothing_compiled_is_kept() {
         "the message does not name the import: {}",
         reply.text
     );
+    assert!(
+        reply.message().contains("disableFeatures"),
+        "the message does not say how to build JavaScript without wasi:http: {}",
+        reply.text
+    );
     assert_eq!(compiled_files(&node.data_dir()), Vec::<String>::new());
+
+    // An import of another interface is named too, without the JavaScript advice.
+    let Some(bytes) = component_from_wat(KEYVALUE_IMPORT_WAT) else {
+        return;
+    };
+    let reply = api
+        .deploy("g", bytes)
+        .expect_error(400, "invalid-component");
+    assert!(
+        reply.message().contains("wasi:keyvalue/store")
+            && !reply.message().contains("disableFeatures"),
+        "the message does not name the import alone: {}",
+        reply.text
+    );
 
     // A good component is compiled and kept.
     api.deploy_component("c", "counter");

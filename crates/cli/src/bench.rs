@@ -10,6 +10,7 @@
 //!   and a three-node cluster with functions of one, two and three copies (primary plus
 //!   none, one and two backups), with `disk` and `memory` durability, at each client
 //!   count; then the catch-up of a new backup from a snapshot, in MB/s.
+//! - languages: the bank in Rust, Python and JavaScript (`bench_languages`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,7 +29,8 @@ use understudy::wasm::bindings::{self, understudy::function as wit};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to measure: invoke, commit, memory, replicated, distributed or all.
+    /// What to measure: invoke, commit, memory, replicated, distributed, languages or
+    /// all.
     #[arg(long, default_value = "all")]
     pub what: String,
     /// The counter example component.
@@ -40,6 +42,10 @@ pub struct Args {
     /// The lists test component (for the distributed-transaction figures).
     #[arg(long, default_value = "target-guests/components/lists.wasm")]
     pub lists: PathBuf,
+    /// Where the bank's components are (bank.wasm, bank-py.wasm, bank-js.wasm), for the
+    /// languages figures.
+    #[arg(long, default_value = "target-guests/components")]
+    pub components: PathBuf,
     /// Concurrent clients for the commit benchmark.
     #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
     pub clients: Vec<usize>,
@@ -80,6 +86,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if what == "distributed" || what == "all" {
             distributed(&args, &dir).await?;
         }
+        if what == "languages" || what == "all" {
+            crate::bench_languages::languages(&args, &dir).await?;
+        }
         anyhow::Ok(())
     });
     if args.dir.is_none() {
@@ -104,7 +113,11 @@ async fn open_node(
 }
 
 /// Run `f` in a loop for `seconds` from `clients` tasks; returns (ops, elapsed, latencies).
-async fn drive<F, Fut>(clients: usize, seconds: f64, f: F) -> (u64, Duration, Vec<Duration>)
+pub(crate) async fn drive<F, Fut>(
+    clients: usize,
+    seconds: f64,
+    f: F,
+) -> (u64, Duration, Vec<Duration>)
 where
     F: Fn() -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -140,14 +153,14 @@ where
     (ops.load(Ordering::Relaxed), elapsed, latencies)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn us(d: Duration) -> f64 {
+pub(crate) fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 

@@ -3,6 +3,7 @@
 //! `understudy` library; this crate holds only what a command line needs.
 
 mod bench;
+mod bench_languages;
 mod cluster_flags;
 mod demo;
 mod drill;

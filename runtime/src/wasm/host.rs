@@ -19,8 +19,12 @@ use super::Abort;
 use crate::store::Function;
 use crate::txn::Txn;
 
-/// Bytes of stdout and stderr kept per instance; more is a trap, not a memory leak.
+/// Bytes of stdout, and of stderr, kept per instance; more is a trap, not a memory leak.
 const OUTPUT_MAX: usize = 64 << 10;
+
+/// Bytes of the end of a guest's stderr that a trap's error carries: enough for the
+/// last frames of a Python traceback or a JavaScript stack, and the exception.
+pub const STDERR_TAIL_MAX: usize = 2 << 10;
 
 /// A handler's own error, or a host error handed to the guest as a WIT `error`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -83,7 +87,8 @@ pub struct Ctx {
     pub(super) limiter: Limiter,
     wasi: Option<WasiCtx>,
     table: ResourceTable,
-    output: MemoryOutputPipe,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
     /// What this instance could not log (over its transaction's cap).
     log_dropped: Dropped,
 }
@@ -107,25 +112,31 @@ impl Ctx {
             },
             wasi: None,
             table: ResourceTable::new(),
-            output: MemoryOutputPipe::new(OUTPUT_MAX),
+            stdout: MemoryOutputPipe::new(OUTPUT_MAX),
+            stderr: MemoryOutputPipe::new(OUTPUT_MAX),
             log_dropped: Dropped::default(),
         }
     }
 
-    fn txn_id(&self) -> String {
+    pub(super) fn txn_id(&self) -> String {
         self.txn.lock().id.to_string()
     }
 
     /// Send what the guest printed to the node's log, one event per line (within the
-    /// same caps as its log calls), and report what its caps dropped.
-    pub(super) fn flush_output(&mut self) {
-        let printed = match self.wasi.is_some() {
-            true => self.output.contents(),
+    /// same caps as its log calls; stdout, then stderr), and report what its caps
+    /// dropped. Returns the end of its stderr (at most `STDERR_TAIL_MAX` bytes, from a
+    /// line's start where one is in reach), for a trap's error.
+    pub(super) fn flush_output(&mut self) -> String {
+        let (stdout, stderr) = match self.wasi.is_some() {
+            true => (self.stdout.contents(), self.stderr.contents()),
             false => Default::default(),
         };
-        if !printed.is_empty() {
+        for printed in [&stdout, &stderr] {
+            if printed.is_empty() {
+                continue;
+            }
             let txn = self.txn_id();
-            for line in String::from_utf8_lossy(&printed).lines() {
+            for line in String::from_utf8_lossy(printed).lines() {
                 if let Some(line) = self.admit_log(line) {
                     tracing::info!(function = %self.function.name, %txn, "guest: {line}");
                 }
@@ -142,6 +153,7 @@ impl Ctx {
                 guest_log::TXN_BYTES_MAX
             );
         }
+        stderr_tail(&stderr)
     }
 
     /// `message` as the line to log, or `None` when it is over its transaction's cap or
@@ -174,11 +186,11 @@ impl WasiView for Ctx {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         // Built on first use: most guests never touch WASI, and building the context
         // seeds a random generator.
-        let output = self.output.clone();
+        let (stdout, stderr) = (self.stdout.clone(), self.stderr.clone());
         let wasi = self.wasi.get_or_insert_with(|| {
             WasiCtx::builder()
-                .stdout(output.clone())
-                .stderr(output)
+                .stdout(stdout)
+                .stderr(stderr)
                 .allow_tcp(false)
                 .allow_udp(false)
                 .allow_ip_name_lookup(false)
@@ -189,6 +201,18 @@ impl WasiView for Ctx {
             table: &mut self.table,
         }
     }
+}
+
+/// The end of `stderr`, at most `STDERR_TAIL_MAX` bytes, starting at a line where one
+/// starts within them, trimmed (the bytes as UTF-8, lossily).
+fn stderr_tail(stderr: &[u8]) -> String {
+    let mut start = stderr.len().saturating_sub(STDERR_TAIL_MAX);
+    if start > 0 {
+        if let Some(newline) = stderr[start..].iter().position(|&b| b == b'\n') {
+            start += newline + 1;
+        }
+    }
+    String::from_utf8_lossy(&stderr[start..]).trim().to_owned()
 }
 
 /// Caps on memory and tables that trap with a message saying which cap was hit.
@@ -329,5 +353,30 @@ impl log::Host for Ctx {
             log::Level::Error => tracing::error!(%function, %txn, "{message}"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stderr_tail_keeps_short_output_whole() {
+        assert_eq!(stderr_tail(b"Traceback:\n  boom\n"), "Traceback:\n  boom");
+        assert_eq!(stderr_tail(b""), "");
+    }
+
+    #[test]
+    fn stderr_tail_is_bounded_and_starts_at_a_line() {
+        let mut long = b"x".repeat(STDERR_TAIL_MAX);
+        long.extend_from_slice(b"\nfirst kept\nValueError: boom\n");
+        let tail = stderr_tail(&long);
+        assert_eq!(tail, "first kept\nValueError: boom");
+    }
+
+    #[test]
+    fn stderr_tail_of_one_long_line_is_its_end() {
+        let long = b"y".repeat(3 * STDERR_TAIL_MAX);
+        assert_eq!(stderr_tail(&long).len(), STDERR_TAIL_MAX);
     }
 }

@@ -41,6 +41,10 @@ pub mod bindings {
 /// call) may take before it is cut off.
 const DEADLINE_GRACE: Duration = Duration::from_millis(20);
 
+/// Pool slots kept warm (memory resident, see `Options::memory_keep_resident_bytes`)
+/// while no instance uses them: bounds what the pool holds beyond the instances alive.
+const WARM_SLOTS_UNUSED_MAX: u32 = 16;
+
 /// How often the engine's epoch advances: the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -76,6 +80,14 @@ pub struct Options {
     pub table_elements_max: usize,
     /// Instances alive at once on the node (the pool's size).
     pub instances_max: u32,
+    /// Linear memory a pool slot keeps mapped between instances, copied back from the
+    /// component's initial image in place instead of being unmapped. An interpreter
+    /// guest (Python, JavaScript) touches megabytes per call: kept resident, those
+    /// pages cost no page fault the next time, at the price of a copy of the slot's
+    /// memory (up to this bound) when the instance is dropped, and of resident memory:
+    /// up to this much per warm pool slot (slots in use, plus at most
+    /// `WARM_SLOTS_UNUSED_MAX` unused ones).
+    pub memory_keep_resident_bytes: usize,
 }
 
 impl Default for Options {
@@ -86,6 +98,7 @@ impl Default for Options {
             stack_max_bytes: 512 << 10,
             table_elements_max: 20_000,
             instances_max: 1000,
+            memory_keep_resident_bytes: 32 << 20,
         }
     }
 }
@@ -122,6 +135,20 @@ pub enum Abort {
     MemoryCap { desired: usize, cap: usize },
     #[error("a table asked for {desired} elements; the cap is {cap}")]
     TableCap { desired: usize, cap: usize },
+}
+
+/// A trap (not the deadline, nor a cap) with the end of what the guest wrote to stderr
+/// before it: an interpreter (Python, JavaScript) prints its exception there, and the
+/// trap alone says only `unreachable`.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{trap}{}", match stderr_tail.is_empty() {
+    true => String::new(),
+    false => format!("; the guest's stderr ended with: {stderr_tail}"),
+})]
+pub struct GuestTrap {
+    pub trap: String,
+    /// At most `host::STDERR_TAIL_MAX` bytes.
+    pub stderr_tail: String,
 }
 
 /// A deployed component, checked and compiled, ready to instantiate.
@@ -320,8 +347,11 @@ impl Runtime {
             Ok(result) => result,
             Err(_) => Err(wasmtime::Error::new(Abort::Deadline(deadline_ms))),
         };
-        store.data_mut().flush_output();
-        Ok(result?.map_err(GuestError::from))
+        let stderr_tail = store.data_mut().flush_output();
+        match result {
+            Ok(answer) => Ok(answer.map_err(GuestError::from)),
+            Err(error) => Err(with_stderr(store.data(), error, stderr_tail)),
+        }
     }
 }
 
@@ -331,9 +361,45 @@ impl Drop for Runtime {
     }
 }
 
+/// A trap becomes a `GuestTrap` carrying the end of the guest's stderr, logged at WARN
+/// with the function and the transaction (the wasm backtrace at DEBUG). Other errors
+/// (the deadline, caps, errors of host calls) pass unchanged.
+fn with_stderr(ctx: &Ctx, error: wasmtime::Error, stderr_tail: String) -> wasmtime::Error {
+    let Some(trap) = error.downcast_ref::<wasmtime::Trap>() else {
+        return error;
+    };
+    let trap = GuestTrap {
+        trap: trap.to_string(),
+        stderr_tail,
+    };
+    let txn = ctx.txn_id();
+    tracing::debug!(function = %ctx.function.name, %txn, error = ?error, "guest trapped");
+    tracing::warn!(
+        function = %ctx.function.name,
+        %txn,
+        stderr = %guest_log::escape(&trap.stderr_tail),
+        "guest trapped: {}",
+        trap.trap
+    );
+    wasmtime::Error::new(trap)
+}
+
 /// The engine configuration every node uses: pooled instances, epoch interruption for
 /// deadlines, and the stack, memory and table bounds of `options`.
 pub fn engine_config(options: &Options) -> Config {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(options.stack_max_bytes)
+        .async_stack_size(options.stack_max_bytes + (1 << 20))
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(options)));
+    config
+}
+
+/// The pooling allocator's configuration in `engine_config` (public for `understudy
+/// bench`, which compares it with others).
+pub fn pool_config(options: &Options) -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(options.instances_max)
         .total_core_instances(options.instances_max * 2)
@@ -342,18 +408,16 @@ pub fn engine_config(options: &Options) -> Config {
         .total_stacks(options.instances_max)
         .max_memory_size(options.memory_max_bytes)
         .table_elements(options.table_elements_max)
-        // Keeping a little memory resident between uses of a slot saves the page
-        // faults that dominate instantiation (see TOOLCHAIN.md).
-        .linear_memory_keep_resident(256 << 10)
-        .table_keep_resident(16 << 10);
-    let mut config = Config::new();
-    config
-        .wasm_component_model(true)
-        .epoch_interruption(true)
-        .max_wasm_stack(options.stack_max_bytes)
-        .async_stack_size(options.stack_max_bytes + (1 << 20))
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    config
+        // Keeping memory resident between uses of a slot saves the page faults that
+        // dominate a fresh instance (see TOOLCHAIN.md); the next instance still sees
+        // the component's initial memory, nothing of the last transaction. Not
+        // PAGEMAP_SCAN: wasmtime 48 resets at most 32 written regions that way and
+        // unmaps the rest, and an interpreter writes more (`understudy bench --what
+        // languages` compares).
+        .linear_memory_keep_resident(options.memory_keep_resident_bytes)
+        .table_keep_resident(16 << 10)
+        .max_unused_warm_slots(WARM_SLOTS_UNUSED_MAX);
+    pool
 }
 
 /// Tell apart the common mistakes before handing the bytes to the compiler, whose
@@ -396,10 +460,20 @@ fn check_imports(bytes: &[u8]) -> Result<(), Error> {
     if unknown.is_empty() {
         return Ok(());
     }
-    Err(Error::UnknownImport(format!(
-        "{} (the host provides understudy:function's state, call and log, and WASI clocks, random, io and cli)",
+    let mut message = format!(
+        "{} (the node provides understudy:function's state, call and log, and WASI 0.2's io, \
+         clocks, random and cli, with filesystem and sockets linked but nothing granted)",
         unknown.join(", ")
-    )))
+    );
+    if unknown.iter().any(|name| name.starts_with("wasi:http/")) {
+        message.push_str(
+            ". The node does not provide wasi:http: a JavaScript function built with \
+             componentize-js imports it unless built with \
+             disableFeatures: ['http', 'fetch-event'] (as scripts/componentize-js.mjs does; \
+             see docs/guide-js.md)",
+        );
+    }
+    Err(Error::UnknownImport(message))
 }
 
 /// Refuse a component whose handler has another type than the world's: its every call
