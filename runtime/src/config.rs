@@ -29,6 +29,10 @@ pub struct Config {
     pub invoke_token_file: Option<PathBuf>,
     /// How long an idempotency key's answer is kept, in seconds.
     pub idempotency_window_s: u64,
+    /// How many remembered answers a function keeps at most, within the window: beyond
+    /// it the oldest are forgotten first (a retry of a forgotten key runs again). Give
+    /// every node of a cluster the same value, so that copies forget alike.
+    pub idempotency_keys_max: usize,
     /// Largest invocation body, in bytes.
     pub body_max_bytes: usize,
     /// Largest component, in bytes.
@@ -59,6 +63,7 @@ impl Default for Config {
             invoke_token: None,
             invoke_token_file: None,
             idempotency_window_s: 24 * 3600,
+            idempotency_keys_max: 100_000,
             body_max_bytes: 1 << 20,
             component_max_bytes: 64 << 20,
             conflict_retries_max: 32,
@@ -148,6 +153,11 @@ impl Config {
         if self.idempotency_window_s > 365 * 24 * 3600 {
             return Err(Error::Invalid(
                 "idempotency_window_s must be at most a year".into(),
+            ));
+        }
+        if self.idempotency_keys_max == 0 {
+            return Err(Error::Invalid(
+                "idempotency_keys_max must be at least 1".into(),
             ));
         }
         if self.wasm.instances_max == 0 || self.wasm.instances_max > 100_000 {

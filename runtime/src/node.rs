@@ -35,9 +35,7 @@ use crate::wal::record::{
 use crate::wal::{self, Durability, Wal};
 use crate::wasm::{self, Abort, CallFuture, Calls, Ctx, GuestError, GuestTrap, Loaded, Runtime};
 
-/// How long answers to keys the cluster assigned itself are kept (see
-/// `store::AUTO_KEY_PREFIX`): long enough for a retry across a failover.
-pub const AUTO_KEY_WINDOW_S: u64 = 30;
+pub use crate::store::AUTO_KEY_WINDOW_S;
 
 /// Longest idempotency key accepted.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 256;
@@ -210,6 +208,10 @@ pub struct FunctionInfo {
     pub deployed_at_ms: u64,
     pub keys: usize,
     pub idempotency_keys: usize,
+    /// Answers forgotten (oldest first) to stay within `idempotency_keys_max`, since
+    /// this node loaded the function.
+    #[serde(default)]
+    pub idempotency_keys_forgotten: u64,
     pub lsn_last_write: u64,
     /// Commits in the function's own log (its replication position).
     pub seq: u64,
@@ -277,6 +279,8 @@ impl Node {
             Some(image) => Store::from_image(image),
             None => Store::default(),
         };
+        // Before the replay, so that it forgets what the live node forgot.
+        store.set_answers_max(config.idempotency_keys_max);
         let replayed = recovered.records.len();
         let mut txn_max = 0;
         for (lsn, record) in &recovered.records {
@@ -1499,6 +1503,7 @@ impl Node {
             deployed_at_ms: meta.deploy.at_ms,
             keys: f.len(),
             idempotency_keys: f.idempotency_keys(),
+            idempotency_keys_forgotten: f.idempotency_keys_forgotten(),
             lsn_last_write: f.lsn_last_write().0,
             seq: f.seq(),
             state_digest: self

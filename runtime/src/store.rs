@@ -7,7 +7,7 @@
 //! and hands out consistent images for snapshots.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -28,8 +28,96 @@ pub type Map = imbl::OrdMap<Bytes, Bytes>;
 /// window only.
 pub const AUTO_KEY_PREFIX: &str = "auto:";
 
+/// How long answers to keys the cluster assigned itself are kept: long enough for a
+/// retry across a failover.
+pub const AUTO_KEY_WINDOW_S: u64 = 30;
+
 /// Remembered answers by idempotency key, with the LSN of the commit that stored each.
 pub type Answers = imbl::HashMap<String, (Lsn, Idempotency)>;
+
+/// A function's remembered answers, with their order of age: once there are more than
+/// the store's cap, the oldest (by the commit's time, which every copy applies alike)
+/// are forgotten first.
+///
+/// Answers to keys the cluster assigned itself (`AUTO_KEY_PREFIX`) are also forgotten
+/// as each answer is remembered, once older than `AUTO_KEY_WINDOW_S` before it (the
+/// commit's own time, so every copy forgets alike): in a cluster every invocation
+/// without a key carries one, and they must not crowd out the clients' answers.
+#[derive(Default)]
+struct Table {
+    answers: Answers,
+    by_age: std::collections::BTreeSet<(u64, String)>,
+    /// The same, for the cluster's own keys only.
+    auto_by_age: std::collections::BTreeSet<(u64, String)>,
+    /// How many answers the cap made it forget (not counting expiry by time).
+    forgotten: u64,
+}
+
+impl Table {
+    fn of(answers: Answers) -> Table {
+        let mut table = Table {
+            answers,
+            ..Table::default()
+        };
+        for (key, (_, entry)) in table.answers.iter() {
+            table.by_age.insert((entry.at_ms, key.clone()));
+            if key.starts_with(AUTO_KEY_PREFIX) {
+                table.auto_by_age.insert((entry.at_ms, key.clone()));
+            }
+        }
+        table
+    }
+
+    fn remember(&mut self, lsn: Lsn, answer: &Idempotency, max: usize) {
+        let key = &answer.key;
+        if let Some((_, old)) = self.answers.insert(key.clone(), (lsn, answer.clone())) {
+            self.by_age.remove(&(old.at_ms, key.clone()));
+            self.auto_by_age.remove(&(old.at_ms, key.clone()));
+        }
+        self.by_age.insert((answer.at_ms, key.clone()));
+        if key.starts_with(AUTO_KEY_PREFIX) {
+            self.auto_by_age.insert((answer.at_ms, key.clone()));
+        }
+        let auto_expiry = answer.at_ms.saturating_sub(AUTO_KEY_WINDOW_S * 1000);
+        while self
+            .auto_by_age
+            .first()
+            .is_some_and(|(at_ms, _)| *at_ms < auto_expiry)
+        {
+            if let Some(oldest) = self.auto_by_age.pop_first() {
+                self.answers.remove(&oldest.1);
+                self.by_age.remove(&oldest);
+            }
+        }
+        self.cap(max);
+    }
+
+    /// Forget the oldest answers beyond `max` (0: no cap).
+    fn cap(&mut self, max: usize) {
+        while max > 0 && self.answers.len() > max {
+            let Some(oldest) = self.by_age.pop_first() else {
+                break;
+            };
+            self.answers.remove(&oldest.1);
+            self.auto_by_age.remove(&oldest);
+            self.forgotten += 1;
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&str, &Idempotency) -> bool) {
+        let answers = &mut self.answers;
+        self.by_age.retain(|(_, key)| {
+            let kept = answers.get(key).is_some_and(|(_, entry)| keep(key, entry));
+            if !kept {
+                answers.remove(key);
+            }
+            kept
+        });
+        let answers = &self.answers;
+        self.auto_by_age
+            .retain(|(_, key)| answers.contains_key(key));
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,8 +147,8 @@ pub struct Function {
     pub lock: TxnLock,
     meta: Mutex<Meta>,
     kv: RwLock<Map>,
-    /// Persistent, so that a checkpoint's capture is a cheap clone.
-    idempotency: Mutex<Answers>,
+    /// Its answers persistent, so that a checkpoint's capture is a cheap clone.
+    idempotency: Mutex<Table>,
     /// The LSN of the last commit that wrote this function: a transaction that read
     /// this state is acknowledged only once that LSN is durable.
     lsn_last_write: AtomicU64,
@@ -111,7 +199,7 @@ impl Function {
                 deleted: false,
             }),
             kv: RwLock::new(Map::new()),
-            idempotency: Mutex::new(imbl::HashMap::new()),
+            idempotency: Mutex::new(Table::default()),
             lsn_last_write: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             epoch_last: AtomicU64::new(0),
@@ -182,7 +270,7 @@ impl Function {
         FunctionCapture {
             meta: self.meta(),
             view: self.view(),
-            idempotency: self.idempotency.lock().clone(),
+            idempotency: self.idempotency.lock().answers.clone(),
             seq: self.seq(),
             epoch_last: self.epoch_last(),
             prepared: self
@@ -246,19 +334,26 @@ impl Function {
         let table = self.idempotency.lock();
         let restored = Lsn(self.lsn_restored.load(Ordering::Acquire));
         table
+            .answers
             .get(key)
             .filter(|(_, entry)| entry.at_ms >= expiry_ms)
             .map(|(lsn, entry)| ((*lsn).max(restored), entry.clone()))
     }
 
     pub fn idempotency_keys(&self) -> usize {
-        self.idempotency.lock().len()
+        self.idempotency.lock().answers.len()
+    }
+
+    /// How many answers this copy forgot, oldest first, to stay within the store's cap
+    /// on answers per function (`Store::set_answers_max`) since it was loaded.
+    pub fn idempotency_keys_forgotten(&self) -> u64 {
+        self.idempotency.lock().forgotten
     }
 
     /// Forget answers older than `expiry_ms`, and answers to keys the cluster assigned
     /// itself (`AUTO_KEY_PREFIX`) older than `auto_expiry_ms`.
     pub fn expire_idempotency(&self, expiry_ms: u64, auto_expiry_ms: u64) {
-        self.idempotency.lock().retain(|key, (_, entry)| {
+        self.idempotency.lock().retain(|key, entry| {
             let expiry = if key.starts_with(AUTO_KEY_PREFIX) {
                 auto_expiry_ms
             } else {
@@ -394,9 +489,22 @@ fn prepared_map(prepared: &[Prepare]) -> BTreeMap<TxnId, Prepared> {
 #[derive(Debug, Default)]
 pub struct Store {
     functions: RwLock<BTreeMap<FunctionName, Arc<Function>>>,
+    /// At most this many remembered answers per function, the oldest forgotten first
+    /// (0: no cap).
+    answers_max: AtomicUsize,
 }
 
 impl Store {
+    /// Cap every function's remembered answers at `max` (0: no cap), forgetting the
+    /// oldest beyond it now and from now on. Every copy applies the same commits in the
+    /// same order, so copies with the same cap forget the same answers.
+    pub fn set_answers_max(&self, max: usize) {
+        self.answers_max.store(max, Ordering::Release);
+        for f in self.list() {
+            f.idempotency.lock().cap(max);
+        }
+    }
+
     pub fn get(&self, name: &FunctionName) -> Option<Arc<Function>> {
         self.functions.read().get(name).cloned()
     }
@@ -492,9 +600,8 @@ impl Store {
                     let f = self
                         .get(&idem.function)
                         .ok_or_else(|| unknown(&idem.function))?;
-                    f.idempotency
-                        .lock()
-                        .insert(idem.key.clone(), (lsn, idem.clone()));
+                    let max = self.answers_max.load(Ordering::Acquire);
+                    f.idempotency.lock().remember(lsn, idem, max);
                 }
                 // Each function touched gets one more entry in its own log.
                 let touched = commit
@@ -547,7 +654,9 @@ impl Store {
             function: function.clone(),
         })?;
         *f.kv.write() = state.kv;
-        *f.idempotency.lock() = state.idempotency;
+        let mut table = Table::of(state.idempotency);
+        table.cap(self.answers_max.load(Ordering::Acquire));
+        *f.idempotency.lock() = table;
         f.lsn_restored.store(lsn.0, Ordering::Release);
         f.lsn_last_write.store(lsn.0, Ordering::Release);
         f.seq.store(state.seq, Ordering::Release);
@@ -582,11 +691,12 @@ impl Store {
                 .into_iter()
                 .map(|e| (Bytes::from(e.key), Bytes::from(e.value)))
                 .collect();
-            *f.idempotency.get_mut() = fi
-                .idempotency
-                .into_iter()
-                .map(|entry| (entry.key.clone(), (image.lsn, entry)))
-                .collect();
+            *f.idempotency.get_mut() = Table::of(
+                fi.idempotency
+                    .into_iter()
+                    .map(|entry| (entry.key.clone(), (image.lsn, entry)))
+                    .collect(),
+            );
             f.lsn_last_write.store(image.lsn.0, Ordering::Release);
             *f.seq.get_mut() = fi.seq;
             *f.epoch_last.get_mut() = fi.epoch_last;
@@ -727,6 +837,135 @@ mod tests {
         assert_eq!(answer.outcome, Outcome::Ok(b"done".to_vec()));
         assert_eq!(lsn, Lsn(7), "durable with the Restore record, not before");
         assert!(a.idempotent_answer("k", 11).is_none(), "expired by then");
+    }
+
+    fn answered(txn: u64, key: &str, at_ms: u64) -> Record {
+        Record::Commit(Commit {
+            txn: TxnId(txn),
+            writes: vec![],
+            idempotency: Some(Idempotency {
+                function: name("a"),
+                request: None,
+                key: key.into(),
+                outcome: Outcome::Ok(key.as_bytes().to_vec()),
+                at_ms,
+            }),
+            epochs: Vec::new(),
+            decision: None,
+        })
+    }
+
+    /// The cap on remembered answers: beyond it the oldest are forgotten first, a copy
+    /// that applies the same commits forgets the same ones, and a snapshot restored
+    /// where the cap is lower keeps only the newest.
+    #[test]
+    fn answers_beyond_the_cap_are_forgotten_oldest_first_alike_on_every_copy() {
+        let keys = |store: &Store| {
+            let a = store.get(&name("a")).expect("a");
+            let mut kept: Vec<String> = ["k1", "k2", "k3", "k4", "k5", "k6"]
+                .iter()
+                .filter(|k| a.idempotent_answer(k, 0).is_some())
+                .map(|k| k.to_string())
+                .collect();
+            kept.sort();
+            kept
+        };
+        let primary = Store::default();
+        let backup = Store::default();
+        for store in [&primary, &backup] {
+            store.set_answers_max(3);
+            store.apply(Lsn(1), &deploy("a")).expect("deploy");
+        }
+        // Out of order in time once (k3 before k2): age is the commit's time.
+        let commits = [("k1", 10), ("k3", 30), ("k2", 20), ("k4", 40), ("k5", 50)];
+        for (i, (key, at_ms)) in commits.iter().enumerate() {
+            for store in [&primary, &backup] {
+                store
+                    .apply(Lsn(2 + i as u64), &answered(1 + i as u64, key, *at_ms))
+                    .expect("commit");
+            }
+        }
+        assert_eq!(keys(&primary), ["k3", "k4", "k5"]);
+        assert_eq!(keys(&backup), keys(&primary));
+        let a = primary.get(&name("a")).expect("a");
+        assert_eq!(
+            (a.idempotency_keys(), a.idempotency_keys_forgotten()),
+            (3, 2)
+        );
+        assert_eq!(
+            primary.state_digest(&name("a")),
+            backup.state_digest(&name("a"))
+        );
+
+        // A key answered again (after its answer expired) is one answer, now young.
+        primary
+            .apply(Lsn(9), &answered(9, "k3", 60))
+            .expect("commit");
+        primary
+            .apply(Lsn(10), &answered(10, "k6", 70))
+            .expect("commit");
+        assert_eq!(keys(&primary), ["k3", "k5", "k6"]);
+
+        let image = primary
+            .capture_function(&name("a"))
+            .expect("a")
+            .into_function_image(0)
+            .expect("one function");
+        let smaller = Store::default();
+        smaller.set_answers_max(2);
+        smaller.apply(Lsn(1), &deploy("a")).expect("deploy");
+        smaller
+            .apply(Lsn(2), &Record::Restore(Box::new(image)))
+            .expect("restore");
+        assert_eq!(keys(&smaller), ["k3", "k6"]);
+
+        // The cluster's own keys go once older than their window before the newest
+        // answer, whatever the cap.
+        let auto = Store::default();
+        auto.apply(Lsn(1), &deploy("a")).expect("deploy");
+        let window = AUTO_KEY_WINDOW_S * 1000;
+        auto.apply(Lsn(2), &answered(1, "auto:1", 1_000))
+            .expect("commit");
+        auto.apply(Lsn(3), &answered(2, "client", 1_001))
+            .expect("commit");
+        auto.apply(Lsn(4), &answered(3, "auto:2", 1_000 + window))
+            .expect("commit");
+        let a = auto.get(&name("a")).expect("a");
+        assert!(
+            a.idempotent_answer("auto:1", 0).is_some(),
+            "not older than its window yet"
+        );
+        auto.apply(Lsn(5), &answered(4, "auto:3", 1_001 + window))
+            .expect("commit");
+        assert!(
+            a.idempotent_answer("auto:1", 0).is_none(),
+            "older than its window"
+        );
+        assert!(
+            a.idempotent_answer("client", 0).is_some(),
+            "a client's key stays"
+        );
+        assert_eq!(
+            (a.idempotency_keys(), a.idempotency_keys_forgotten()),
+            (3, 0)
+        );
+
+        // Expiry by time still applies, and keeps the order consistent.
+        primary
+            .get(&name("a"))
+            .expect("a")
+            .expire_idempotency(65, 0);
+        assert_eq!(keys(&primary), ["k6"]);
+        primary
+            .apply(Lsn(11), &answered(11, "k1", 80))
+            .expect("commit");
+        primary
+            .apply(Lsn(12), &answered(12, "k2", 90))
+            .expect("commit");
+        primary
+            .apply(Lsn(13), &answered(13, "k4", 100))
+            .expect("commit");
+        assert_eq!(keys(&primary), ["k1", "k2", "k4"]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::thread;
 
 use serde_json::{json, Value};
 
-use crate::support::NodeProcess;
+use crate::support::{NodeOptions, NodeProcess};
 
 #[test]
 fn idempotent_retry_returns_the_stored_answer_without_running_again() {
@@ -178,4 +178,44 @@ fn a_key_reused_for_another_request_is_refused() {
     node.kill9();
     node.restart();
     check(node.api());
+}
+
+/// `idempotency_keys_max`: a function remembers at most that many answers, forgetting
+/// the oldest first; a retry of a forgotten key runs again, a retry of a kept one is
+/// replayed, and a restart (the log replayed) forgets the same ones.
+#[test]
+fn answers_beyond_the_cap_are_forgotten_oldest_first_and_stay_forgotten_after_a_restart() {
+    let mut node = NodeProcess::start_with(NodeOptions {
+        config_toml: Some("idempotency_keys_max = 3\n".into()),
+        ..NodeOptions::default()
+    });
+    node.api().deploy_component("c", "counter");
+    for key in ["k1", "k2", "k3", "k4", "k5"] {
+        node.api()
+            .invoke_keyed("c", "increment", &Value::Null, key)
+            .expect_status(200);
+    }
+    let info = node.api().describe("c").expect_status(200).body;
+    assert_eq!(info["idempotency_keys"], json!(3), "{info}");
+    assert_eq!(info["idempotency_keys_forgotten"], json!(2), "{info}");
+
+    node.kill9();
+    node.restart();
+    let api = node.api();
+    for (key, value) in [("k3", 3), ("k4", 4), ("k5", 5)] {
+        let retry = api
+            .invoke_keyed("c", "increment", &Value::Null, key)
+            .expect_status(200);
+        assert!(retry.replayed(), "{key} is kept: {:?}", retry.headers);
+        assert_eq!(retry.body, json!({ "value": value }));
+    }
+    let again = api
+        .invoke_keyed("c", "increment", &Value::Null, "k1")
+        .expect_status(200);
+    assert!(
+        !again.replayed(),
+        "k1 was the oldest, forgotten: it runs again"
+    );
+    assert_eq!(again.body, json!({ "value": 6 }));
+    assert_eq!(api.ok("c", "get", Value::Null), json!({ "value": 6 }));
 }
