@@ -155,6 +155,11 @@ impl Config {
                 "idempotency_window_s must be at most a year".into(),
             ));
         }
+        if self.limits.state_keys_max == 0 || self.limits.state_bytes_max == 0 {
+            return Err(Error::Invalid(
+                "limits.state_keys_max and limits.state_bytes_max must be at least 1".into(),
+            ));
+        }
         if self.idempotency_keys_max == 0 {
             return Err(Error::Invalid(
                 "idempotency_keys_max must be at least 1".into(),

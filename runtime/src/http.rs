@@ -103,6 +103,7 @@ impl From<InvokeError> for ApiError {
             InvokeError::Trap(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
             InvokeError::ResourceCap(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            InvokeError::StateFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             InvokeError::Conflict(_) => StatusCode::CONFLICT,
             InvokeError::CalleeFailedAcrossNodes(_) => StatusCode::UNPROCESSABLE_ENTITY,
             InvokeError::Busy(_) | InvokeError::PreparedElsewhere(_) => {

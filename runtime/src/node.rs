@@ -81,6 +81,9 @@ pub enum InvokeError {
     Deadline(String),
     #[error("{0}")]
     ResourceCap(String),
+    /// The transaction would grow a function's state past its cap (`Limits`).
+    #[error("{0}")]
+    StateFull(String),
     #[error("the transaction kept conflicting with others and gave up after {0} attempts")]
     Conflict(u32),
     /// A callee failed after calling functions on other nodes: what it did there cannot
@@ -137,6 +140,7 @@ impl InvokeError {
             InvokeError::Trap(_) => "trap",
             InvokeError::Deadline(_) => "deadline",
             InvokeError::ResourceCap(_) => "resource-cap",
+            InvokeError::StateFull(_) => "state-full",
             InvokeError::Conflict(_) => "conflict",
             InvokeError::CalleeFailedAcrossNodes(_) => "callee-failed-across-nodes",
             InvokeError::Busy(_) | InvokeError::PreparedElsewhere(_) => "busy",
@@ -207,6 +211,9 @@ pub struct FunctionInfo {
     pub calls: CallGrants,
     pub deployed_at_ms: u64,
     pub keys: usize,
+    /// The bytes of its keys and values (what `limits.state_bytes_max` caps).
+    #[serde(default)]
+    pub state_bytes: u64,
     pub idempotency_keys: usize,
     /// Answers forgotten (oldest first) to stay within `idempotency_keys_max`, since
     /// this node loaded the function.
@@ -636,6 +643,11 @@ impl Node {
             }
             Ok(outcome) => outcome,
         };
+        if outcome.is_ok() {
+            txn.lock()
+                .check_state_caps()
+                .map_err(|e| InvokeError::StateFull(e.0))?;
+        }
 
         // In a cluster, every function the transaction wrote other than its own takes
         // part in two-phase commit (unless the handler's error aborts everything): the
@@ -1082,11 +1094,19 @@ impl Node {
         )
         .await;
         let result = match result {
+            Ok(Ok(output)) => match txn.lock().check_state_caps() {
+                Ok(()) => Ok(Ok(output)),
+                Err(e) => Err(InvokeError::StateFull(e.0)),
+            },
+            Ok(outcome) => Ok(outcome),
+            Err(e) => Err(classify(e)),
+        };
+        let result = match result {
             Ok(outcome) => self
                 .part_reads_released(cluster, &txn)
                 .await
                 .map(|()| outcome),
-            Err(e) => Err(classify(e)),
+            Err(e) => Err(e),
         };
         match result {
             Ok(outcome) => InvokeReply::PartAnswer {
@@ -1502,6 +1522,7 @@ impl Node {
             calls: meta.deploy.calls.clone(),
             deployed_at_ms: meta.deploy.at_ms,
             keys: f.len(),
+            state_bytes: f.state_bytes(),
             idempotency_keys: f.idempotency_keys(),
             idempotency_keys_forgotten: f.idempotency_keys_forgotten(),
             lsn_last_write: f.lsn_last_write().0,

@@ -147,6 +147,8 @@ pub struct Function {
     pub lock: TxnLock,
     meta: Mutex<Meta>,
     kv: RwLock<Map>,
+    /// The bytes of every key and value in `kv` (for the state cap, `Limits`).
+    kv_bytes: AtomicU64,
     /// Its answers persistent, so that a checkpoint's capture is a cheap clone.
     idempotency: Mutex<Table>,
     /// The LSN of the last commit that wrote this function: a transaction that read
@@ -199,6 +201,7 @@ impl Function {
                 deleted: false,
             }),
             kv: RwLock::new(Map::new()),
+            kv_bytes: AtomicU64::new(0),
             idempotency: Mutex::new(Table::default()),
             lsn_last_write: AtomicU64::new(0),
             seq: AtomicU64::new(0),
@@ -247,15 +250,24 @@ impl Function {
 
     fn apply_ops(&self, ops: &[Op], lsn: Lsn) {
         let mut kv = self.kv.write();
+        let (mut added, mut removed) = (0u64, 0u64);
         for op in ops {
-            match &op.value {
-                Some(value) => kv.insert(
-                    Bytes::copy_from_slice(&op.key),
-                    Bytes::copy_from_slice(value),
-                ),
+            let old = match &op.value {
+                Some(value) => {
+                    added += (op.key.len() + value.len()) as u64;
+                    kv.insert(
+                        Bytes::copy_from_slice(&op.key),
+                        Bytes::copy_from_slice(value),
+                    )
+                }
                 None => kv.remove(op.key.as_slice()),
             };
+            if let Some(old) = old {
+                removed += (op.key.len() + old.len()) as u64;
+            }
         }
+        self.kv_bytes.fetch_add(added, Ordering::AcqRel);
+        self.kv_bytes.fetch_sub(removed, Ordering::AcqRel);
         drop(kv);
         self.lsn_last_write.store(lsn.0, Ordering::Release);
     }
@@ -308,6 +320,11 @@ impl Function {
 
     pub fn len(&self) -> usize {
         self.kv.read().len()
+    }
+
+    /// The bytes of its keys and values.
+    pub fn state_bytes(&self) -> u64 {
+        self.kv_bytes.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -434,6 +451,7 @@ impl Captured {
 /// `Store::put_restored`.
 pub struct Restored {
     kv: Map,
+    kv_bytes: u64,
     /// Answers restored with no LSN of their own: `lsn_restored` stands for them.
     idempotency: Answers,
     seq: u64,
@@ -457,6 +475,11 @@ impl Restored {
                     )
                 })
                 .collect(),
+            kv_bytes: image
+                .entries
+                .iter()
+                .map(|e| (e.key.len() + e.value.len()) as u64)
+                .sum(),
             idempotency: image
                 .idempotency
                 .iter()
@@ -468,6 +491,11 @@ impl Restored {
             decided: image.decided.iter().cloned().collect(),
         }
     }
+}
+
+/// The bytes of the keys and values of `map`.
+fn map_bytes(map: &Map) -> u64 {
+    map.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
 }
 
 fn prepared_map(prepared: &[Prepare]) -> BTreeMap<TxnId, Prepared> {
@@ -653,6 +681,7 @@ impl Store {
             lsn,
             function: function.clone(),
         })?;
+        f.kv_bytes.store(state.kv_bytes, Ordering::Release);
         *f.kv.write() = state.kv;
         let mut table = Table::of(state.idempotency);
         table.cap(self.answers_max.load(Ordering::Acquire));
@@ -691,6 +720,7 @@ impl Store {
                 .into_iter()
                 .map(|e| (Bytes::from(e.key), Bytes::from(e.value)))
                 .collect();
+            *f.kv_bytes.get_mut() = map_bytes(f.kv.get_mut());
             *f.idempotency.get_mut() = Table::of(
                 fi.idempotency
                     .into_iter()
@@ -966,6 +996,71 @@ mod tests {
             .apply(Lsn(13), &answered(13, "k4", 100))
             .expect("commit");
         assert_eq!(keys(&primary), ["k1", "k2", "k4"]);
+    }
+
+    /// The bytes of a function's state (what `limits.state_bytes_max` caps) follow
+    /// inserts, overwrites and deletes, and survive a snapshot and a restore.
+    #[test]
+    fn state_bytes_follow_every_write_and_survive_a_snapshot() {
+        let store = Store::default();
+        store.apply(Lsn(1), &deploy("a")).expect("deploy");
+        let commit = |txn: u64, ops: Vec<Op>| {
+            Record::Commit(Commit {
+                txn: TxnId(txn),
+                writes: vec![Writes {
+                    function: name("a"),
+                    ops,
+                }],
+                idempotency: None,
+                epochs: Vec::new(),
+                decision: None,
+            })
+        };
+        let put = |k: &[u8], v: &[u8]| Op {
+            key: k.to_vec(),
+            value: Some(v.to_vec()),
+        };
+        let a = store.get(&name("a")).expect("a");
+        store
+            .apply(
+                Lsn(2),
+                &commit(1, vec![put(b"k1", b"12345"), put(b"k2", b"1")]),
+            )
+            .expect("commit");
+        assert_eq!(a.state_bytes(), 2 + 5 + 2 + 1);
+        store
+            .apply(Lsn(3), &commit(2, vec![put(b"k1", b"12")]))
+            .expect("commit");
+        assert_eq!(
+            a.state_bytes(),
+            2 + 2 + 2 + 1,
+            "an overwrite counts the new value"
+        );
+        let delete = Op {
+            key: b"k2".to_vec(),
+            value: None,
+        };
+        let absent = Op {
+            key: b"nope".to_vec(),
+            value: None,
+        };
+        store
+            .apply(Lsn(4), &commit(3, vec![delete, absent]))
+            .expect("commit");
+        assert_eq!(a.state_bytes(), 4);
+        let restored = Store::from_image(store.image(Lsn(4), 0));
+        assert_eq!(restored.get(&name("a")).expect("a").state_bytes(), 4);
+        let image = store
+            .capture_function(&name("a"))
+            .expect("a")
+            .into_function_image(0)
+            .expect("one function");
+        let backup = Store::default();
+        backup.apply(Lsn(1), &deploy("a")).expect("deploy");
+        backup
+            .apply(Lsn(2), &Record::Restore(Box::new(image)))
+            .expect("restore");
+        assert_eq!(backup.get(&name("a")).expect("a").state_bytes(), 4);
     }
 
     #[test]

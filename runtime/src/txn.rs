@@ -26,6 +26,11 @@ pub struct Limits {
     pub writes_max: usize,
     pub write_bytes_max: usize,
     pub scan_limit_max: u32,
+    /// A function's state: at most this many keys, and this many bytes of keys and
+    /// values. A transaction that would grow it past either is aborted (`state-full`);
+    /// one that shrinks it or keeps its size commits, even over a lowered cap.
+    pub state_keys_max: usize,
+    pub state_bytes_max: u64,
 }
 
 impl Default for Limits {
@@ -36,9 +41,16 @@ impl Default for Limits {
             writes_max: 10_000,
             write_bytes_max: 16 << 20,
             scan_limit_max: 10_000,
+            state_keys_max: 5_000_000,
+            state_bytes_max: 512 << 20,
         }
     }
 }
+
+/// A function whose state a transaction would grow past its cap (see `Limits`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct StateFull(pub String);
 
 /// A limit a guest ran into: answered to the guest as an error it can handle.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -318,6 +330,39 @@ impl Txn {
         self.writes = savepoint.writes;
         self.write_count = savepoint.write_count;
         self.write_bytes = savepoint.write_bytes;
+    }
+
+    /// Whether committing would grow the state of a function it wrote here past
+    /// `Limits::state_keys_max` or `state_bytes_max` (call it holding the locks, so
+    /// that the committed state it compares with does not move).
+    pub fn check_state_caps(&self) -> Result<(), StateFull> {
+        let size = |k: &Bytes, v: Option<&Bytes>| v.map_or(0, |v| (k.len() + v.len()) as i64);
+        for f in &self.held {
+            let Some(ws) = self.writes.get(&f.name) else {
+                continue;
+            };
+            let (mut keys, mut bytes) = (0i64, 0i64);
+            for (k, v) in ws {
+                let old = f.get(k);
+                keys += i64::from(v.is_some()) - i64::from(old.is_some());
+                bytes += size(k, v.as_ref()) - size(k, old.as_ref());
+            }
+            let keys_after = f.len() as i64 + keys;
+            let bytes_after = f.state_bytes() as i64 + bytes;
+            if keys > 0 && keys_after > self.limits.state_keys_max as i64 {
+                return Err(StateFull(format!(
+                    "the state of {} would hold {keys_after} keys, over its cap of {} (limits.state_keys_max)",
+                    f.name, self.limits.state_keys_max
+                )));
+            }
+            if bytes > 0 && bytes_after > self.limits.state_bytes_max as i64 {
+                return Err(StateFull(format!(
+                    "the state of {} would hold {bytes_after} bytes, over its cap of {} (limits.state_bytes_max)",
+                    f.name, self.limits.state_bytes_max
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The write sets as log records, one per function, in key order.

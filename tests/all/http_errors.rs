@@ -5,7 +5,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::support::NodeProcess;
+use crate::support::{NodeOptions, NodeProcess};
 
 /// `\0asm` with the component encoding's version and layer: a valid, empty component.
 const EMPTY_COMPONENT: &[u8] = b"\0asm\x0d\0\x01\0";
@@ -207,4 +207,65 @@ fn bad_function_name_is_rejected() {
         .expect_status(200)
         .body;
     assert_eq!(listed["functions"], json!([]));
+}
+
+/// `limits.state_keys_max` and `limits.state_bytes_max`: a transaction that would grow a
+/// function's state past either is aborted with 507 `state-full` and leaves nothing;
+/// one that does not grow it commits; a cap lowered below the state (at a restart)
+/// refuses growth only.
+#[test]
+fn a_transaction_that_would_grow_a_state_past_its_cap_is_refused_and_leaves_nothing() {
+    let mut node = NodeProcess::start_with(NodeOptions {
+        config_toml: Some("[limits]\nstate_keys_max = 3\n".into()),
+        ..NodeOptions::default()
+    });
+    node.api().deploy_component("bank", "bank");
+    for account in ["a", "b", "c"] {
+        node.api().ok(
+            "bank",
+            "open",
+            json!({ "account": account, "initial": 100 }),
+        );
+    }
+    let full = node
+        .api()
+        .invoke("bank", "open", &json!({ "account": "d", "initial": 100 }))
+        .expect_status(507);
+    assert_eq!(full.code(), "state-full", "{:?}", full.body);
+    let message = full.message().to_owned();
+    assert!(
+        message.contains("keys") && message.contains('3'),
+        "{message}"
+    );
+    let info = node.api().describe("bank").expect_status(200).body;
+    assert_eq!(
+        info["keys"],
+        json!(3),
+        "the refused open left nothing: {info}"
+    );
+    // Not growing: commits.
+    node.api()
+        .ok("bank", "deposit", json!({ "account": "a", "amount": 5 }));
+
+    let bytes = info["state_bytes"].as_u64().expect("state_bytes");
+    assert!(bytes > 0, "{info}");
+    node.kill9();
+    node.options_mut().config_toml = Some(format!(
+        "[limits]\nstate_keys_max = 100\nstate_bytes_max = {}\n",
+        bytes - 1
+    ));
+    node.restart();
+    let full = node
+        .api()
+        .invoke("bank", "open", &json!({ "account": "e", "initial": 100 }))
+        .expect_status(507);
+    let message = full.message().to_owned();
+    assert!(message.contains("bytes"), "{message}");
+    // Under a cap lowered below the state, what does not grow it still commits.
+    node.api()
+        .ok("bank", "withdraw", json!({ "account": "a", "amount": 5 }));
+    assert_eq!(
+        node.api().ok("bank", "balance", json!({ "account": "a" }))["balance"],
+        json!(100)
+    );
 }

@@ -229,6 +229,7 @@ mod tests {
             InvokeError::Trap("unreachable".into()),
             InvokeError::Deadline("1000 ms".into()),
             InvokeError::ResourceCap("memory".into()),
+            InvokeError::StateFull("keys".into()),
             InvokeError::Conflict(3),
             InvokeError::CalleeFailedAcrossNodes("callee".into()),
             InvokeError::Busy("queue full".into()),
