@@ -587,6 +587,7 @@ async fn healthz(State(node): State<Node>) -> Response {
 }
 
 async fn metrics(State(node): State<Node>) -> Response {
+    node.sample_metrics();
     if let Some(cluster) = node.cluster() {
         cluster.sample_metrics();
     }

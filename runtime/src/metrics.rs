@@ -72,6 +72,14 @@ pub struct Metrics {
     pub http_connections_refused: Counter,
     /// API connections open now.
     pub http_connections_open: Gauge,
+    /// Per function, set at each scrape: its keys, the bytes of its keys and values,
+    /// and its remembered answers (what `limits.state_*_max` and
+    /// `idempotency_keys_max` cap).
+    pub function_state_keys: Family<FunctionLabels, Gauge>,
+    pub function_state_bytes: Family<FunctionLabels, Gauge>,
+    pub function_idempotency_keys: Family<FunctionLabels, Gauge>,
+    /// The node process's resident memory, set at each scrape.
+    pub resident_memory_bytes: Gauge,
     /// Recent throughput and latency per function, for the console.
     pub rates: crate::rates::Rates,
     pub cluster: ClusterMetrics,
@@ -207,9 +215,37 @@ impl Metrics {
             "Functions currently deployed",
             functions_deployed.clone(),
         );
+        let function_state_keys = Family::<FunctionLabels, Gauge>::default();
+        let function_state_bytes = Family::<FunctionLabels, Gauge>::default();
+        let function_idempotency_keys = Family::<FunctionLabels, Gauge>::default();
+        let resident_memory_bytes = Gauge::default();
+        registry.register(
+            "function_state_keys",
+            "Keys in each function's state",
+            function_state_keys.clone(),
+        );
+        registry.register(
+            "function_state_bytes",
+            "Bytes of keys and values in each function's state",
+            function_state_bytes.clone(),
+        );
+        registry.register(
+            "function_idempotency_keys",
+            "Answers each function remembers for idempotency keys",
+            function_idempotency_keys.clone(),
+        );
+        registry.register(
+            "resident_memory_bytes",
+            "Resident memory of the node process",
+            resident_memory_bytes.clone(),
+        );
         let rates = crate::rates::Rates::default();
         let cluster = ClusterMetrics::register(&mut registry);
         Metrics {
+            function_state_keys,
+            function_state_bytes,
+            function_idempotency_keys,
+            resident_memory_bytes,
             rates,
             cluster,
             registry,

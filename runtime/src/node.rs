@@ -368,6 +368,33 @@ impl Node {
         &self.inner.config
     }
 
+    /// Set the gauges read at a scrape: each function's state and remembered answers,
+    /// and the process's resident memory.
+    pub fn sample_metrics(&self) {
+        let m = &self.inner.metrics;
+        m.function_state_keys.clear();
+        m.function_state_bytes.clear();
+        m.function_idempotency_keys.clear();
+        for f in self.inner.store.list() {
+            let labels = crate::metrics::FunctionLabels {
+                function: f.name.to_string(),
+            };
+            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            m.function_state_keys
+                .get_or_create(&labels)
+                .set(gauge(f.len() as u64));
+            m.function_state_bytes
+                .get_or_create(&labels)
+                .set(gauge(f.state_bytes()));
+            m.function_idempotency_keys
+                .get_or_create(&labels)
+                .set(gauge(f.idempotency_keys() as u64));
+        }
+        if let Some(bytes) = resident_memory_bytes() {
+            m.resident_memory_bytes.set(bytes);
+        }
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
@@ -2087,4 +2114,14 @@ impl Calls for Inner {
             }
         })
     }
+}
+
+/// The process's resident memory, from `/proc/self/statm` (Linux); `None` elsewhere.
+fn resident_memory_bytes() -> Option<i64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (page > 0).then(|| pages * page)
 }

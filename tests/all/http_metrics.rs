@@ -80,6 +80,33 @@ fn metrics_count_invocations_commits_and_aborts() {
         2.0,
         "{after}"
     );
+
+    // What the state caps and the memory budget are read against.
+    api.invoke_keyed("counter", "increment", &Value::Null, "once")
+        .expect_status(200);
+    let counter = [("function", "counter")];
+    let scraped = scrape(api);
+    let info = api.describe("counter").expect_status(200).body;
+    assert_eq!(
+        sample(&scraped, "understudy_function_state_keys", &counter),
+        info["keys"].as_f64().expect("keys"),
+        "{scraped}"
+    );
+    assert_eq!(
+        sample(&scraped, "understudy_function_state_bytes", &counter),
+        info["state_bytes"].as_f64().expect("state_bytes"),
+        "{scraped}"
+    );
+    assert!(info["state_bytes"].as_u64() > Some(0), "{info}");
+    assert_eq!(
+        sample(&scraped, "understudy_function_idempotency_keys", &counter),
+        1.0,
+        "{scraped}"
+    );
+    assert!(
+        sample(&scraped, "understudy_resident_memory_bytes", &[]) > 1e6,
+        "{scraped}"
+    );
 }
 
 /// The sum of `name` (with `labels`) over every node's scrape.
