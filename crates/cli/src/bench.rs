@@ -791,6 +791,8 @@ async fn memory(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
         per_function / 1024.0
     );
 
+    remembered_answers(dir, counter).await?;
+
     let Ok(hostile) = std::fs::read(&args.hostile) else {
         println!(
             "per in-flight instance: skipped ({} not found)",
@@ -823,6 +825,47 @@ async fn memory(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
         (during.saturating_sub(before)) as f64 / INSTANCES as f64 / 1024.0
     );
     println!();
+    Ok(())
+}
+
+/// Distinct idempotency keys on one function, with the answers capped
+/// (`idempotency_keys_max`) and with a cap above the load: the answers remembered and
+/// the memory they took. Both nodes stay open, so that neither reuses what the other
+/// freed.
+async fn remembered_answers(dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
+    const KEYS: usize = 200_000;
+    const CAP: usize = 10_000;
+    let mut nodes = Vec::new();
+    for (name, cap) in [("answers-capped", CAP), ("answers-uncapped", KEYS * 10)] {
+        let path = dir.join(name);
+        let _ = std::fs::remove_dir_all(&path);
+        let config = Config {
+            data_dir: path,
+            durability: Durability::Memory,
+            idempotency_keys_max: cap,
+            ..Config::default()
+        };
+        let node = tokio::task::spawn_blocking(move || Node::open(config)).await??;
+        node.deploy("counter", counter.to_vec(), Default::default())
+            .await?;
+        let before = rss_bytes();
+        let started = Instant::now();
+        for i in 0..KEYS {
+            let key = format!("client-request-{i:012}");
+            node.invoke("counter", "increment", b"null", Some(&key))
+                .await?;
+        }
+        let elapsed = started.elapsed();
+        let info = node.describe("counter")?;
+        println!(
+            "{KEYS} distinct idempotency keys, idempotency_keys_max {cap:>9}: {:>7} answers kept, {:>7} forgotten, memory +{:.1} MiB ({:.0} commits/s)",
+            info.idempotency_keys,
+            info.idempotency_keys_forgotten,
+            rss_bytes().saturating_sub(before) as f64 / (1 << 20) as f64,
+            KEYS as f64 / elapsed.as_secs_f64()
+        );
+        nodes.push(node);
+    }
     Ok(())
 }
 
