@@ -74,6 +74,8 @@ pub struct ApiError {
     status: StatusCode,
     code: String,
     message: String,
+    /// Seconds, for `Retry-After`.
+    retry_after_s: Option<u32>,
 }
 
 impl ApiError {
@@ -82,6 +84,7 @@ impl ApiError {
             status,
             code: code.to_owned(),
             message: message.into(),
+            retry_after_s: None,
         }
     }
 }
@@ -89,7 +92,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
     }
 }
 
@@ -106,16 +115,20 @@ impl From<InvokeError> for ApiError {
             InvokeError::StateFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             InvokeError::Conflict(_) => StatusCode::CONFLICT,
             InvokeError::CalleeFailedAcrossNodes(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            InvokeError::Busy(_) | InvokeError::PreparedElsewhere(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            InvokeError::Busy(_)
+            | InvokeError::PreparedElsewhere(_)
+            | InvokeError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             InvokeError::OutputTooLarge(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InvokeError::NotPrimary(_) | InvokeError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        ApiError::new(status, e.code(), e.to_string())
+        let mut error = ApiError::new(status, e.code(), e.to_string());
+        if let InvokeError::Overloaded(_) = e {
+            error.retry_after_s = Some(1);
+        }
+        error
     }
 }
 

@@ -92,6 +92,10 @@ pub enum InvokeError {
     CalleeFailedAcrossNodes(String),
     #[error("the node is overloaded: {0}")]
     Busy(String),
+    /// The request waited its whole deadline for its function's lock: the function has
+    /// more work than it can do in time. Answered with `Retry-After`.
+    #[error("{0}")]
+    Overloaded(String),
     /// A function the transaction called is held by a distributed transaction whose
     /// outcome is not known yet (its part there is prepared). The transaction is run
     /// again once that is resolved, without holding any lock meanwhile.
@@ -144,6 +148,7 @@ impl InvokeError {
             InvokeError::Conflict(_) => "conflict",
             InvokeError::CalleeFailedAcrossNodes(_) => "callee-failed-across-nodes",
             InvokeError::Busy(_) | InvokeError::PreparedElsewhere(_) => "busy",
+            InvokeError::Overloaded(_) => "overloaded",
             InvokeError::OutputTooLarge(_) => "output-too-large",
             InvokeError::Storage(_) => "storage",
             InvokeError::NotPrimary(_) => "not-primary",
@@ -468,7 +473,7 @@ impl Node {
                 id = inner.next_txn();
             }
             match self
-                .attempt(&f, id, age, method, input, idempotency_key)
+                .attempt(&f, id, age, method, input, idempotency_key, started + gate)
                 .await
             {
                 Err(InvokeError::Conflict(_)) if attempt <= inner.config.conflict_retries_max => {
@@ -595,10 +600,12 @@ impl Node {
         method: &str,
         input: &[u8],
         idempotency_key: Option<&str>,
+        queue_until: Instant,
     ) -> Result<Answer, InvokeError> {
         let inner = &self.inner;
-        let gate_until = Instant::now() + Duration::from_millis(inner.config.wasm.deadline_ms);
-        lock_unprepared(f, id, age, Mode::First, gate_until)
+        // Waiting for the function (in line for its lock, or for a prepared part on it
+        // to be resolved) ends at the request's deadline, counted from its arrival.
+        lock_unprepared(f, id, age, Mode::First, queue_until)
             .await
             .map_err(|blocked| match blocked {
                 Blocked::Lock(e) => lock_error(e),
@@ -606,8 +613,15 @@ impl Node {
                     "function {} is held by distributed transaction {other}, whose outcome is not known yet",
                     f.name
                 )),
+                Blocked::Queued => InvokeError::Overloaded(format!(
+                    "function {} was busy for this request's whole deadline ({} ms), {} more waiting; try again later",
+                    f.name,
+                    inner.config.wasm.deadline_ms,
+                    f.lock.waiters()
+                )),
             })?;
-        // The deadline bounds running, not queueing: it starts once the lock is ours.
+        // Running gets a whole deadline once the lock is ours, so a request is
+        // answered within two deadlines of its arrival.
         let deadline = Instant::now() + Duration::from_millis(inner.config.wasm.deadline_ms);
         let txn = Arc::new(Mutex::new(Txn::new(id, age, deadline, inner.config.limits)));
         txn.lock().add_held(f.clone());
@@ -1757,6 +1771,8 @@ enum Blocked {
     Lock(lock::Error),
     /// Another distributed transaction's part is still prepared on the function.
     Prepared(TxnId),
+    /// In line for the first lock until `until`.
+    Queued,
 }
 
 /// Take `f`'s lock for `txn` (as old as `age`) once no part of another distributed
@@ -1772,10 +1788,21 @@ async fn lock_unprepared(
     until: Instant,
 ) -> Result<(), Blocked> {
     loop {
-        f.lock
-            .acquire_aged(txn, age, mode)
+        match mode {
+            // Cancel safe: a waiter that gives up leaves the line.
+            Mode::First => tokio::time::timeout_at(
+                tokio::time::Instant::from_std(until),
+                f.lock.acquire_aged(txn, age, mode),
+            )
             .await
-            .map_err(Blocked::Lock)?;
+            .map_err(|_| Blocked::Queued)?
+            .map_err(Blocked::Lock)?,
+            Mode::Nested => f
+                .lock
+                .acquire_aged(txn, age, mode)
+                .await
+                .map_err(Blocked::Lock)?,
+        }
         let resolution = f.resolution();
         let Some(other) = f.prepared_other_than(txn) else {
             return Ok(());
@@ -2012,7 +2039,8 @@ impl Calls for Inner {
                             )),
                         )))
                     }
-                    Err(_) | Ok(Err(Blocked::Prepared(_))) => {
+                    // (A nested wait is not `Queued`: the deadline bounds it here.)
+                    Err(_) | Ok(Err(Blocked::Prepared(_) | Blocked::Queued)) => {
                         return Err(wasmtime::Error::new(Abort::Deadline(
                             self.config.wasm.deadline_ms,
                         )))

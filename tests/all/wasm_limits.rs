@@ -110,3 +110,54 @@ fn deadline_in_a_callee_releases_both_functions() {
     assert_eq!(api.ok("h", "call", call), json!({ "value": "v" }));
     assert_still_serving(&node);
 }
+
+/// Requests queued behind guests that spin to their deadline wait no longer than their
+/// own deadline for the function: the k-th of 8 concurrent ones could get the lock
+/// only after (k-1) deadlines, so all but the first two (at most) are refused with 503
+/// `overloaded` and `Retry-After` instead of being answered seconds late, and the
+/// function serves again right after.
+#[test]
+fn requests_queued_past_their_deadline_are_refused_as_overloaded() {
+    let node = NodeProcess::start_with(NodeOptions {
+        deadline_ms: Some(1000),
+        ..Default::default()
+    });
+    node.api().deploy_component("h", "hostile");
+    let replies: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| node.api().invoke("h", "loop", &Value::Null)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    let mut overloaded = 0;
+    for reply in &replies {
+        match reply.status {
+            504 => assert_eq!(reply.code(), "deadline", "{}", reply.text),
+            503 => {
+                assert_eq!(reply.code(), "overloaded", "{}", reply.text);
+                assert_eq!(
+                    reply.header("retry-after"),
+                    Some("1"),
+                    "{:?}",
+                    reply.headers
+                );
+                overloaded += 1;
+            }
+            other => panic!("unexpected answer {other}: {}", reply.text),
+        }
+    }
+    assert!(
+        overloaded >= 5,
+        "{overloaded} of 8 refused as overloaded: {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    node.api()
+        .ok("h", "put", json!({ "key": "k", "value": "v" }));
+    assert_eq!(
+        node.api().ok("h", "get", json!({ "key": "k" })),
+        json!({ "value": "v" })
+    );
+}

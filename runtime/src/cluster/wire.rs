@@ -233,6 +233,7 @@ mod tests {
             InvokeError::Conflict(3),
             InvokeError::CalleeFailedAcrossNodes("callee".into()),
             InvokeError::Busy("queue full".into()),
+            InvokeError::Overloaded("waited 1000 ms".into()),
             InvokeError::OutputTooLarge(17 << 20),
             InvokeError::Storage("disk".into()),
             InvokeError::NotPrimary(bank),
