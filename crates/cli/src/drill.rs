@@ -84,6 +84,39 @@ pub struct Args {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Keep this many busy processes (each spinning on a core) running on the machine
+    /// for the whole drill: the cluster under CPU contention.
+    #[arg(long, default_value_t = 0)]
+    pub hog: usize,
+}
+
+/// Busy processes hogging the CPU while they live (`--hog`); killed when dropped.
+struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    fn start(n: usize) -> anyhow::Result<Hogs> {
+        let mut hogs = Hogs(Vec::with_capacity(n));
+        for _ in 0..n {
+            let child = std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("cannot start a busy process for --hog")?;
+            hogs.0.push(child);
+        }
+        Ok(hogs)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// One transfer as the client saw it.
@@ -156,7 +189,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("understudy-drill-{}", std::process::id())),
     };
+    let hogs = Hogs::start(args.hog)?;
+    if args.hog > 0 && !args.json {
+        println!(
+            "{} busy processes hog the CPU for the whole drill ({} cores here)",
+            args.hog,
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
     let result = runtime.block_on(drill(&args, &dir));
+    drop(hogs);
     if !args.keep && args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
