@@ -473,7 +473,17 @@ impl Node {
                 id = inner.next_txn();
             }
             match self
-                .attempt(&f, id, age, method, input, idempotency_key, started + gate)
+                .attempt(
+                    &f,
+                    id,
+                    age,
+                    Request {
+                        method,
+                        input,
+                        idempotency_key,
+                        queue_until: started + gate,
+                    },
+                )
                 .await
             {
                 Err(InvokeError::Conflict(_)) if attempt <= inner.config.conflict_retries_max => {
@@ -597,11 +607,14 @@ impl Node {
         f: &Arc<Function>,
         id: TxnId,
         age: TxnId,
-        method: &str,
-        input: &[u8],
-        idempotency_key: Option<&str>,
-        queue_until: Instant,
+        request: Request<'_>,
     ) -> Result<Answer, InvokeError> {
+        let Request {
+            method,
+            input,
+            idempotency_key,
+            queue_until,
+        } = request;
         let inner = &self.inner;
         // Waiting for the function (in line for its lock, or for a prepared part on it
         // to be resolved) ends at the request's deadline, counted from its arrival.
@@ -1767,6 +1780,15 @@ impl Drop for PartsGuard {
 }
 
 /// Why `lock_unprepared` gave up.
+/// What one attempt of an invocation runs: the client's request, and until when it
+/// may wait for its function (its deadline, counted from its arrival).
+struct Request<'a> {
+    method: &'a str,
+    input: &'a [u8],
+    idempotency_key: Option<&'a str>,
+    queue_until: Instant,
+}
+
 enum Blocked {
     Lock(lock::Error),
     /// Another distributed transaction's part is still prepared on the function.

@@ -19,8 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use understudy::config::Config;
 use understudy::node::Node;
@@ -262,12 +263,7 @@ async fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duratio
         let started = Instant::now();
         while started.elapsed().as_secs_f64() < seconds {
             let t = Instant::now();
-            let mut store = Store::new(
-                &engine,
-                Bare {
-                    state: std::mem::take(&mut state),
-                },
-            );
+            let mut store = Store::new(&engine, Bare::new(std::mem::take(&mut state)));
             store.set_epoch_deadline(u64::MAX / 2);
             let instance = pre
                 .instantiate_async(&mut store)
@@ -288,8 +284,32 @@ async fn bare_loop(counter: &[u8], seconds: f64) -> anyhow::Result<(f64, Duratio
     }
 }
 
-struct Bare {
-    state: BTreeMap<Vec<u8>, Vec<u8>>,
+/// A bare host for guests run outside a node: state in a map, calls refused, logs
+/// dropped, and WASI with nothing granted (as the node's), built on first use as the
+/// node builds it (most guests never touch it).
+pub(crate) struct Bare {
+    pub(crate) state: BTreeMap<Vec<u8>, Vec<u8>>,
+    wasi: Option<WasiCtx>,
+    table: ResourceTable,
+}
+
+impl Bare {
+    pub(crate) fn new(state: BTreeMap<Vec<u8>, Vec<u8>>) -> Bare {
+        Bare {
+            state,
+            wasi: None,
+            table: ResourceTable::new(),
+        }
+    }
+}
+
+impl WasiView for Bare {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: self.wasi.get_or_insert_with(|| WasiCtx::builder().build()),
+            table: &mut self.table,
+        }
+    }
 }
 
 impl wit::types::Host for Bare {}
@@ -316,12 +336,13 @@ impl wit::state::Host for Bare {
     fn scan(
         &mut self,
         start: Vec<u8>,
-        _end: Option<Vec<u8>>,
+        end: Option<Vec<u8>>,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<wit::types::Entry>, wit::types::Error>> {
         Ok(Ok(self
             .state
             .range(start..)
+            .take_while(|(k, _)| end.as_ref().is_none_or(|end| *k < end))
             .take(limit as usize)
             .map(|(k, v)| wit::types::Entry {
                 key: k.clone(),

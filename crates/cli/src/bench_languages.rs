@@ -16,16 +16,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, Store};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use understudy::node::Node;
 use understudy::wal::Durability;
-use understudy::wasm::bindings::{self, understudy::function as wit};
+use understudy::wasm::bindings;
 use understudy::wasm::Options;
 
-use crate::bench::{drive, percentile, us, Args};
+use crate::bench::{drive, percentile, us, Args, Bare};
 
 /// The bank's components, by language.
 const BANKS: [(&str, &str); 3] = [
@@ -38,13 +37,6 @@ const BANKS: [(&str, &str); 3] = [
 /// here. The other setting changed since, the bound on unused warm slots (100 then, 16
 /// now), does not come into play with one function called by one client.
 const KEEP_RESIDENT_BEFORE_BYTES: usize = 256 << 10;
-
-/// A bare host: state in a map, WASI with nothing granted (as the node's).
-struct Bare {
-    state: BTreeMap<Vec<u8>, Vec<u8>>,
-    wasi: WasiCtx,
-    table: ResourceTable,
-}
 
 /// Fails when a component cannot be compiled or run, or a node cannot start.
 pub async fn languages(args: &Args, dir: &Path) -> anyhow::Result<()> {
@@ -169,11 +161,7 @@ async fn bare_calls(
     let started = Instant::now();
     while started.elapsed().as_secs_f64() < seconds || samples[3].len() < 3 {
         let t0 = Instant::now();
-        let bare = Bare {
-            state: std::mem::take(&mut state),
-            wasi: WasiCtx::builder().build(),
-            table: ResourceTable::new(),
-        };
+        let bare = Bare::new(std::mem::take(&mut state));
         let mut store = Store::new(&engine, bare);
         store.set_epoch_deadline(u64::MAX / 2);
         let instance = wt(pre.instantiate_async(&mut store).await)?;
@@ -368,73 +356,4 @@ async fn over_http(
         first_after_deploy,
         first_after_restart,
     })
-}
-
-impl WasiView for Bare {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl wit::types::Host for Bare {}
-
-impl wit::state::Host for Bare {
-    fn get(
-        &mut self,
-        key: Vec<u8>,
-    ) -> wasmtime::Result<Result<Option<Vec<u8>>, wit::types::Error>> {
-        Ok(Ok(self.state.get(&key).cloned()))
-    }
-    fn put(
-        &mut self,
-        key: Vec<u8>,
-        value: Vec<u8>,
-    ) -> wasmtime::Result<Result<(), wit::types::Error>> {
-        self.state.insert(key, value);
-        Ok(Ok(()))
-    }
-    fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<Result<(), wit::types::Error>> {
-        self.state.remove(&key);
-        Ok(Ok(()))
-    }
-    fn scan(
-        &mut self,
-        start: Vec<u8>,
-        end: Option<Vec<u8>>,
-        limit: u32,
-    ) -> wasmtime::Result<Result<Vec<wit::types::Entry>, wit::types::Error>> {
-        Ok(Ok(self
-            .state
-            .range(start..)
-            .take_while(|(k, _)| end.as_ref().is_none_or(|end| *k < end))
-            .take(limit as usize)
-            .map(|(k, v)| wit::types::Entry {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect()))
-    }
-}
-
-impl wit::call::Host for Bare {
-    async fn invoke(
-        &mut self,
-        _function: String,
-        _method: String,
-        _input: Vec<u8>,
-    ) -> wasmtime::Result<Result<Vec<u8>, wit::types::Error>> {
-        Ok(Err(wit::types::Error {
-            code: "unsupported".into(),
-            message: "no calls in the bare loop".into(),
-        }))
-    }
-}
-
-impl wit::log::Host for Bare {
-    fn log(&mut self, _level: wit::log::Level, _message: String) -> wasmtime::Result<()> {
-        Ok(())
-    }
 }
