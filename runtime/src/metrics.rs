@@ -128,6 +128,17 @@ pub struct ClusterMetrics {
     pub lease_held: Gauge,
     /// Since this node's lease was last renewed (sampled; the lateness of the lease).
     pub lease_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// How late the links runtime's 1 ms timer ran, each tick (its own lateness: CPU
+    /// starvation of the threads that carry heartbeats, leases and Raft).
+    pub timer_lateness_seconds: Histogram,
+    /// This node's local health score (0: its timers run on time; up to 8).
+    pub local_health_score: Gauge,
+    /// The failure timeout this node would use now as master, for a node whose own score
+    /// is 0 (the base times 1 + its local health score).
+    pub failure_timeout_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// As master: suspicions dropped because the suspect was heard before the verdict
+    /// was committed (it was slow, not dead).
+    pub suspicions_refuted: Counter,
     /// Snapshot catch-ups of a backup that completed, their bytes and durations.
     pub catchups: Counter,
     pub catchup_bytes: Counter,
@@ -321,6 +332,11 @@ impl ClusterMetrics {
             raft_commit_latency_seconds: round_trip(),
             lease_held: Gauge::default(),
             lease_age_seconds: Gauge::default(),
+            // 0.5 ms .. ~1 s.
+            timer_lateness_seconds: Histogram::new(exponential_buckets(5e-4, 2.0, 12)),
+            local_health_score: Gauge::default(),
+            failure_timeout_seconds: Gauge::default(),
+            suspicions_refuted: Counter::default(),
             catchups: Counter::default(),
             catchup_bytes: Counter::default(),
             // 1 ms .. ~65 s.
@@ -428,6 +444,26 @@ impl ClusterMetrics {
             "lease_age_seconds",
             "Since this node's lease was last renewed",
             m.lease_age_seconds.clone(),
+        );
+        r.register(
+            "timer_lateness_seconds",
+            "How late the links runtime's 1 ms timer ran (CPU starvation of heartbeats, leases and Raft)",
+            m.timer_lateness_seconds.clone(),
+        );
+        r.register(
+            "local_health_score",
+            "Local health score: 0 while this node's timers run on time, up to 8 (timeouts scale by 1 + score)",
+            m.local_health_score.clone(),
+        );
+        r.register(
+            "failure_timeout_seconds",
+            "The failure timeout this node uses now as master for a node on time (base times 1 + local health score)",
+            m.failure_timeout_seconds.clone(),
+        );
+        r.register(
+            "suspicions_refuted",
+            "As master: suspects heard again before their down verdict was committed",
+            m.suspicions_refuted.clone(),
         );
         r.register(
             "catchups",

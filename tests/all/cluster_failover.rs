@@ -414,3 +414,55 @@ fn a_drained_node_hands_its_copies_over_under_load_and_is_removed() {
                 .is_some_and(|n| n["status"] == "removed")
     });
 }
+
+/// A master starved of CPU for a moment (SIGSTOP shorter than an election) wakes to find
+/// every node silent for longer than the failure timeout: the pings sat unread. It must
+/// know the silence is its own and accuse no one (see `cluster::health`).
+#[test]
+fn a_master_paused_for_a_moment_accuses_no_one_when_it_resumes() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let nodes = start_cluster(certs.path(), &members3());
+    let master = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    deploy_filler(&nodes[0]);
+    let m = &nodes[(master - 1) as usize];
+    wait_for("every node up", || {
+        status(m).is_some_and(|s| {
+            s["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["health"] == "up"))
+        })
+    });
+    let downs = || -> Vec<Value> {
+        nodes
+            .iter()
+            .filter_map(status)
+            .flat_map(|s| s["failovers"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["verdict"] == "down")
+            .collect()
+    };
+    let before = downs().len();
+    let pid = i32::try_from(m.pid().expect("running")).expect("pid");
+    let signal = |sig: i32| {
+        // SAFETY: kill takes plain integers; the pid is the node's, which this test owns.
+        #[allow(unsafe_code)]
+        let result = unsafe { libc::kill(pid, sig) };
+        assert_eq!(result, 0, "kill {sig} {pid}");
+    };
+    // Each pause is longer than the failure timeout (20 ms) and shorter than the time
+    // before another voter may campaign (45 ms).
+    for _ in 0..5 {
+        signal(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(25));
+        signal(libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = downs();
+    let leader = converged_leader(&nodes.iter().collect::<Vec<_>>());
+    assert_eq!(
+        after.len(),
+        before,
+        "a live node was declared down after the master's pauses (master before {master}, after {leader}): {after:?}"
+    );
+}

@@ -31,10 +31,13 @@
 //! grows with it one for one.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::SnapshotPolicy;
 
 use crate::ids::NodeId;
+use crate::lateness::Lateness;
 
 pub const HEARTBEAT_MS_DEFAULT: u64 = 10;
 pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 30;
@@ -79,6 +82,10 @@ pub struct ControlConfig {
     /// A node that starts does not campaign until it has heard from a leader, or until
     /// this long has passed without one (see `election::boot_quiet`).
     pub boot_quiet_ms: u64,
+    /// This process's local health (see `lateness`): the fast-election watchdog waits
+    /// longer while it is high. The runtime shares it with its failure detector and
+    /// feeds it; nothing in this crate measures it, so alone it stays 0.
+    pub lateness: Arc<Lateness>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +112,9 @@ impl ControlConfig {
             snapshot_chunk_bytes: SNAPSHOT_CHUNK_BYTES_DEFAULT,
             fast_election: true,
             boot_quiet_ms: BOOT_QUIET_MS_DEFAULT,
+            lateness: Arc::new(Lateness::new(Duration::from_millis(
+                2 * HEARTBEAT_MS_DEFAULT,
+            ))),
         }
     }
 

@@ -15,6 +15,16 @@
 //! election unsafe (any voter may campaign at any time in Raft), only earlier; the driver
 //! here is the only part of the crate that reads the clock for elections.
 //!
+//! # A node that is late itself waits longer
+//!
+//! A process starved of CPU wakes to find its leader silent for as long as it slept:
+//! the silence is its own. While its local health (see `lateness`) says its timers run
+//! late, the watchdog waits the lease times (1 + score) before campaigning, and
+//! openraft's own election timer, which would fire the moment the process wakes, is off;
+//! the watchdog then campaigns again after each such wait while no leader is heard
+//! (openraft's timer would have retried a failed election). On a quiet machine the
+//! score is 0 and nothing changes.
+//!
 //! # A node that starts stays quiet
 //!
 //! A node that has just started (a killed node coming back) has heard from no leader:
@@ -124,6 +134,7 @@ pub(crate) struct Watchdog {
     pub(crate) lease: Duration,
     pub(crate) stagger: Duration,
     pub(crate) poll: Duration,
+    pub(crate) lateness: Arc<crate::lateness::Lateness>,
 }
 
 impl Watchdog {
@@ -131,7 +142,10 @@ impl Watchdog {
     pub(crate) async fn run(self) {
         let metrics = self.raft.metrics();
         let mut seen = self.contact.last();
-        let mut fired = false;
+        let mut fired_at: Option<Instant> = None;
+        // Whether openraft's own election timer is on (`boot_quiet` turns it on when it
+        // arms the watchdog).
+        let mut own_timer = true;
         loop {
             tokio::time::sleep(self.poll).await;
             if metrics.has_changed().is_err() {
@@ -153,17 +167,33 @@ impl Watchdog {
             let last = self.contact.last();
             if last != seen {
                 seen = last;
-                fired = false;
+                fired_at = None;
             }
-            if fired
-                || !is_voter
-                || state == ServerState::Leader
-                || !self.armed.load(Ordering::Acquire)
-            {
+            if !self.armed.load(Ordering::Acquire) {
                 continue;
             }
-            let wait = delay(self.lease, self.stagger, rank);
-            if last.elapsed() <= wait {
+            let score = self.lateness.score();
+            if own_timer != (score == 0) {
+                own_timer = score == 0;
+                tracing::debug!(
+                    score,
+                    own_timer,
+                    "local health changed: openraft's election timer follows"
+                );
+                self.raft.runtime_config().elect(own_timer);
+            }
+            if !is_voter || state == ServerState::Leader {
+                continue;
+            }
+            let wait = delay(
+                crate::lateness::scaled(self.lease, score),
+                self.stagger,
+                rank,
+            );
+            // Once per loss of contact while openraft's timer retries; otherwise again
+            // after each wait.
+            if last.elapsed() <= wait || fired_at.is_some_and(|t| own_timer || t.elapsed() <= wait)
+            {
                 continue;
             }
             // Confirm with the Raft core, which handles messages in order: when this node
@@ -180,8 +210,8 @@ impl Watchdog {
                 Ok(false) => continue,
                 Ok(true) => {}
             }
-            fired = true;
-            tracing::info!(id = %self.id, rank, "leader lease ran out: starting an election");
+            fired_at = Some(Instant::now());
+            tracing::info!(id = %self.id, rank, score, "leader lease ran out: starting an election");
             if self.raft.trigger().elect().await.is_err() {
                 return;
             }

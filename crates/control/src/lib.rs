@@ -10,11 +10,14 @@
 //!   seam the runtime implements over QUIC. This crate does no networking of its own.
 //! - `plane`, `config`, `election`: [`ControlPlane`], the runtime's handle, its settings,
 //!   and the watchdog that campaigns as soon as a lost leader's lease runs out.
+//! - `lateness`: local health, how late this process's own timers run; failure
+//!   timeouts and the watchdog scale with it (after Lifeguard).
 
 pub mod command;
 pub mod config;
 pub mod election;
 pub mod ids;
+pub mod lateness;
 mod network;
 pub mod placement;
 pub mod plane;
@@ -26,6 +29,7 @@ pub mod wire;
 pub use command::{Command, HostProblem, Rejection, Response};
 pub use config::ControlConfig;
 pub use ids::{Epoch, NodeId};
+pub use lateness::{Lateness, LocalHealth};
 pub use openraft::ServerState;
 pub use placement::{
     plan_failover, plan_rebalance, plan_repair, FailoverPlan, Placement, Shortfall,

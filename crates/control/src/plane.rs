@@ -138,6 +138,7 @@ impl ControlPlane {
                 lease: Duration::from_millis(config.election_timeout_max_ms),
                 stagger: Duration::from_millis((config.heartbeat_ms / 2).max(1)),
                 poll,
+                lateness: Arc::clone(&config.lateness),
             };
             tokio::spawn(watchdog.run());
         }
@@ -485,7 +486,7 @@ impl ControlPlane {
             }
             // Leases are the runtime's to grant (it answers pings before they get here):
             // this only names the leader.
-            RaftMessage::Ping => RaftReply::Pong {
+            RaftMessage::Ping { .. } => RaftReply::Pong {
                 leader: self.leader(),
                 applied: None,
             },

@@ -67,8 +67,12 @@ pub enum RaftMessage {
     /// A command for the leader from a node that is not the leader.
     Propose(Command),
     /// A node to the master: alive, and asking for a lease (see the runtime's
-    /// `cluster::lease`).
-    Ping,
+    /// `cluster::lease`). `lateness` is the sender's local health score (see
+    /// `lateness`): a node whose own timers run late is given longer before it is
+    /// suspected.
+    Ping {
+        lateness: u8,
+    },
     /// A new node asks to join the cluster (the receiver forwards it to the leader).
     Join(crate::state::Node),
 }

@@ -8,6 +8,24 @@
 //!
 //! Every node runs the detector; only the master acts. A new master gives every node a
 //! full timeout from the moment it took over before judging it.
+//!
+//! # A slow node is not a dead node
+//!
+//! On a busy machine the silence the master measures is partly its own: pings that
+//! arrived while it was starved of CPU sit unread. After Lifeguard, the timeout adapts
+//! to local health (`understudy_control::lateness`, measured by `lease::measure`):
+//!
+//! - the timeout for node `n` is the failure timeout times (1 + the higher of the
+//!   master's own score and the score `n` reported in its last ping): a master that runs
+//!   late, or a node that said it does, is given longer;
+//! - right after the master itself stalled (a late tick seen since its last round), it
+//!   judges nobody that round, so the pings queued meanwhile are read first;
+//! - a suspect heard again while its verdict waits for its last lease to run out is
+//!   not declared down (the suspicion is refuted), and gets leases again.
+//!
+//! Leases are not scaled: they stay shorter than the base timeout, the shortest any
+//! master uses, so a longer timeout only adds margin. On a quiet machine every score is
+//! 0 and detection takes the base timeout.
 
 use std::sync::Weak;
 use std::time::{Duration, Instant};
@@ -50,7 +68,10 @@ pub struct Step {
     pub ms: f64,
 }
 
-pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) {
+pub async fn run(cluster: Weak<Cluster>, interval: Duration) {
+    // The late ticks seen at the last round, and whether that round judged.
+    let mut late_ticks = 0u64;
+    let mut judged = true;
     let mut leading_since: Option<Instant> = None;
     // The leader this node followed: when it takes over, that one has been silent since
     // this node last heard from it (an election needs that), not since the takeover.
@@ -62,8 +83,13 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let waiting = Instant::now();
         ticker.tick().await;
         let Some(c) = cluster.upgrade() else { return };
+        // Waiting longer than an interval for the tick means this process stalled: the
+        // detector's own evidence, beside `lease::measure`'s (whichever wakes first).
+        c.lateness
+            .observe(Instant::now(), waiting.elapsed().saturating_sub(interval));
         let leader = c.control.leader();
         if leader != Some(c.id) {
             leading_since = None;
@@ -81,6 +107,17 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
             now
         });
         let state = c.control.state();
+        // Right after this process stalled, read what queued up before judging anyone
+        // (once: under a lasting load the scaled timeouts do the rest).
+        let late_now = c.lateness.late_ticks();
+        let stalled = late_now != late_ticks;
+        late_ticks = late_now;
+        if stalled && judged {
+            judged = false;
+            continue;
+        }
+        judged = true;
+        let own = c.lateness.score();
         let Verdicts { down, up, .. } = {
             let mut grants = c.grants.lock();
             // Nodes ping the master they know: a new master gives each a full timeout
@@ -96,6 +133,10 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
                     .copied()
                     .map_or(floor, |p| p.max(floor))
             };
+            let timeout = |n: NodeId| {
+                let reported = grants.lateness.get(&n).copied().unwrap_or(0);
+                understudy_control::lateness::scaled(c.failure_timeout, own.max(reported))
+            };
             let verdicts = verdicts(&state, c.id, last, now, timeout);
             // A suspect gets no lease from now on; the verdict waits for the last one it
             // got to run out (see `declare`).
@@ -108,10 +149,10 @@ pub async fn run(cluster: Weak<Cluster>, interval: Duration, timeout: Duration) 
             verdicts
         };
         for (node, silent) in down {
-            c.declare(node, Health::Down, silent).await;
+            c.declare(node, Health::Down, silent, now).await;
         }
         for node in up {
-            c.declare(node, Health::Up, Duration::ZERO).await;
+            c.declare(node, Health::Up, Duration::ZERO, now).await;
         }
         // Draining nodes: their copies move away, one step per tick.
         let draining: Vec<NodeId> = state
@@ -171,13 +212,14 @@ struct Verdicts {
     heard: Vec<NodeId>,
 }
 
-/// The verdicts of master `me` at `now`, `last(n)` being when it last heard from `n`.
+/// The verdicts of master `me` at `now`, `last(n)` being when it last heard from `n`
+/// and `timeout(n)` how long `n` may be silent.
 fn verdicts(
     state: &understudy_control::ClusterState,
     me: NodeId,
     last: impl Fn(NodeId) -> Instant,
     now: Instant,
-    timeout: Duration,
+    timeout: impl Fn(NodeId) -> Duration,
 ) -> Verdicts {
     let mut verdicts = Verdicts::default();
     for n in state.nodes.values() {
@@ -191,7 +233,7 @@ fn verdicts(
             continue;
         }
         let silent = now.saturating_duration_since(last(n.id));
-        match (silent >= timeout, n.health) {
+        match (silent >= timeout(n.id), n.health) {
             (true, Health::Up) => verdicts.down.push((n.id, silent)),
             (false, Health::Down) => verdicts.up.push(n.id),
             (false, Health::Up) => verdicts.heard.push(n.id),
@@ -202,8 +244,9 @@ fn verdicts(
 }
 
 impl Cluster {
-    /// Commit `health` for `node`, then the plan that follows from it.
-    async fn declare(&self, node: NodeId, health: Health, silent: Duration) {
+    /// Commit `health` for `node`, then the plan that follows from it. `judged_at` is
+    /// when the verdict was reached: a suspect heard from after it is not declared down.
+    async fn declare(&self, node: NodeId, health: Health, silent: Duration, judged_at: Instant) {
         if health == Health::Down {
             // The node may still hold a lease this master granted: no one takes its
             // place before that has run out.
@@ -213,6 +256,19 @@ impl Cluster {
                 if end > now {
                     tokio::time::sleep(end - now).await;
                 }
+            }
+            let refuted = {
+                let mut grants = self.grants.lock();
+                let heard = grants.pinged.get(&node).is_some_and(|p| *p > judged_at);
+                if heard {
+                    grants.suspected.remove(&node);
+                }
+                heard
+            };
+            if refuted {
+                self.node.metrics().cluster.suspicions_refuted.inc();
+                tracing::info!(%node, silent_ms = silent.as_secs_f64() * 1000.0, "suspicion refuted: the node was heard before its verdict was committed");
+                return;
             }
         }
         let started = Instant::now();
@@ -388,10 +444,28 @@ mod tests {
             2 => now - Duration::from_millis(50),
             _ => now - Duration::from_millis(5),
         };
-        let v = verdicts(&state, NodeId(1), last, now, timeout);
+        let v = verdicts(&state, NodeId(1), last, now, |_| timeout);
         assert_eq!(v.down, vec![(NodeId(2), Duration::from_millis(50))]);
         assert_eq!(v.up, vec![NodeId(3)]);
         assert!(v.heard.is_empty());
+    }
+
+    #[test]
+    fn a_node_that_reported_running_late_gets_a_longer_timeout() {
+        // Both silent 50 ms; node 3 said its timers ran late (score 3: 4 x 20 ms).
+        let state = cluster();
+        let now = Instant::now();
+        let base = Duration::from_millis(20);
+        let reported = |n: NodeId| if n.0 == 3 { 3 } else { 0 };
+        let timeout = |n: NodeId| understudy_control::lateness::scaled(base, reported(n));
+        let last = |_| now - Duration::from_millis(50);
+        let v = verdicts(&state, NodeId(1), last, now, timeout);
+        assert_eq!(v.down, vec![(NodeId(2), Duration::from_millis(50))]);
+        assert_eq!(v.heard, vec![NodeId(3)]);
+        // The same silence past the scaled timeout is a verdict.
+        let last = |_| now - Duration::from_millis(80);
+        let v = verdicts(&state, NodeId(1), last, now, timeout);
+        assert_eq!(v.down.len(), 2);
     }
 
     #[test]
@@ -405,7 +479,13 @@ mod tests {
             health: Health::Down,
         });
         let now = Instant::now();
-        let v = verdicts(&state, NodeId(2), |_| now, now, Duration::from_millis(20));
+        let v = verdicts(
+            &state,
+            NodeId(2),
+            |_| now,
+            now,
+            |_| Duration::from_millis(20),
+        );
         assert_eq!(v.up, vec![NodeId(2)]);
         assert!(v.down.is_empty());
         let healthy = verdicts(
@@ -413,7 +493,7 @@ mod tests {
             NodeId(2),
             |_| now,
             now,
-            Duration::from_millis(20),
+            |_| Duration::from_millis(20),
         );
         assert!(healthy.up.is_empty(), "an up master has nothing to declare");
     }

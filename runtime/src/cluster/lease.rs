@@ -46,6 +46,9 @@ pub struct Grants {
     pub granted: std::collections::HashMap<NodeId, Instant>,
     /// Nodes the failure detector suspects: they get no lease until judged up again.
     pub suspected: std::collections::HashSet<NodeId>,
+    /// Each node's local health score, as its last ping reported it: a node whose own
+    /// timers run late gets a longer timeout (see `health`).
+    pub lateness: std::collections::HashMap<NodeId, u8>,
 }
 
 impl Cluster {
@@ -60,14 +63,16 @@ impl Cluster {
     }
 
     /// As master: answer `from`'s ping, granting it a lease unless this master holds no
-    /// lease itself (it may have been deposed) or suspects `from`.
-    pub fn answer_ping(&self, from: NodeId) -> RaftReply {
+    /// lease itself (it may have been deposed) or suspects `from`. `lateness` is the
+    /// sender's local health score.
+    pub fn answer_ping(&self, from: NodeId, lateness: u8) -> RaftReply {
         let leader = self.control.leader();
         let holds = leader == Some(self.id) && self.lease_ok();
         let applied = self.control.last_applied();
         let mut grants = self.grants.lock();
         let now = Instant::now();
         grants.pinged.insert(from, now);
+        grants.lateness.insert(from, lateness);
         let grant = holds && !grants.suspected.contains(&from);
         let applied = if grant {
             grants.granted.insert(from, now);
@@ -158,6 +163,31 @@ impl Cluster {
 /// the process (or this runtime) stalled.
 const STALL_CHECK: Duration = Duration::from_millis(1);
 
+/// How often `measure` sleeps and checks how late it woke.
+const LATENESS_TICK: Duration = Duration::from_millis(1);
+
+/// Measure this node's local health: sleep `LATENESS_TICK` again and again and feed how
+/// late each wake-up was to the cluster's `Lateness` (see
+/// `understudy_control::lateness`). A task of its own on the links runtime, doing
+/// nothing else, so that what it measures is this process's starvation and not a slow
+/// peer's answer. Runs until the cluster is dropped.
+pub async fn measure(cluster: std::sync::Weak<Cluster>) {
+    loop {
+        let asleep = Instant::now();
+        tokio::time::sleep(LATENESS_TICK).await;
+        let Some(c) = cluster.upgrade() else { return };
+        let now = Instant::now();
+        // The timer wheel rounds up to the next millisecond: that much is on time.
+        let late = now.duration_since(asleep).saturating_sub(LATENESS_TICK * 2);
+        c.lateness.observe(now, late);
+        c.node
+            .metrics()
+            .cluster
+            .timer_lateness_seconds
+            .observe(late.as_secs_f64());
+    }
+}
+
 /// Ask the master for a lease every `interval`; as master, follow Raft's quorum
 /// acknowledgements instead. Runs on the links runtime.
 pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
@@ -240,7 +270,10 @@ pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
         else {
             continue;
         };
-        let Ok(body) = RaftMessage::Ping.encode() else {
+        let ping = RaftMessage::Ping {
+            lateness: c.lateness.score(),
+        };
+        let Ok(body) = ping.encode() else {
             continue;
         };
         let sent = Instant::now();

@@ -185,6 +185,11 @@ pub struct Cluster {
     timeline: Arc<timeline::Timeline>,
     /// How often this node asks the master for its lease (`heartbeat_ms`).
     heartbeat: Duration,
+    /// The failure timeout before local health scales it (`failure_timeout_ms`).
+    failure_timeout: Duration,
+    /// This node's local health (see `understudy_control::lateness`): measured by the
+    /// lease task, read by the failure detector and Raft's election watchdog.
+    lateness: Arc<understudy_control::Lateness>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -246,7 +251,10 @@ impl Cluster {
         // node is not a dead node).
         let links = links_runtime()?;
         let main = tokio::runtime::Handle::current();
+        let failure_timeout = Duration::from_millis(config.failure_timeout_ms.max(1));
+        let lateness = Arc::new(understudy_control::Lateness::new(failure_timeout));
         let (transport, control) = {
+            let lateness = lateness.clone();
             let (peer_listen, node_id) = (config.peer_listen, config.node_id);
             links
                 .spawn(async move {
@@ -255,11 +263,10 @@ impl Cluster {
                     let raft_transport = Arc::new(QuicRaft {
                         transport: transport.clone(),
                     });
-                    let control = ControlPlane::start(
-                        ControlConfig::new(NodeId(node_id), data_dir.join("control")),
-                        raft_transport,
-                    )
-                    .await?;
+                    let mut control_config =
+                        ControlConfig::new(NodeId(node_id), data_dir.join("control"));
+                    control_config.lateness = lateness;
+                    let control = ControlPlane::start(control_config, raft_transport).await?;
                     Ok::<_, Error>((transport, control))
                 })
                 .await
@@ -302,6 +309,8 @@ impl Cluster {
             route_wait: Duration::from_millis(config.route_wait_ms),
             timeline: Arc::new(timeline::Timeline::default()),
             heartbeat: Duration::from_millis(config.heartbeat_ms.max(1)),
+            failure_timeout,
+            lateness,
         });
         // Before anything is served: from now on the node runs transactions only as a
         // primary of the cluster.
@@ -322,10 +331,10 @@ impl Cluster {
             Arc::downgrade(&cluster),
             Duration::from_millis(config.heartbeat_ms.max(1)),
         ));
+        links.spawn(lease::measure(Arc::downgrade(&cluster)));
         links.spawn(health::run(
             Arc::downgrade(&cluster),
             Duration::from_millis(config.heartbeat_ms.max(1)),
-            Duration::from_millis(config.failure_timeout_ms.max(1)),
         ));
         if let Some(link) = vip {
             links.spawn(vip::run(Arc::downgrade(&cluster), link));
@@ -441,6 +450,9 @@ impl Cluster {
         m.lease_held.set(i64::from(lease.held));
         m.lease_age_seconds
             .set(lease.renewed_ms_ago.map_or(0.0, |ms| ms / 1000.0));
+        m.local_health_score.set(i64::from(self.lateness.score()));
+        m.failure_timeout_seconds
+            .set(self.lateness.scaled(self.failure_timeout).as_secs_f64());
         m.function_epoch.clear();
         for (name, a) in &state.assignments {
             m.function_epoch
@@ -1609,11 +1621,11 @@ impl Handler for Dispatch {
                             return Bytes::new();
                         }
                     };
-                    if matches!(message, RaftMessage::Ping) {
+                    if let RaftMessage::Ping { lateness } = message {
                         let Some(cluster) = self.cluster.get() else {
                             return Bytes::new();
                         };
-                        return match cluster.answer_ping(NodeId(peer)).encode() {
+                        return match cluster.answer_ping(NodeId(peer), lateness).encode() {
                             Ok(bytes) => Bytes::from(bytes),
                             Err(_) => Bytes::new(),
                         };
