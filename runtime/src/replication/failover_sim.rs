@@ -20,6 +20,14 @@
 //! Every clock runs at its own rate, within `DRIFT` of real time. A node appends and
 //! serves reads as primary only while it holds a lease and its view names it primary.
 //!
+//! The master stalls too, and its failure detector adapts to local health as the node's
+//! does (`cluster::health`, `understudy_control::lateness`): a node reports its score
+//! in every ping (a stall raises it), the master scores its own stalls, a node's timeout
+//! is `DETECT_MS` times 1 + the higher of the two, and a master that just woke judges
+//! nobody that round. A stalled master reads the pings that queued for it a millisecond
+//! after its timers fire, as a real process may. Leases are not scaled. Run without the
+//! adaptation (`adaptive: false`) the same seeds count the false verdicts it prevents.
+//!
 //! Checked throughout: no two releases of one position disagree; a new primary's log
 //! holds every released entry (no acknowledged commit is lost); a read served by a
 //! primary holds every entry released anywhere before it (no stale read from a deposed
@@ -31,6 +39,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use understudy_control::lateness::{self, LocalHealth};
 use understudy_control::{
     plan_failover, plan_repair, ClusterState, Command as Change, Health, Role as NodeRole,
 };
@@ -110,11 +119,13 @@ enum Event {
     Restart {
         node: NodeId,
     },
-    /// `from` asks the master for a lease, at `sent` on its own clock (in its life `life`).
+    /// `from` asks the master for a lease, at `sent` on its own clock (in its life
+    /// `life`), reporting its local health score.
     Ping {
         from: NodeId,
         life: u32,
         sent: f64,
+        lateness: u8,
     },
     /// The master grants the lease asked for at `sent`, to count once `to` knows the
     /// cluster state as of change `version`.
@@ -179,6 +190,8 @@ struct Node {
     lease: Option<(f64, u64)>,
     /// When it pings the master next (real ms; a stalled node pings when it wakes).
     next_ping: u64,
+    /// Its local health: a stall raises it (see `understudy_control::lateness`).
+    health: LocalHealth,
 }
 
 /// The function's assignment as the sim reads it.
@@ -212,6 +225,16 @@ struct Sim {
     crashes: u32,
     stalls: u32,
     false_downs: u32,
+    /// Stalls of the master.
+    master_stalls: u32,
+    /// Whether the master's detector adapts to local health (as the node's does).
+    adaptive: bool,
+    /// The master handles nothing until then; its own local health; whether it judged
+    /// in its last round; each node's score from its last ping.
+    master_slow_until: u64,
+    master_health: LocalHealth,
+    master_woke: bool,
+    reported: BTreeMap<NodeId, u8>,
     promotions: u32,
     snapshots: u32,
     /// The last primary session handed out.
@@ -271,6 +294,7 @@ impl Sim {
                         rate: drifting(&mut rng),
                         lease: None,
                         next_ping: 0,
+                        health: LocalHealth::new(Duration::from_millis(DETECT_MS)),
                     },
                 )
             })
@@ -294,6 +318,12 @@ impl Sim {
             crashes: 0,
             stalls: 0,
             false_downs: 0,
+            master_stalls: 0,
+            adaptive: true,
+            master_slow_until: 0,
+            master_health: LocalHealth::new(Duration::from_millis(DETECT_MS)),
+            master_woke: false,
+            reported: BTreeMap::new(),
             promotions: 0,
             snapshots: 0,
             sessions: 0,
@@ -370,10 +400,16 @@ impl Sim {
                     from: *from,
                     reply: *reply,
                 },
-                Event::Ping { from, life, sent } => Event::Ping {
+                Event::Ping {
+                    from,
+                    life,
+                    sent,
+                    lateness,
+                } => Event::Ping {
                     from: *from,
                     life: *life,
                     sent: *sent,
+                    lateness: *lateness,
                 },
                 Event::Pong {
                     to,
@@ -419,12 +455,31 @@ impl Sim {
     /// `DETECT_MS` ago (on the master's clock) is declared down and its copies failed
     /// over; a node heard again is declared up and gets its copies back.
     fn detect(&mut self) {
+        if self.master_slow_until > self.now_ms {
+            return;
+        }
+        let now = self.now();
+        if std::mem::take(&mut self.master_woke) && self.adaptive {
+            // Its own stall: read what queued up before judging anyone.
+            return;
+        }
+        self.master_health.observe(now, Duration::ZERO);
         let master_now = self.now_ms as f64 * self.master_rate;
         for n in NODES {
             let health = self.state.nodes[&n].health;
             let heard = self.pinged.get(&n).copied().unwrap_or(0.0);
+            let timeout = match self.adaptive {
+                true => {
+                    let score = self
+                        .master_health
+                        .score()
+                        .max(self.reported.get(&n).copied().unwrap_or(0));
+                    lateness::scaled(Duration::from_millis(DETECT_MS), score).as_millis() as f64
+                }
+                false => DETECT_MS as f64,
+            };
             match health {
-                Health::Up if master_now - heard >= DETECT_MS as f64 => {
+                Health::Up if master_now - heard >= timeout => {
                     if self.nodes[&n].up {
                         self.false_downs += 1;
                     }
@@ -821,10 +876,20 @@ impl Sim {
                 session,
                 log,
             } => {
-                let node = self.node(n);
-                if !node.up {
+                if !self.nodes[&n].up {
+                    // The transfer fails (the node is down); the primary tries again, as
+                    // the runtime's catch-up does after any failure.
+                    self.at(
+                        CATCH_UP_RETRY_MS,
+                        Event::Refused {
+                            primary: from,
+                            node: n,
+                            epoch,
+                        },
+                    );
                     return;
                 }
+                let node = self.node(n);
                 let seq = Seq(log.len() as u64);
                 let epoch_last = log.last().map_or(Epoch(0), |e| e.0);
                 let mut held = seq;
@@ -920,11 +985,17 @@ impl Sim {
                     );
                 }
             }
-            Event::Ping { from, life, sent } => {
+            Event::Ping {
+                from,
+                life,
+                sent,
+                lateness,
+            } => {
                 // As the master records it: when the ping arrived, on its own clock.
                 let master_now = self.now_ms as f64 * self.master_rate;
                 let heard = self.pinged.entry(from).or_insert(0.0);
                 *heard = heard.max(master_now);
+                self.reported.insert(from, lateness);
                 // Suspected nodes get no lease until they are judged up again.
                 if self.state.nodes[&from].health == Health::Up {
                     let version = self.version;
@@ -999,6 +1070,16 @@ impl Sim {
         self.at(down_for, Event::Restart { node: n });
     }
 
+    /// The master stops handling anything for `ms`.
+    fn stall_master(&mut self, ms: u64) {
+        self.master_stalls += 1;
+        self.trace(|| format!("stall the master for {ms} ms"));
+        self.master_slow_until = self.now_ms + ms;
+        self.master_woke = true;
+        let woke = self.start + Duration::from_millis(self.master_slow_until);
+        self.master_health.observe(woke, Duration::from_millis(ms));
+    }
+
     /// `n` stops handling anything for `ms` (a CPU-starved process).
     fn stall(&mut self, n: NodeId, ms: u64) {
         self.stalls += 1;
@@ -1007,6 +1088,9 @@ impl Sim {
         let node = self.node(n);
         node.slow_until = now_ms + ms;
         node.silent_since.get_or_insert(now_ms);
+        // Scored as the node wakes and finds its timers late.
+        let woke = self.start + Duration::from_millis(now_ms + ms);
+        self.node(n).health.observe(woke, Duration::from_millis(ms));
     }
 
     /// Whether the configuration is whole: a primary with two live backups, every node
@@ -1042,8 +1126,15 @@ impl Sim {
                     break;
                 }
                 let event = entry.remove();
-                // A stalled node handles it when it wakes, in the order it arrived.
-                let slow_until = event.target().map_or(0, |n| self.nodes[&n].slow_until);
+                // A stalled node handles it when it wakes, in the order it arrived; a
+                // stalled master reads its socket a millisecond after its timers fire.
+                let slow_until = event.target().map_or_else(
+                    || match self.master_slow_until {
+                        0 => 0,
+                        until => until + 1,
+                    },
+                    |n| self.nodes[&n].slow_until,
+                );
                 if slow_until > self.now_ms {
                     self.at_ms(slow_until, event);
                     continue;
@@ -1066,11 +1157,16 @@ impl Sim {
                 let node = &self.nodes[&n];
                 if node.up && node.slow_until <= self.now_ms && node.next_ping <= self.now_ms {
                     let (life, sent) = (node.life, self.clock(n));
-                    self.node(n).next_ping = self.now_ms + HEARTBEAT_MS;
+                    let (now, next_ping) = (self.now(), self.now_ms + HEARTBEAT_MS);
+                    let node = self.node(n);
+                    node.next_ping = next_ping;
+                    node.health.observe(now, Duration::ZERO);
+                    let lateness = node.health.score();
                     self.send(Event::Ping {
                         from: n,
                         life,
                         sent,
+                        lateness,
                     });
                 }
             }
@@ -1078,7 +1174,11 @@ impl Sim {
             self.detect();
             if fault_per_mille > 0 && self.whole() && self.rng.below(1000) < fault_per_mille {
                 let victim = NODES[self.rng.below(3) as usize];
-                if self.rng.chance(50) {
+                if self.rng.chance(20) {
+                    // Mostly shorter than an election would take (the master stays).
+                    let ms = 1 + self.rng.below(2 * DETECT_MS);
+                    self.stall_master(ms);
+                } else if self.rng.chance(50) {
                     self.crash(victim);
                 } else {
                     // Mostly shorter than the detector, sometimes far longer.
@@ -1148,57 +1248,87 @@ impl Sim {
     }
 }
 
+/// One seed's run: faults, then a healed network, then the checks.
+fn simulate(seed: u64, adaptive: bool) -> Sim {
+    let mut sim = Sim::new(seed);
+    sim.adaptive = adaptive;
+    sim.run(12_000, 2, 5);
+    // Heal: no more faults, a clean network, time to settle.
+    sim.drop_percent = 0;
+    sim.dup_percent = 0;
+    sim.delay_ms_max = 1;
+    sim.run(3_000, 2, 0);
+    sim.run(2_000, u64::MAX, 0);
+    sim.check_settled();
+    sim
+}
+
+/// Seeds also run with fixed timeouts, to count the false verdicts adaptation prevents.
+const COMPARED_SEEDS: usize = 100;
+
 #[test]
 fn no_acknowledged_entry_is_lost_across_crashes_stalls_and_failovers() {
     #[derive(Default)]
     struct Totals {
         crashes: u32,
         stalls: u32,
+        master_stalls: u32,
         false_downs: u32,
         promotions: u32,
         snapshots: u32,
         released: usize,
         reads: u32,
+        compared: usize,
+        compared_adaptive: u32,
+        compared_fixed: u32,
     }
     let mut totals = Totals::default();
-    for seed in seeds() {
+    for (i, seed) in seeds().into_iter().enumerate() {
         let result = std::panic::catch_unwind(|| {
-            let mut sim = Sim::new(seed);
-            sim.run(12_000, 2, 5);
-            // Heal: no more faults, a clean network, time to settle.
-            sim.drop_percent = 0;
-            sim.dup_percent = 0;
-            sim.delay_ms_max = 1;
-            sim.run(3_000, 2, 0);
-            sim.run(2_000, u64::MAX, 0);
-            sim.check_settled();
-            sim
+            let sim = simulate(seed, true);
+            let fixed = (i < COMPARED_SEEDS).then(|| simulate(seed, false).false_downs);
+            (sim, fixed)
         });
         match result {
-            Ok(sim) => {
+            Ok((sim, fixed)) => {
                 totals.crashes += sim.crashes;
                 totals.stalls += sim.stalls;
+                totals.master_stalls += sim.master_stalls;
                 totals.false_downs += sim.false_downs;
                 totals.promotions += sim.promotions;
                 totals.snapshots += sim.snapshots;
                 totals.released += sim.released.len();
                 totals.reads += sim.reads;
+                if let Some(fixed) = fixed {
+                    totals.compared += 1;
+                    totals.compared_adaptive += sim.false_downs;
+                    totals.compared_fixed += fixed;
+                }
             }
             Err(_) => panic!("failover simulation failed with SIM_SEED={seed}"),
         }
     }
     println!(
-        "failover simulation: {} crashes, {} stalls ({} nodes declared down while alive), {} promotions, {} snapshots, {} entries released and checked, {} reads checked",
+        "failover simulation: {} crashes, {} stalls of nodes and {} of the master ({} nodes declared down while alive), {} promotions, {} snapshots, {} entries released and checked, {} reads checked",
         totals.crashes,
         totals.stalls,
+        totals.master_stalls,
         totals.false_downs,
         totals.promotions,
         totals.snapshots,
         totals.released,
         totals.reads
     );
+    println!(
+        "over the first {} seeds: {} nodes declared down while alive with timeouts adapted to local health, {} with fixed timeouts",
+        totals.compared, totals.compared_adaptive, totals.compared_fixed
+    );
     assert!(
         totals.crashes > 0 && totals.promotions > 0 && totals.false_downs > 0 && totals.reads > 0,
         "the simulation crashed nodes, took stalled ones for dead and promoted backups"
+    );
+    assert!(
+        totals.compared_adaptive < totals.compared_fixed,
+        "adapting to local health takes fewer live nodes for dead"
     );
 }
