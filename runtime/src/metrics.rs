@@ -30,6 +30,11 @@ pub struct FunctionBackupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeHealthLabels {
     pub node: String,
     /// `up` or `down`.
@@ -136,6 +141,10 @@ pub struct ClusterMetrics {
     /// The failure timeout this node would use now as master, for a node whose own score
     /// is 0 (the base times 1 + its local health score).
     pub failure_timeout_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// As master: each node's local health score as its last ping reported it, and the
+    /// failure timeout in use for it (sampled).
+    pub peer_local_health_score: Family<NodeLabels, Gauge>,
+    pub peer_failure_timeout_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// As master: suspicions dropped because the suspect was heard before the verdict
     /// was committed (it was slow, not dead).
     pub suspicions_refuted: Counter,
@@ -337,6 +346,8 @@ impl ClusterMetrics {
             local_health_score: Gauge::default(),
             failure_timeout_seconds: Gauge::default(),
             suspicions_refuted: Counter::default(),
+            peer_local_health_score: Family::default(),
+            peer_failure_timeout_seconds: Family::default(),
             catchups: Counter::default(),
             catchup_bytes: Counter::default(),
             // 1 ms .. ~65 s.
@@ -459,6 +470,16 @@ impl ClusterMetrics {
             "failure_timeout_seconds",
             "The failure timeout this node uses now as master for a node on time (base times 1 + local health score)",
             m.failure_timeout_seconds.clone(),
+        );
+        r.register(
+            "peer_local_health_score",
+            "As master: each node's local health score, as its last lease request reported it",
+            m.peer_local_health_score.clone(),
+        );
+        r.register(
+            "peer_failure_timeout_seconds",
+            "As master: the failure timeout in use for each node (base times 1 + the higher score)",
+            m.peer_failure_timeout_seconds.clone(),
         );
         r.register(
             "suspicions_refuted",

@@ -120,6 +120,12 @@ pub struct LeaseStatus {
     pub for_ms: f64,
     /// As master: since each node's last lease request arrived, in milliseconds.
     pub pinged_ms_ago: std::collections::BTreeMap<u64, f64>,
+    /// This node's local health score (0: its timers run on time; see
+    /// `understudy_control::lateness`).
+    pub local_health: u8,
+    /// The failure timeout this node uses now as master for a node on time, in
+    /// milliseconds (the base times 1 + `local_health`).
+    pub failure_timeout_ms: f64,
 }
 
 impl Cluster {
@@ -155,6 +161,8 @@ impl Cluster {
             late_ms: renewed_ms_ago.map(|r| (r - ms(self.heartbeat)).max(0.0)),
             for_ms: ms(self.lease_for),
             pinged_ms_ago,
+            local_health: self.lateness.score(),
+            failure_timeout_ms: ms(self.lateness.scaled(self.failure_timeout)),
         }
     }
 }

@@ -453,6 +453,30 @@ impl Cluster {
         m.local_health_score.set(i64::from(self.lateness.score()));
         m.failure_timeout_seconds
             .set(self.lateness.scaled(self.failure_timeout).as_secs_f64());
+        m.peer_local_health_score.clear();
+        m.peer_failure_timeout_seconds.clear();
+        if status.leader == Some(self.id) {
+            let own = self.lateness.score();
+            let reported: Vec<(NodeId, u8)> = self
+                .grants
+                .lock()
+                .lateness
+                .iter()
+                .map(|(n, s)| (*n, *s))
+                .collect();
+            for (n, score) in reported {
+                let labels = crate::metrics::NodeLabels {
+                    node: n.0.to_string(),
+                };
+                m.peer_local_health_score
+                    .get_or_create(&labels)
+                    .set(i64::from(score));
+                m.peer_failure_timeout_seconds.get_or_create(&labels).set(
+                    understudy_control::lateness::scaled(self.failure_timeout, own.max(score))
+                        .as_secs_f64(),
+                );
+            }
+        }
         m.function_epoch.clear();
         for (name, a) in &state.assignments {
             m.function_epoch
