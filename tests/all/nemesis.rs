@@ -2,8 +2,10 @@
 //! namespace of its own (see `netns`), under a nemesis that, on a schedule drawn from a
 //! seed, kills a node (kill -9, then restarts it), pauses it past the failure timeout
 //! (SIGSTOP/SIGCONT), cuts it off from every peer, cuts one direction only (iptables DROP
-//! in the `INPUT` chain of the receiving namespace), or drops a share of its QUIC packets
-//! (nftables `numgen random`). One fault at a time, each undone before the next, every
+//! in the `INPUT` chain of the receiving namespace), drops a share of its QUIC packets
+//! (nftables `numgen random`), starves one node of CPU (SIGSTOP for 5-40 ms again and
+//! again: its timers fire late, its messages are read late) or the whole machine (busy
+//! threads on every core). One fault at a time, each undone before the next, every
 //! loop bounded in count and time; dropping the `Net` removes every rule.
 //!
 //! Meanwhile clients run two workloads through every node, each request retried on the
@@ -48,14 +50,18 @@ enum Fault {
     Partition,
     OneWay,
     Loss,
+    Stall,
+    Hog,
 }
 
-const FAULTS: [Fault; 5] = [
+const FAULTS: [Fault; 7] = [
     Fault::Kill,
     Fault::Pause,
     Fault::Partition,
     Fault::OneWay,
     Fault::Loss,
+    Fault::Stall,
+    Fault::Hog,
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -223,6 +229,46 @@ impl Nemesis<'_> {
                     node + 1
                 )
             }
+            Fault::Stall => {
+                // A CPU-starved process: short stops, some past the failure timeout.
+                let until = Instant::now() + hold;
+                let mut rng = Rng(percent * 7919 + hold.as_millis() as u64);
+                let mut stops = 0;
+                while Instant::now() < until {
+                    self.signal(node, "-STOP");
+                    std::thread::sleep(rng.ms(5, 40));
+                    self.signal(node, "-CONT");
+                    std::thread::sleep(rng.ms(20, 100));
+                    stops += 1;
+                }
+                format!(
+                    "node {} starved of CPU for {hold:?} ({stops} stops of 5-40 ms)",
+                    node + 1
+                )
+            }
+            Fault::Hog => {
+                let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                let stop = Arc::new(AtomicBool::new(false));
+                let hogs: Vec<_> = (0..cores)
+                    .map(|_| {
+                        let stop = stop.clone();
+                        std::thread::spawn(move || {
+                            let mut x = 0u64;
+                            while !stop.load(Ordering::Relaxed) {
+                                x = std::hint::black_box(
+                                    x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                                );
+                            }
+                        })
+                    })
+                    .collect();
+                std::thread::sleep(hold);
+                stop.store(true, Ordering::Relaxed);
+                for hog in hogs {
+                    let _ = hog.join();
+                }
+                format!("{cores} busy threads hog every core for {hold:?}")
+            }
         }
     }
 }
@@ -329,6 +375,7 @@ fn a_cluster_under_a_seeded_nemesis_keeps_its_histories_consistent() {
                 Fault::Pause => rng.ms(50, 600),
                 Fault::Partition | Fault::OneWay => rng.ms(100, 1000),
                 Fault::Loss => rng.ms(500, 2000),
+                Fault::Stall | Fault::Hog => rng.ms(500, 3000),
             };
             let percent = 10 + rng.below(41);
             let settle = rng.ms(200, 1500);
