@@ -108,21 +108,24 @@ impl TxnLock {
     }
 
     /// Release the lock held by `txn` and hand it to the next waiter still waiting.
-    pub fn release(&self, txn: TxnId) {
+    /// Returns whether it was handed over: the new holder has been woken but has not
+    /// run yet.
+    pub fn release(&self, txn: TxnId) -> bool {
         let mut state = self.state.lock();
         if state.holder.map(|(holder, _)| holder) != Some(txn) {
             // Not the holder: a cancelled waiter; remove it from the queue if present.
             state.waiters.retain(|(t, _, _)| *t != txn);
-            return;
+            return false;
         }
         state.holder = None;
         while let Some((next, age, tx)) = state.waiters.pop_front() {
             state.holder = Some((next, age));
             if tx.send(()).is_ok() {
-                return;
+                return true;
             }
             state.holder = None;
         }
+        false
     }
 
     pub fn holder(&self) -> Option<TxnId> {
@@ -166,6 +169,21 @@ mod tests {
         lock.release(TxnId(1));
         second.await.expect("join").expect("acquired");
         assert_eq!(lock.holder(), Some(TxnId(2)));
+    }
+
+    #[tokio::test]
+    async fn release_says_whether_it_handed_the_lock_over() {
+        let lock = std::sync::Arc::new(TxnLock::default());
+        lock.acquire(TxnId(1), Mode::First)
+            .await
+            .expect("free lock");
+        let l2 = lock.clone();
+        let second = tokio::spawn(async move { l2.acquire(TxnId(2), Mode::First).await });
+        tokio::task::yield_now().await;
+        assert!(lock.release(TxnId(1)), "handed to the waiter");
+        second.await.expect("join").expect("acquired");
+        assert!(!lock.release(TxnId(2)), "nobody was waiting");
+        assert_eq!(lock.holder(), None);
     }
 
     #[tokio::test]

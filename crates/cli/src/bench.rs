@@ -3,8 +3,9 @@
 //!
 //! - invoke: bare wasmtime (instantiate + call, state in a plain map) against the
 //!   runtime's in-process path and against HTTP, one client, no fsync.
-//! - commit: `disk` durability at several client counts, beside the measured fsync
-//!   time and the bound it sets (clients / fsync time).
+//! - commit: `disk` and `memory` durability side by side at several client counts,
+//!   beside the measured fsync time, the bound it sets on `disk` (clients / fsync time)
+//!   and the CPU the process spent.
 //! - memory: resident memory per deployed function and per in-flight instance.
 //! - replicated: commits over HTTP against node processes on loopback: a node alone,
 //!   and a three-node cluster with functions of one, two and three copies (primary plus
@@ -50,6 +51,9 @@ pub struct Args {
     /// Concurrent clients for the commit benchmark.
     #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
     pub clients: Vec<usize>,
+    /// Durabilities for the commit benchmark, measured in turn at each client count.
+    #[arg(long, value_delimiter = ',', default_value = "disk,memory")]
+    pub durability: Vec<Durability>,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
@@ -393,16 +397,18 @@ fn fsync_times(dir: &std::path::Path) -> anyhow::Result<Vec<Duration>> {
 async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
     let times = fsync_times(dir)?;
     let fsync_mean = times.iter().sum::<Duration>() / times.len() as u32;
-    println!("== commits with disk durability: counter.increment on one function ==");
+    println!("== commits: counter.increment on one function, in process ==");
     println!(
         "fsync probe (4 KiB write + fdatasync, 200 runs): p50 {:.0} us, mean {:.0} us, p99 {:.0} us",
         us(percentile(&times, 0.5)),
         us(fsync_mean),
         us(percentile(&times, 0.99))
     );
-    println!("bound = clients / (mean fsync of the log during that run): one commit per client per fsync");
+    println!("bound = clients / (mean fsync of the log during that run): one commit per client per fsync (disk only)");
+    println!("cpu us = CPU time (user + system) of this process per commit; cores = CPU time / wall time");
     println!(
-        "{:>8} {:>12} {:>10} {:>10} {:>11} {:>14} {:>9} {:>13}",
+        "{:>10} {:>8} {:>12} {:>10} {:>10} {:>11} {:>14} {:>9} {:>13} {:>7} {:>6}",
+        "durability",
         "clients",
         "commits/s",
         "p50 us",
@@ -410,40 +416,68 @@ async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
         "fsync us",
         "fsync bound/s",
         "of bound",
-        "commits/fsync"
+        "commits/fsync",
+        "cpu us",
+        "cores"
     );
+    let pids = [std::process::id()];
     for &clients in &args.clients {
-        let node = open_node(dir, &format!("commit-{clients}"), Durability::Disk).await?;
-        node.deploy("counter", counter.to_vec(), Default::default())
-            .await?;
-        let n = node.clone();
-        let (ops, elapsed, lat) = drive(clients, args.seconds, move || {
-            let n = n.clone();
-            async move {
-                let answer = n.invoke("counter", "increment", b"null", None).await?;
-                answer
-                    .outcome
-                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                Ok(())
-            }
-        })
-        .await;
-        let rate = ops as f64 / elapsed.as_secs_f64();
-        let stats = node.wal_stats();
-        let fsyncs = stats.fsyncs.max(1);
-        let fsync_us = stats.fsync_ns as f64 / fsyncs as f64 / 1000.0;
-        let bound = clients as f64 / (fsync_us / 1e6);
-        println!(
-            "{:>8} {:>12.0} {:>10.0} {:>10.0} {:>11.0} {:>14.0} {:>8.0}% {:>13.1}",
-            clients,
-            rate,
-            us(percentile(&lat, 0.5)),
-            us(percentile(&lat, 0.99)),
-            fsync_us,
-            bound,
-            100.0 * rate / bound,
-            stats.records as f64 / fsyncs as f64
-        );
+        for &durability in &args.durability {
+            let name = match durability {
+                Durability::Disk => "disk",
+                Durability::Memory => "memory",
+            };
+            let node = open_node(dir, &format!("commit-{name}-{clients}"), durability).await?;
+            node.deploy("counter", counter.to_vec(), Default::default())
+                .await?;
+            let n = node.clone();
+            let cpu_before = cpu_us(&pids);
+            let (ops, elapsed, lat) = drive(clients, args.seconds, move || {
+                let n = n.clone();
+                async move {
+                    let answer = n.invoke("counter", "increment", b"null", None).await?;
+                    answer
+                        .outcome
+                        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                    Ok(())
+                }
+            })
+            .await;
+            let cpu = cpu_before
+                .zip(cpu_us(&pids))
+                .map(|(before, after)| after - before);
+            let rate = ops as f64 / elapsed.as_secs_f64();
+            let stats = node.wal_stats();
+            let fsyncs = stats.fsyncs.max(1);
+            let fsync_us = stats.fsync_ns as f64 / fsyncs as f64 / 1000.0;
+            let (bound, of_bound) = match durability {
+                Durability::Disk => {
+                    let bound = clients as f64 / (fsync_us / 1e6);
+                    (
+                        format!("{bound:.0}"),
+                        format!("{:.0}%", 100.0 * rate / bound),
+                    )
+                }
+                Durability::Memory => ("-".to_owned(), "-".to_owned()),
+            };
+            println!(
+                "{:>10} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>11.0} {:>14} {:>9} {:>13.1} {:>7} {:>6}",
+                name,
+                clients,
+                rate,
+                us(percentile(&lat, 0.5)),
+                us(percentile(&lat, 0.99)),
+                fsync_us,
+                bound,
+                of_bound,
+                stats.records as f64 / fsyncs as f64,
+                cpu_cell(cpu.filter(|_| ops > 0).map(|c| c / ops as f64)),
+                cpu.map_or_else(
+                    || "-".to_owned(),
+                    |c| format!("{:.2}", c / 1e6 / elapsed.as_secs_f64())
+                ),
+            );
+        }
     }
     println!();
     Ok(())
