@@ -169,6 +169,15 @@ pub(crate) fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// One request of a client of `drive`: `counter.increment` on `node`, in process.
+async fn increment(node: Node) -> anyhow::Result<()> {
+    let answer = node.invoke("counter", "increment", b"null", None).await?;
+    answer
+        .outcome
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    Ok(())
+}
+
 async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
     println!("== invocation cost: counter.increment, 1 client, no fsync ==");
     let bare = bare_loop(counter, args.seconds).await?;
@@ -176,17 +185,7 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     node.deploy("counter", counter.to_vec(), Default::default())
         .await?;
     let n = node.clone();
-    let (ops, elapsed, lat) = drive(1, args.seconds, move || {
-        let n = n.clone();
-        async move {
-            let answer = n.invoke("counter", "increment", b"null", None).await?;
-            answer
-                .outcome
-                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            Ok(())
-        }
-    })
-    .await;
+    let (ops, elapsed, lat) = drive(1, args.seconds, move || increment(n.clone())).await;
     let in_process = ops as f64 / elapsed.as_secs_f64();
     let in_process_p50 = percentile(&lat, 0.5);
 
@@ -432,17 +431,8 @@ async fn commit(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
                 .await?;
             let n = node.clone();
             let cpu_before = cpu_us(&pids);
-            let (ops, elapsed, lat) = drive(clients, args.seconds, move || {
-                let n = n.clone();
-                async move {
-                    let answer = n.invoke("counter", "increment", b"null", None).await?;
-                    answer
-                        .outcome
-                        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                    Ok(())
-                }
-            })
-            .await;
+            let (ops, elapsed, lat) =
+                drive(clients, args.seconds, move || increment(n.clone())).await;
             let cpu = cpu_before
                 .zip(cpu_us(&pids))
                 .map(|(before, after)| after - before);

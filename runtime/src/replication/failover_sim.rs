@@ -651,6 +651,19 @@ impl Sim {
         );
     }
 
+    /// `n` did not take `primary`'s snapshot of `epoch`: the primary sends it again after
+    /// `CATCH_UP_RETRY_MS`, as the runtime's catch-up retries.
+    fn refuse_snapshot(&mut self, primary: NodeId, n: NodeId, epoch: Epoch) {
+        self.at(
+            CATCH_UP_RETRY_MS,
+            Event::Refused {
+                primary,
+                node: n,
+                epoch,
+            },
+        );
+    }
+
     fn backup_commands(&mut self, n: NodeId, epoch: Epoch, commands: Vec<backup::Command<u64>>) {
         for command in commands {
             match command {
@@ -879,14 +892,7 @@ impl Sim {
                 if !self.nodes[&n].up {
                     // The transfer fails (the node is down); the primary tries again, as
                     // the runtime's catch-up does after any failure.
-                    self.at(
-                        CATCH_UP_RETRY_MS,
-                        Event::Refused {
-                            primary: from,
-                            node: n,
-                            epoch,
-                        },
-                    );
+                    self.refuse_snapshot(from, n, epoch);
                     return;
                 }
                 let node = self.node(n);
@@ -906,14 +912,7 @@ impl Sim {
                     }
                     // As the runtime: not (yet) a backup here; the primary tries again.
                     Role::None | Role::Primary(_) => {
-                        self.at(
-                            CATCH_UP_RETRY_MS,
-                            Event::Refused {
-                                primary: from,
-                                node: n,
-                                epoch,
-                            },
-                        );
+                        self.refuse_snapshot(from, n, epoch);
                         return;
                     }
                 };
