@@ -39,11 +39,11 @@ use understudy_net::{Channel, Handler, HandlerFuture, Identity, Transport};
 
 use crate::ids::{Digest, FunctionName};
 use crate::node::{AdminError, Answer, InvokeError, Node};
-use crate::replication::follow::{self, Follow};
+use crate::replication::replica as replica_core;
 use crate::replication::Epoch;
 use crate::wasm::GuestError;
-use replica::{Copy, Replicas};
-use wire::{Bulk, BulkReply, Entry, Invoke, InvokeReply};
+use replica::Replicas;
+use wire::{Bulk, BulkReply, Invoke, InvokeReply};
 
 /// How long a deploy waits for every copy to have installed the component.
 const DEPLOY_READY_WAIT: Duration = Duration::from_secs(30);
@@ -1216,103 +1216,83 @@ impl Cluster {
         ))
     }
 
-    /// Make this node's primary copy of `function` match assignment `a`: a new engine
-    /// for a new epoch (after the old one released what it had sent), catch-ups for new
-    /// backups, and word to the master when one has caught up.
-    async fn follow_as_primary(&self, function: &FunctionName, a: &understudy_control::Assignment) {
-        let assigned = follow::Assigned {
-            epoch: a.epoch,
-            backups: &a.backups,
-            catching_up: &a.catching_up,
-        };
-        let stepped_down = self.replicas.stepped_down(function, a.epoch);
-        let old = self.replicas.primary_any(function);
-        let plan = match &old {
-            Some(p) => p.follow(stepped_down, assigned),
-            None => {
-                let restarted = self.replicas.restarted_as_primary(function, a.epoch);
-                follow::as_primary::<Entry>(None, stepped_down, restarted, assigned)
-            }
-        };
-        match plan {
-            Follow::Wait => {}
-            Follow::Renew { epoch } => {
-                let command = understudy_control::Command::Renew {
-                    function: function.to_string(),
-                    primary: self.id,
-                    expected_epoch: epoch,
-                };
-                match self.timed(self.control.propose_via_leader(command)).await {
-                    Ok(understudy_control::Response::Rejected(why)) => {
-                        tracing::info!(%function, epoch = epoch.0, %why, "restarted as primary of an epoch the cluster has left; following the cluster");
+    /// Make this node's copy of `function` follow assignment `a`: its replica machine
+    /// decides (a new primary engine for a new epoch once the old one released what it
+    /// had sent, catch-ups for new backups, a demotion, a renewal after a restart), and
+    /// this carries out what needs the function's lock or the master.
+    async fn follow(&self, function: &FunctionName, a: &understudy_control::Assignment) {
+        let copy = self.replicas.copy(function);
+        let restarted = self.replicas.restarted_as_primary(function, a.epoch);
+        let mut todo: std::collections::VecDeque<_> = copy
+            .step_with(|| replica_core::Event::Assigned {
+                assignment: replica_core::Assignment {
+                    epoch: a.epoch,
+                    primary: a.primary,
+                    backups: a.backups.clone(),
+                    catching_up: a.catching_up.clone(),
+                },
+                log: self.replicas.position(function),
+                restarted,
+            })
+            .into();
+        let mut locked = None;
+        while let Some(command) = todo.pop_front() {
+            let more = match command {
+                replica_core::Command::Lock | replica_core::Command::Drain => {
+                    if locked.is_some() {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    } else {
+                        locked = self.node.lock_function(function).await;
+                        if locked.is_none() {
+                            return;
+                        }
                     }
-                    Ok(_) => {
-                        tracing::info!(%function, epoch = epoch.0, "restarted as primary: serving again in a new epoch");
-                    }
-                    Err(e) => {
-                        tracing::warn!(%function, epoch = epoch.0, error = %e, "restarted as primary: cannot get a new epoch yet");
-                    }
+                    copy.step_with(|| replica_core::Event::Locked {
+                        log: self.replicas.position(function),
+                        session: replica::new_session(),
+                    })
                 }
-            }
-            Follow::Adjust {
-                catch_up,
-                caught_up,
-                remove,
-            } => {
-                let Some(p) = old else { return };
-                for n in catch_up {
-                    self.replicas.senders().catch_up(p.clone(), n);
+                replica_core::Command::Unlock => {
+                    locked = None;
+                    Vec::new()
                 }
-                for n in caught_up {
+                replica_core::Command::Renew { epoch } => {
+                    let command = understudy_control::Command::Renew {
+                        function: function.to_string(),
+                        primary: self.id,
+                        expected_epoch: epoch,
+                    };
+                    match self.timed(self.control.propose_via_leader(command)).await {
+                        Ok(understudy_control::Response::Rejected(why)) => {
+                            tracing::info!(%function, epoch = epoch.0, %why, "restarted as primary of an epoch the cluster has left; following the cluster");
+                        }
+                        Ok(_) => {
+                            tracing::info!(%function, epoch = epoch.0, "restarted as primary: serving again in a new epoch");
+                        }
+                        Err(e) => {
+                            tracing::warn!(%function, epoch = epoch.0, error = %e, "restarted as primary: cannot get a new epoch yet");
+                        }
+                    }
+                    Vec::new()
+                }
+                replica_core::Command::ReportCaughtUp { node, epoch } => {
                     // It holds every released commit: it can count from now on.
                     let command = understudy_control::Command::BackupCaughtUp {
                         function: function.to_string(),
-                        node: n,
-                        expected_epoch: a.epoch,
+                        node,
+                        expected_epoch: epoch,
                     };
                     if let Err(e) = self.timed(self.control.propose_via_leader(command)).await {
-                        tracing::warn!(%function, backup = %n, error = %e, "cannot report a caught-up backup");
+                        tracing::warn!(%function, backup = %node, error = %e, "cannot report a caught-up backup");
                     }
+                    Vec::new()
                 }
-                for n in remove {
-                    p.remove_peer(n);
+                other => {
+                    tracing::debug!(%function, command = ?other, "a command the copy does not expect here");
+                    Vec::new()
                 }
-            }
-            Follow::Start {
-                epoch,
-                remove_now,
-                drain_old,
-                backups,
-                catching_up,
-            } => {
-                if let Some(old) = &old {
-                    for n in remove_now {
-                        old.remove_peer(n);
-                    }
-                }
-                let Some(_locked) = self.node.lock_function(function).await else {
-                    return;
-                };
-                if let (Some(old), true) = (&old, drain_old) {
-                    // A backup that learned of the new epoch first refuses the old one's
-                    // appends (the old copy is then fenced): nothing more will be
-                    // released there, and its waiters retry on the new copy with their
-                    // keys.
-                    let started = Instant::now();
-                    while old.draining() && started.elapsed() < follow::DRAIN_WAIT {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    if old.draining() {
-                        tracing::warn!(%function, epoch = old.epoch.0, peers = ?old.peers(), status = %old.status(&[]), "the old configuration did not release everything it had sent within {:?}; its waiters are told to retry", follow::DRAIN_WAIT);
-                    }
-                }
-                self.replicas.become_primary(function, epoch, &backups);
-                if let Some(p) = self.replicas.primary(function) {
-                    for n in catching_up {
-                        self.replicas.senders().catch_up(p.clone(), n);
-                    }
-                }
-            }
+            };
+            todo.extend(more);
         }
     }
 
@@ -1336,9 +1316,8 @@ impl Cluster {
                 continue;
             };
             if !a.holds(me) {
-                if self.replicas.get(&fname).is_some() {
-                    let _locked = self.node.lock_function(&fname).await;
-                    self.replicas.forget(&fname);
+                if self.replicas.holds(&fname) {
+                    self.follow(&fname, a).await;
                 }
                 continue;
             }
@@ -1379,15 +1358,7 @@ impl Cluster {
                     tracing::error!(function = %name, error = %e, "cannot follow start/stop");
                 }
             }
-            let epoch = a.epoch;
-            if a.primary == me {
-                self.follow_as_primary(&fname, a).await;
-            } else if matches!(self.replicas.get(&fname), Some(Copy::Primary(_))) {
-                let _locked = self.node.lock_function(&fname).await;
-                self.replicas.become_backup(&fname, epoch);
-            } else {
-                self.replicas.become_backup(&fname, epoch);
-            }
+            self.follow(&fname, a).await;
         }
         // Deleted from the cluster: delete here too (only functions this run saw in the
         // cluster state, so a state not yet recovered deletes nothing).

@@ -1,30 +1,32 @@
 //! The data plane: this node's copies of functions, as primary or as backup, and the
-//! links that carry their logs. It drives the I/O-free engines of `replication`: the
-//! commit path feeds a primary copy every commit (under the function's lock, so in
-//! order), senders batch appends per backup node into one QUIC request, and a backup
-//! applies what it receives to its own log and state and acknowledges once durable.
+//! links that carry their logs. Each function's copy is a `replication::replica`
+//! machine (its role, its engine, its role changes), stepped under one lock per
+//! function; this module carries out what it commands: the commit path feeds a primary
+//! every commit (under the function's lock, so in order), senders batch appends per
+//! backup node into one QUIC request, and a backup applies what it receives to its own
+//! log and state and acknowledges once durable.
 //!
 //! **Invariant:** a commit's answer waits for its `Release`: every backup of the epoch
 //! holds it (fsynced with `disk` durability, in memory with `memory`).
-//! **Invariant:** a primary copy's engine is stepped and its commands dispatched under
-//! one lock, so appends leave for each backup in the order they were made.
+//! **Invariant:** a copy's machine is stepped and its commands dispatched under one
+//! lock, so appends leave for each backup in the order they were made, and a backup
+//! applies what it received before any role change reads its position.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use tokio::sync::{mpsc, watch};
 use understudy_net::{Channel, Transport};
 
 use super::wire::{self, Entry, Replicate, ReplicateReply};
 use crate::ids::{FunctionName, Lsn};
 use crate::node::Node;
-use crate::replication::{
-    backup, follow, primary, Append, Backup, Epoch, NodeId, Primary, Reply, Seq,
-};
+use crate::replication::replica::{Command, Event, Offer, Position, Replica};
+use crate::replication::{Append, Epoch, NodeId, Reply, Seq};
 use crate::wal::Durability;
 
 /// How often primaries look for backups that went silent (and resend to them).
@@ -36,7 +38,7 @@ const BATCH_APPENDS_MAX: usize = 4096;
 
 /// A session number no other primary engine on this node has had, in this process or an
 /// earlier one (a random base per process, then counting): see `replication::Append`.
-fn new_session() -> u64 {
+pub fn new_session() -> u64 {
     use std::hash::BuildHasher;
     static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -58,16 +60,17 @@ pub enum NotReleased {
     Retired { function: FunctionName },
 }
 
-/// This node's copy of a function whose primary it is, in one epoch.
+/// One primary session of a function on this node (one engine, in one epoch): what the
+/// commit path and its waiters hold.
 pub struct PrimaryCopy {
     pub function: FunctionName,
     pub epoch: Epoch,
-    engine: Mutex<Primary<Entry>>,
+    session: u64,
+    copy: Weak<FunctionCopy>,
     released: watch::Sender<Seq>,
-    /// Set when the copy must stop serving: fenced by a newer epoch, or replaced.
+    /// Set when the session must stop serving: fenced by a newer epoch, or retired.
     ended: watch::Sender<Option<NotReleased>>,
     fenced: AtomicBool,
-    senders: Arc<Senders>,
 }
 
 impl std::fmt::Debug for PrimaryCopy {
@@ -75,32 +78,38 @@ impl std::fmt::Debug for PrimaryCopy {
         f.debug_struct("PrimaryCopy")
             .field("function", &self.function)
             .field("epoch", &self.epoch)
+            .field("session", &self.session)
             .finish_non_exhaustive()
     }
 }
 
 impl PrimaryCopy {
-    /// Whether it may run transactions: not fenced, not replaced.
+    /// Whether it may run transactions: not fenced, not retired.
     pub fn serving(&self) -> bool {
         self.ended.borrow().is_none()
     }
 
     /// Hand the engine a commit (called under the function's lock, right after the
     /// commit was appended locally, so seqs arrive in order).
-    pub fn appended(self: &Arc<Self>, seq: u64, entry: Entry) {
+    pub fn appended(&self, seq: u64, entry: Entry) {
+        let Some(copy) = self.copy.upgrade() else {
+            return;
+        };
+        let seq = Seq(seq);
+        let mut core = copy.core.lock();
         let now = Instant::now();
-        let mut engine = self.engine.lock();
-        let mut commands = engine.step(
+        let mut commands = core.step(
             now,
-            primary::Event::Appended {
-                seq: Seq(seq),
+            Event::Appended {
+                session: self.session,
+                seq,
                 payload: entry,
             },
         );
         // The local log's durability is awaited by the commit path itself (it waits for
         // both), so the engine counts only the backups.
-        commands.extend(engine.step(now, primary::Event::LocalDurable { seq: Seq(seq) }));
-        self.dispatch(&mut engine, commands);
+        commands.extend(core.step(now, Event::Durable { seq }));
+        copy.dispatch(&core, commands);
     }
 
     /// Whether every commit up to `seq` is held by every backup of the epoch already.
@@ -134,7 +143,7 @@ impl PrimaryCopy {
 
     /// Stop serving: a newer configuration replaces this one. Waiters whose commits
     /// were not released get an error.
-    pub fn retire(&self) {
+    fn retire(&self) {
         self.ended.send_if_modified(|ended| {
             if ended.is_none() {
                 *ended = Some(self.retired());
@@ -145,138 +154,194 @@ impl PrimaryCopy {
         });
     }
 
-    /// Names this copy's engine among the primaries of its epoch (see `replication::Append`).
+    /// Names this session's engine among the primaries of its epoch (see
+    /// `replication::Append`).
     pub fn session(&self) -> u64 {
-        self.engine.lock().session()
+        self.session
     }
 
-    /// What this copy does for `assigned`, which names this node primary (see
-    /// `replication::follow`).
-    pub fn follow(&self, stepped_down: bool, assigned: follow::Assigned<'_>) -> follow::Follow {
-        let engine = self.engine.lock();
-        follow::as_primary(Some(self.held(&engine)), stepped_down, false, assigned)
-    }
-
-    /// Whether it still has something to release, and may.
-    pub fn draining(&self) -> bool {
-        follow::draining(self.held(&self.engine.lock()))
-    }
-
-    fn held<'a>(&self, engine: &'a Primary<Entry>) -> follow::Held<'a, Entry> {
-        follow::Held {
-            engine,
-            serving: self.serving(),
+    /// Step the function's copy (events of the senders and catch-ups).
+    fn step(&self, event: Event<Entry>) {
+        if let Some(copy) = self.copy.upgrade() {
+            copy.step(event);
         }
     }
 
     /// The backups it ships to, with whether each is live (counts for commits).
     pub fn peers(&self) -> Vec<(NodeId, bool)> {
-        let engine = self.engine.lock();
-        engine
-            .peers()
-            .into_iter()
-            .map(|n| (n, engine.peer_state(n) == Some(primary::PeerState::Live)))
-            .collect()
+        self.with_engine(|core| core.peers()).unwrap_or_default()
     }
 
-    /// `node` left the configuration: commits no longer wait for it.
-    pub fn remove_peer(self: &Arc<Self>, node: NodeId) {
-        self.step(primary::Event::PeerRemoved { node });
+    /// Read this session's engine, if it is still the copy's.
+    fn with_engine<T>(&self, read: impl FnOnce(&Replica<Entry>) -> T) -> Option<T> {
+        let copy = self.copy.upgrade()?;
+        let core = copy.core.lock();
+        core.primary()
+            .is_some_and(|e| e.session() == self.session)
+            .then(|| read(&core))
     }
 
     pub fn status(&self, backups: &[NodeId]) -> serde_json::Value {
-        let engine = self.engine.lock();
-        let lag: serde_json::Map<String, serde_json::Value> = backups
-            .iter()
-            .map(|b| (b.0.to_string(), serde_json::json!(engine.lag(*b))))
-            .collect();
+        let (seq, seq_released, lag) = self
+            .with_engine(|core| {
+                let engine = core.primary().expect("checked");
+                let lag: serde_json::Map<String, serde_json::Value> = backups
+                    .iter()
+                    .map(|b| (b.0.to_string(), serde_json::json!(engine.lag(*b))))
+                    .collect();
+                (engine.seq_last().0, engine.seq_released().0, lag)
+            })
+            .unwrap_or_default();
         serde_json::json!({
-            "seq": engine.seq_last().0,
-            "seq_released": engine.seq_released().0,
+            "seq": seq,
+            "seq_released": seq_released,
             "fenced": self.fenced.load(Ordering::Relaxed),
             "lag": lag,
         })
     }
+}
 
-    fn step(self: &Arc<Self>, event: primary::Event<Entry>) {
-        let mut engine = self.engine.lock();
-        let commands = engine.step(Instant::now(), event);
-        self.dispatch(&mut engine, commands);
+/// One function's copy on this node: its replica machine, stepped under one lock, and
+/// the handle of its primary session, if it has one.
+pub struct FunctionCopy {
+    pub function: FunctionName,
+    core: Mutex<Replica<Entry>>,
+    current: Mutex<Option<Arc<PrimaryCopy>>>,
+    senders: Arc<Senders>,
+}
+
+impl FunctionCopy {
+    /// Step the machine and carry out what needs no waiting; return what only the
+    /// caller can do (the lock, proposals to the master, a backup's applies and
+    /// replies).
+    pub fn step(self: &Arc<Self>, event: Event<Entry>) -> Vec<Command<Entry>> {
+        self.step_with(|| event)
+    }
+
+    /// As `step`, with the event made under the machine's lock: a position read there
+    /// is final (a backup applies what it receives under the same lock).
+    pub fn step_with(
+        self: &Arc<Self>,
+        event: impl FnOnce() -> Event<Entry>,
+    ) -> Vec<Command<Entry>> {
+        let mut core = self.core.lock();
+        let commands = core.step(Instant::now(), event());
+        self.dispatch(&core, commands)
+    }
+
+    /// The machine, locked (a backup applies what it received under it).
+    fn lock(&self) -> MutexGuard<'_, Replica<Entry>> {
+        self.core.lock()
+    }
+
+    /// The primary session, serving or not.
+    pub fn primary_any(&self) -> Option<Arc<PrimaryCopy>> {
+        self.current.lock().clone()
+    }
+
+    /// The primary session, if it serves.
+    pub fn primary(&self) -> Option<Arc<PrimaryCopy>> {
+        self.current.lock().clone().filter(|p| p.serving())
+    }
+
+    fn session(&self, session: u64) -> Option<Arc<PrimaryCopy>> {
+        self.current
+            .lock()
+            .clone()
+            .filter(|p| p.session == session)
     }
 
     fn dispatch(
         self: &Arc<Self>,
-        _engine: &mut Primary<Entry>,
-        commands: Vec<primary::Command<Entry>>,
-    ) {
+        core: &Replica<Entry>,
+        commands: Vec<Command<Entry>>,
+    ) -> Vec<Command<Entry>> {
+        let mut rest = Vec::new();
         for command in commands {
             match command {
-                primary::Command::Send { to, append } => {
-                    self.senders.send(to, self.clone(), append)
-                }
-                primary::Command::Release { seq } => {
-                    self.released.send_if_modified(|r| {
-                        let advanced = seq > *r;
-                        *r = (*r).max(seq);
-                        advanced
-                    });
-                }
-                primary::Command::Fenced { epoch } => {
-                    // Usually this node is about to take the newer epoch itself (a backup
-                    // learned of it first); otherwise it was deposed.
-                    if self.serving() {
-                        tracing::info!(function = %self.function, epoch = self.epoch.0, newer = epoch.0, "fenced: a backup knows a newer epoch; this configuration no longer serves");
-                    }
-                    self.fenced.store(true, Ordering::Relaxed);
-                    self.ended.send_replace(Some(NotReleased::Fenced {
+                Command::Serve {
+                    epoch,
+                    session,
+                    seq,
+                    backups,
+                } => {
+                    let copy = Arc::new(PrimaryCopy {
                         function: self.function.clone(),
-                        epoch: epoch.0,
-                    }));
+                        epoch,
+                        session,
+                        copy: Arc::downgrade(self),
+                        released: watch::channel(Seq(0)).0,
+                        ended: watch::channel(None).0,
+                        fenced: AtomicBool::new(false),
+                    });
+                    if let Some(old) = self.current.lock().replace(copy) {
+                        old.retire();
+                    }
+                    tracing::info!(function = %self.function, epoch = epoch.0, seq = seq.0, ?backups, "primary");
                 }
-                primary::Command::NeedSnapshot { to } => {
-                    self.senders.catch_up(self.clone(), to);
+                Command::Retire { session } => {
+                    if let Some(p) = self.session(session) {
+                        p.retire();
+                    }
                 }
-                primary::Command::PeerLive { node } => {
+                Command::Fenced { session, epoch } => {
+                    if let Some(p) = self.session(session) {
+                        // Usually this node is about to take the newer epoch itself (a
+                        // backup learned of it first); otherwise it was deposed.
+                        if p.serving() {
+                            tracing::info!(function = %self.function, epoch = p.epoch.0, newer = epoch.0, "fenced: a backup knows a newer epoch; this configuration no longer serves");
+                        }
+                        p.fenced.store(true, Ordering::Relaxed);
+                        p.ended.send_replace(Some(NotReleased::Fenced {
+                            function: self.function.clone(),
+                            epoch: epoch.0,
+                        }));
+                    }
+                }
+                Command::Release { session, seq } => {
+                    if let Some(p) = self.session(session) {
+                        p.released.send_if_modified(|r| {
+                            let advanced = seq > *r;
+                            *r = (*r).max(seq);
+                            advanced
+                        });
+                    }
+                }
+                Command::Send { to, append } => {
+                    if let Some(p) = self.session(append.session) {
+                        self.senders.send(to, p, append);
+                    }
+                }
+                Command::CatchUp { session, to } => {
+                    if let Some(p) = self.session(session) {
+                        self.senders.catch_up(p, to);
+                    }
+                }
+                Command::CaughtUp { node } => {
                     tracing::info!(function = %self.function, backup = %node, "backup caught up");
-                    // The cluster tells the master (see `Cluster::reconcile`).
+                    // The cluster tells the master (see `Cluster::follow`).
                     self.senders.poke.notify_one();
                 }
+                Command::DrainGaveUp {
+                    epoch,
+                    seq_last,
+                    seq_released,
+                } => {
+                    tracing::warn!(function = %self.function, epoch = epoch.0, seq_last = seq_last.0, seq_released = seq_released.0, peers = ?core.peers(), "the old configuration did not release everything it had sent within {:?}; its waiters are told to retry", crate::replication::follow::DRAIN_WAIT);
+                }
+                Command::Follow { epoch, seq } => {
+                    tracing::info!(function = %self.function, epoch = epoch.0, seq = seq.0, "backup");
+                }
+                Command::Resync { from } => {
+                    tracing::warn!(function = %self.function, primary = %from, "this copy diverged from the primary's log; it waits for the primary's snapshot");
+                }
+                other => rest.push(other),
             }
         }
+        rest
     }
 }
 
-/// This node's copy of a function whose backup it is.
-pub struct BackupCopy {
-    pub function: FunctionName,
-    engine: Mutex<Backup>,
-    /// Replaced (this node became primary): what arrives for it is not applied. Set under
-    /// the engine's lock, so no apply is half-way when the new role reads the position.
-    retired: AtomicBool,
-}
-
-impl BackupCopy {
-    pub fn epoch(&self) -> Epoch {
-        self.engine.lock().epoch()
-    }
-
-    /// The control plane committed `epoch` for this function.
-    pub fn epoch_committed(&self, epoch: Epoch) {
-        self.engine
-            .lock()
-            .step::<Entry>(backup::Event::EpochCommitted { epoch });
-    }
-
-    pub fn seq(&self) -> Seq {
-        self.engine.lock().seq_durable()
-    }
-}
-
-#[derive(Clone)]
-pub enum Copy {
-    Primary(Arc<PrimaryCopy>),
-    Backup(Arc<BackupCopy>),
-}
 
 /// An append waiting to leave, with the copy that answers go back to.
 type Outgoing = (Arc<PrimaryCopy>, Append<Entry>);
@@ -381,7 +446,8 @@ impl Senders {
             .node
             .capture_function(&copy.function)
             .ok_or_else(gone)?;
-        copy.step(primary::Event::Installing {
+        copy.step(Event::Installing {
+            session: copy.session(),
             node: to,
             seq: Seq(seq),
         });
@@ -406,7 +472,8 @@ impl Senders {
             .await?;
         match wire::decode::<wire::BulkReply>(&reply)? {
             wire::BulkReply::Installed { seq: installed } => {
-                copy.step(primary::Event::Resynced {
+                copy.step(Event::Resynced {
+                    session: copy.session(),
                     node: to,
                     seq: Seq(installed),
                 });
@@ -431,7 +498,7 @@ impl Senders {
                 Ok(())
             }
             wire::BulkReply::Stale { epoch } => {
-                copy.step(primary::Event::Replied {
+                copy.step(Event::Replied {
                     from: to,
                     reply: Reply::Stale {
                         epoch: Epoch(epoch),
@@ -528,7 +595,7 @@ impl Senders {
             };
             for ((copy, _), replies) in batch.iter().zip(reply.replies) {
                 for reply in replies {
-                    copy.step(primary::Event::Replied { from: to, reply });
+                    copy.step(Event::Replied { from: to, reply });
                 }
             }
         }
@@ -539,10 +606,7 @@ impl Senders {
 pub struct Replicas {
     me: NodeId,
     node: Node,
-    copies: RwLock<HashMap<FunctionName, Copy>>,
-    /// Primary roles this node gave up on the master's request (a drain), by epoch: not
-    /// to be taken again in that epoch.
-    stepped_down: Mutex<std::collections::HashSet<(FunctionName, Epoch)>>,
+    copies: RwLock<HashMap<FunctionName, Arc<FunctionCopy>>>,
     /// The functions this node was primary of when the process started, with the epoch
     /// (see `note_boot`); `None` until the first pass over the cluster state.
     boot: Mutex<Option<HashMap<FunctionName, Epoch>>>,
@@ -555,7 +619,6 @@ impl Replicas {
             me,
             node: node.clone(),
             copies: RwLock::new(HashMap::new()),
-            stepped_down: Mutex::new(std::collections::HashSet::new()),
             boot: Mutex::new(None),
             senders: Arc::new(Senders {
                 transport,
@@ -576,17 +639,10 @@ impl Replicas {
                 let Some(replicas) = weak.upgrade() else {
                     return;
                 };
-                let primaries: Vec<Arc<PrimaryCopy>> = replicas
-                    .copies
-                    .read()
-                    .values()
-                    .filter_map(|c| match c {
-                        Copy::Primary(p) => Some(p.clone()),
-                        Copy::Backup(_) => None,
-                    })
-                    .collect();
-                for p in primaries {
-                    p.step(primary::Event::Tick);
+                let copies: Vec<Arc<FunctionCopy>> =
+                    replicas.copies.read().values().cloned().collect();
+                for copy in copies {
+                    copy.step(Event::Tick);
                 }
             }
         });
@@ -601,25 +657,49 @@ impl Replicas {
         self.senders.addrs.write().insert(node, addr);
     }
 
-    pub fn get(&self, function: &FunctionName) -> Option<Copy> {
+    /// The copy of `function` here, if there is one.
+    pub fn get(&self, function: &FunctionName) -> Option<Arc<FunctionCopy>> {
         self.copies.read().get(function).cloned()
+    }
+
+    /// The copy of `function` here, made (holding no role) if there was none.
+    pub fn copy(&self, function: &FunctionName) -> Arc<FunctionCopy> {
+        if let Some(copy) = self.get(function) {
+            return copy;
+        }
+        self.copies
+            .write()
+            .entry(function.clone())
+            .or_insert_with(|| {
+                Arc::new(FunctionCopy {
+                    function: function.clone(),
+                    core: Mutex::new(Replica::new(self.me)),
+                    current: Mutex::new(None),
+                    senders: self.senders.clone(),
+                })
+            })
+            .clone()
+    }
+
+    /// Whether this node holds a role (primary or backup) in `function`'s copies.
+    pub fn holds(&self, function: &FunctionName) -> bool {
+        self.get(function).is_some_and(|c| c.lock().holds())
+    }
+
+    /// Where `function`'s log ends here.
+    pub fn position(&self, function: &FunctionName) -> Position {
+        self.node
+            .store()
+            .get(function)
+            .map_or_else(Position::default, |f| Position {
+                seq: Seq(f.seq()),
+                epoch_last: Epoch(f.epoch_last()),
+            })
     }
 
     /// The primary copy of `function` here, if this node serves it now.
     pub fn primary(&self, function: &FunctionName) -> Option<Arc<PrimaryCopy>> {
-        match self.copies.read().get(function) {
-            Some(Copy::Primary(p)) if p.serving() => Some(p.clone()),
-            _ => None,
-        }
-    }
-
-    /// The primary copy of `function` here, serving or not (fenced, or replaced and
-    /// still draining).
-    pub fn primary_any(&self, function: &FunctionName) -> Option<Arc<PrimaryCopy>> {
-        match self.copies.read().get(function) {
-            Some(Copy::Primary(p)) => Some(p.clone()),
-            _ => None,
-        }
+        self.get(function)?.primary()
     }
 
     /// Every primary copy this node serves now.
@@ -627,86 +707,8 @@ impl Replicas {
         self.copies
             .read()
             .values()
-            .filter_map(|c| match c {
-                Copy::Primary(p) if p.serving() => Some(p.clone()),
-                _ => None,
-            })
+            .filter_map(|c| c.primary())
             .collect()
-    }
-
-    /// Become (or stay) primary of `function` in `epoch` with `backups`. The caller holds
-    /// the function's lock, so no commit is half-way; the previous primary copy, if any,
-    /// has released everything (see `drained`).
-    pub fn become_primary(&self, function: &FunctionName, epoch: Epoch, backups: &[NodeId]) {
-        // A backup copy may be applying what the old primary sent: stop it first, under
-        // its engine's lock, so the position read below is final.
-        let old_backup = match self.get(function) {
-            Some(Copy::Backup(b)) => Some(b),
-            _ => None,
-        };
-        let applying = old_backup.as_ref().map(|b| {
-            let engine = b.engine.lock();
-            b.retired.store(true, Ordering::Release);
-            engine
-        });
-        let f = self.node.store().get(function);
-        let (seq, epoch_last) = f.map_or((0, 0), |f| (f.seq(), f.epoch_last()));
-        // Released before `copies` is locked (`status` takes them the other way round).
-        drop(applying);
-        let (engine, commands) = Primary::new(
-            Instant::now(),
-            epoch,
-            new_session(),
-            Seq(seq),
-            Epoch(epoch_last),
-            backups,
-        );
-        let copy = Arc::new(PrimaryCopy {
-            function: function.clone(),
-            epoch,
-            engine: Mutex::new(engine),
-            // Nothing counts as released until the backups confirm it (see `Primary::new`).
-            released: watch::channel(Seq(0)).0,
-            ended: watch::channel(None).0,
-            fenced: AtomicBool::new(false),
-            senders: self.senders.clone(),
-        });
-        {
-            let mut engine = copy.engine.lock();
-            copy.dispatch(&mut engine, commands);
-        }
-        let old = self
-            .copies
-            .write()
-            .insert(function.clone(), Copy::Primary(copy));
-        if let Some(Copy::Primary(old)) = old {
-            old.retire();
-        }
-        tracing::info!(%function, epoch = epoch.0, seq, ?backups, "primary");
-    }
-
-    /// Become (or stay) a backup of `function`, knowing `epoch`.
-    pub fn become_backup(&self, function: &FunctionName, epoch: Epoch) {
-        let mut copies = self.copies.write();
-        match copies.get(function) {
-            Some(Copy::Backup(b)) => {
-                b.epoch_committed(epoch);
-                return;
-            }
-            Some(Copy::Primary(p)) => p.retire(),
-            None => {}
-        }
-        let f = self.node.store().get(function);
-        let (seq, epoch_last) = f.map_or((0, 0), |f| (f.seq(), f.epoch_last()));
-        copies.insert(
-            function.clone(),
-            Copy::Backup(Arc::new(BackupCopy {
-                function: function.clone(),
-                engine: Mutex::new(Backup::new(epoch, Seq(seq), Epoch(epoch_last))),
-                retired: AtomicBool::new(false),
-            })),
-        );
-        tracing::info!(%function, epoch = epoch.0, seq, "backup");
     }
 
     pub fn senders(&self) -> &Arc<Senders> {
@@ -729,41 +731,28 @@ impl Replicas {
                 image.deploy.function
             ));
         }
-        let copy = match self.get(&function) {
-            Some(Copy::Backup(b)) => b,
-            Some(Copy::Primary(p)) if p.epoch.0 >= epoch => {
-                return wire::BulkReply::Stale { epoch: p.epoch.0 }
-            }
-            _ => {
-                return wire::BulkReply::Error(format!(
-                    "node {} is not (yet) a backup of {function}",
-                    self.me
-                ))
-            }
+        let not_backup = || {
+            wire::BulkReply::Error(format!(
+                "node {} is not (yet) a backup of {function}",
+                self.me
+            ))
+        };
+        let Some(copy) = self.get(&function) else {
+            return not_backup();
         };
         let (seq, epoch_last) = (image.seq, image.epoch_last);
         let lsn = {
-            let mut engine = copy.engine.lock();
-            if copy.retired.load(Ordering::Acquire) {
-                return wire::BulkReply::Error(format!(
-                    "node {} is no longer a backup of {function}",
-                    self.me
-                ));
-            }
-            if epoch < engine.epoch().0 {
-                return wire::BulkReply::Stale {
-                    epoch: engine.epoch().0,
-                };
-            }
-            let primary = from;
-            if engine.snapshot_is_behind(primary, Epoch(epoch), session, Seq(seq)) {
-                // An older install that arrived late: this copy already follows the
-                // primary past it, and may have acknowledged what came after.
-                tracing::info!(%function, primary = %from, seq, applied = engine.seq_applied().0, "ignored a snapshot older than this copy");
-                // Claim no more than is durable here: the primary counts it as held.
-                return wire::BulkReply::Installed {
-                    seq: seq.min(engine.seq_durable().0),
-                };
+            let mut core = copy.lock();
+            match core.offered(from, Epoch(epoch), session, Seq(seq)) {
+                Offer::Refuse => return not_backup(),
+                Offer::Stale { epoch } => return wire::BulkReply::Stale { epoch: epoch.0 },
+                Offer::Held { seq: held } => {
+                    // An older install that arrived late: this copy already follows the
+                    // primary past it, and may have acknowledged what came after.
+                    tracing::info!(%function, primary = %from, seq, held = held.0, "ignored a snapshot older than this copy");
+                    return wire::BulkReply::Installed { seq: held.0 };
+                }
+                Offer::Install => {}
             }
             // Copying and logging a large image takes milliseconds: other tasks move
             // off this thread meanwhile.
@@ -771,7 +760,15 @@ impl Replicas {
                 Ok(lsn) => lsn,
                 Err(e) => return wire::BulkReply::Error(e.to_string()),
             };
-            engine.install(primary, Epoch(epoch), session, Seq(seq), Epoch(epoch_last));
+            core.installed(
+                from,
+                Epoch(epoch),
+                session,
+                Position {
+                    seq: Seq(seq),
+                    epoch_last: Epoch(epoch_last),
+                },
+            );
             lsn
         };
         if self.node.wal_durability() == Durability::Disk {
@@ -784,14 +781,10 @@ impl Replicas {
     }
 
     /// Stop serving `function` as its primary in `epoch` (the master is about to promote
-    /// another copy). Waiters whose commits were not released are told to retry.
+    /// another copy). Waiters whose commits were not released are told to retry. The
+    /// caller holds the function's lock.
     pub fn step_down(&self, function: &FunctionName, epoch: Epoch) {
-        self.stepped_down.lock().insert((function.clone(), epoch));
-        if let Some(Copy::Primary(p)) = self.copies.read().get(function) {
-            if p.epoch <= epoch {
-                p.retire();
-            }
-        }
+        self.copy(function).step(Event::StepDown { epoch });
         tracing::info!(%function, epoch = epoch.0, "stepped down as primary");
     }
 
@@ -799,7 +792,7 @@ impl Replicas {
     /// `epoch`): this node may serve `function` in it again (a new copy, when it next
     /// follows the cluster state).
     pub fn undo_step_down(&self, function: &FunctionName, epoch: Epoch) {
-        self.stepped_down.lock().remove(&(function.clone(), epoch));
+        self.copy(function).step(Event::UndoStepDown { epoch });
         tracing::info!(%function, epoch = epoch.0, "serves again after a refused hand-over");
     }
 
@@ -828,16 +821,10 @@ impl Replicas {
             .is_some_and(|boot| boot.get(function) == Some(&epoch))
     }
 
-    pub fn stepped_down(&self, function: &FunctionName, epoch: Epoch) -> bool {
-        self.stepped_down
-            .lock()
-            .contains(&(function.clone(), epoch))
-    }
-
-    /// Hold no copy of `function` any more.
+    /// Hold no role in `function` any more. The caller holds the function's lock.
     pub fn forget(&self, function: &FunctionName) {
-        if let Some(Copy::Primary(p)) = self.copies.write().remove(function) {
-            p.retire();
+        if let Some(copy) = self.get(function) {
+            copy.step(Event::Dropped);
         }
     }
 
@@ -846,39 +833,22 @@ impl Replicas {
     pub async fn handle_replicate(&self, from: NodeId, request: Replicate) -> ReplicateReply {
         let mut replies: Vec<Vec<Reply>> = Vec::with_capacity(request.appends.len());
         // (index, copy, last seq applied) for the appends that applied something.
-        let mut applied: Vec<(usize, Arc<BackupCopy>, Seq)> = Vec::new();
+        let mut applied: Vec<(usize, Arc<FunctionCopy>, Seq)> = Vec::new();
         let mut lsn_wait = Lsn::ZERO;
         for (i, (function, append)) in request.appends.into_iter().enumerate() {
-            let copy = match self.get(&function) {
-                Some(Copy::Backup(b)) => b,
-                Some(Copy::Primary(p)) if p.epoch < append.epoch => {
-                    // A newer primary: this node was deposed and has not heard yet.
-                    replies.push(Vec::new());
-                    continue;
-                }
-                Some(Copy::Primary(p)) => {
-                    // Two primaries of one epoch cannot exist; an older one is stale.
-                    replies.push(vec![Reply::Stale { epoch: p.epoch }]);
-                    continue;
-                }
-                None => {
-                    // Not (yet) a backup here: the primary resends after silence.
-                    replies.push(Vec::new());
-                    continue;
-                }
-            };
-            let epoch = append.epoch;
-            let mut engine = copy.engine.lock();
-            if copy.retired.load(Ordering::Acquire) {
-                // This node has just become the primary: the old primary's entries are moot.
+            let Some(copy) = self.get(&function) else {
+                // Not (yet) a backup here: the primary resends after silence.
                 replies.push(Vec::new());
                 continue;
-            }
-            let commands = engine.step(backup::Event::Received { from, append });
+            };
+            // Applied under the machine's lock: no role change reads the position
+            // half-way through.
+            let mut core = copy.lock();
+            let commands = core.step(Instant::now(), Event::Received { from, append });
             let mut out = Vec::new();
-            for command in commands {
+            for command in copy.dispatch(&core, commands) {
                 match command {
-                    backup::Command::Apply { entries } => {
+                    Command::Apply { epoch, entries } => {
                         let last = entries.last().map(|(s, _)| *s).unwrap_or_default();
                         match self.node.apply_replicated(&function, epoch.0, entries) {
                             Ok(lsn) => {
@@ -893,13 +863,13 @@ impl Replicas {
                             }
                         }
                     }
-                    backup::Command::Reply { reply, .. } => out.push(reply),
-                    backup::Command::Resync { from } => {
-                        tracing::warn!(%function, primary = %from, "this copy diverged from the primary's log; it waits for the primary's snapshot");
+                    Command::Reply { reply, .. } => out.push(reply),
+                    other => {
+                        tracing::debug!(%function, command = ?other, "unexpected command of a received append")
                     }
                 }
             }
-            drop(engine);
+            drop(core);
             replies.push(out);
         }
         if !applied.is_empty() {
@@ -912,24 +882,27 @@ impl Replicas {
                 return ReplicateReply { replies };
             }
             for (i, copy, seq) in applied {
-                let mut engine = copy.engine.lock();
-                let acks: Vec<Reply> = engine
-                    .step::<Entry>(backup::Event::Durable { seq })
+                let mut core = copy.lock();
+                let commands = core.step(Instant::now(), Event::Durable { seq });
+                let mut acks: Vec<Reply> = copy
+                    .dispatch(&core, commands)
                     .into_iter()
                     .filter_map(|c| match c {
-                        backup::Command::Reply { reply, .. } => Some(reply),
+                        Command::Reply { reply, .. } => Some(reply),
                         _ => None,
                     })
                     .collect();
-                let acks = if acks.is_empty() {
-                    vec![Reply::Ack {
-                        epoch: engine.epoch(),
-                        session: engine.session(),
-                        seq: engine.seq_durable(),
-                    }]
-                } else {
-                    acks
-                };
+                // Every request gets an answer: what is durable now, if a concurrent
+                // request's acknowledgement already said it.
+                if acks.is_empty() {
+                    if let Some(b) = core.backup() {
+                        acks.push(Reply::Ack {
+                            epoch: b.epoch(),
+                            session: b.session(),
+                            seq: b.seq_durable(),
+                        });
+                    }
+                }
                 replies[i].extend(acks);
             }
         }
@@ -945,10 +918,13 @@ impl Replicas {
         let copies = self.copies.read();
         let mut out = Vec::new();
         for (name, copy) in copies.iter() {
-            let (Copy::Primary(p), Some(a)) = (copy, state.assignments.get(name.as_str())) else {
+            let Some(a) = state.assignments.get(name.as_str()) else {
                 continue;
             };
-            let engine = p.engine.lock();
+            let core = copy.lock();
+            let Some(engine) = core.primary() else {
+                continue;
+            };
             for b in a.backups.iter().chain(&a.catching_up) {
                 if let Some(lag) = engine.lag(*b) {
                     out.push((name.clone(), *b, lag));
@@ -960,11 +936,25 @@ impl Replicas {
 
     /// What `GET /v1/cluster` shows of this node's copies.
     pub fn status(&self, assignments: &understudy_control::ClusterState) -> serde_json::Value {
-        let copies = self.copies.read();
+        let copies: Vec<(FunctionName, Arc<FunctionCopy>)> = self
+            .copies
+            .read()
+            .iter()
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect();
         let mut out = serde_json::Map::new();
-        for (name, copy) in copies.iter() {
-            let value = match copy {
-                Copy::Primary(p) => {
+        for (name, copy) in copies {
+            let backup = copy
+                .lock()
+                .backup()
+                .map(|b| (b.epoch().0, b.seq_durable().0));
+            let value = match (copy.primary_any(), backup) {
+                (_, Some((epoch, seq))) => serde_json::json!({
+                    "role": "backup",
+                    "epoch": epoch,
+                    "seq": seq,
+                }),
+                (Some(p), None) if copy.lock().primary().is_some() => {
                     let assignment = assignments.assignments.get(name.as_str());
                     let backups: Vec<NodeId> = assignment
                         .map(|a| a.backups.iter().chain(&a.catching_up).copied().collect())
@@ -975,14 +965,10 @@ impl Replicas {
                     let catching_up = assignment
                         .map(|a| a.catching_up.clone())
                         .unwrap_or_default();
-                    v["catch_up"] = self.catch_up_progress(name, p, &catching_up);
+                    v["catch_up"] = self.catch_up_progress(&name, &copy, &catching_up);
                     v
                 }
-                Copy::Backup(b) => serde_json::json!({
-                    "role": "backup",
-                    "epoch": b.epoch().0,
-                    "seq": b.seq().0,
-                }),
+                _ => continue,
             };
             out.insert(name.to_string(), value);
         }
@@ -994,10 +980,13 @@ impl Replicas {
     fn catch_up_progress(
         &self,
         function: &FunctionName,
-        copy: &PrimaryCopy,
+        copy: &FunctionCopy,
         catching_up: &[NodeId],
     ) -> serde_json::Value {
-        let engine = copy.engine.lock();
+        let core = copy.lock();
+        let Some(engine) = core.primary() else {
+            return serde_json::json!({});
+        };
         let last = engine.seq_last().0;
         let installing = self.senders.catching_up.lock();
         let progress: serde_json::Map<String, serde_json::Value> = catching_up

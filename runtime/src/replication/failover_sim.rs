@@ -10,7 +10,9 @@
 //! `DETECT_MS` is down) and `plan_repair` (a node heard again is up, and gets its
 //! copies back as a catching-up backup) return, and by `BackupCaughtUp`, which a
 //! primary reports as the node does. Each copy follows the state it learns (a little
-//! late) with the node's own role decisions, `replication::follow::as_primary`.
+//! late) with the node's own replica machine (`replication::replica`): every copy's role,
+//! engine and role changes (the lock, the drain of an old engine, the snapshot offers)
+//! are the node's code, and the simulation only carries out its commands.
 //!
 //! Leases are the node's (`cluster::lease`): every node pings the master every
 //! `HEARTBEAT_MS` over the same lossy network; the master's failure detector declares a
@@ -44,9 +46,7 @@ use understudy_control::{
     plan_failover, plan_repair, ClusterState, Command as Change, Health, Role as NodeRole,
 };
 
-use super::backup::{self, Backup};
-use super::follow::{self, Follow};
-use super::primary::{self, Primary};
+use super::replica::{self, Command, Offer, Position, Replica};
 use super::{Append, Epoch, NodeId, Reply, Seq};
 use crate::sim_support::{seeds, Rng};
 
@@ -119,6 +119,12 @@ enum Event {
     Restart {
         node: NodeId,
     },
+    /// `node`, holding its function's lock, looks again at whether its old engine
+    /// drained (the machine said `Drain`).
+    Relock {
+        node: NodeId,
+        life: u32,
+    },
     /// `from` asks the master for a lease, at `sent` on its own clock (in its life
     /// `life`), reporting its local health score.
     Ping {
@@ -147,17 +153,12 @@ impl Event {
             Event::Synced { node, .. }
             | Event::Snapshot { node, .. }
             | Event::Config { node, .. }
-            | Event::Restart { node } => Some(*node),
+            | Event::Restart { node }
+            | Event::Relock { node, .. } => Some(*node),
             Event::Installed { primary, .. } | Event::Refused { primary, .. } => Some(*primary),
             Event::Ping { .. } => None,
         }
     }
-}
-
-enum Role {
-    None,
-    Backup(Backup),
-    Primary(Primary<u64>),
 }
 
 struct Node {
@@ -168,10 +169,8 @@ struct Node {
     log: Vec<(Epoch, u64)>,
     /// How much of `log` survives a crash.
     durable: usize,
-    role: Role,
-    /// Since when a new primary copy waits for the old engine to release what it had
-    /// (at most `follow::DRAIN_WAIT`, as the node waits).
-    draining_since: Option<u64>,
+    /// Its copy of the function: the node's own replica machine.
+    replica: Replica<u64>,
     /// Stalled (handles nothing) until then.
     slow_until: u64,
     /// The latest cluster state this node learned, and its version.
@@ -284,8 +283,7 @@ impl Sim {
                         life: 0,
                         log: Vec::new(),
                         durable: 0,
-                        role: Role::None,
-                        draining_since: None,
+                        replica: Replica::new(n),
                         slow_until: 0,
                         view: None,
                         fresh: false,
@@ -529,9 +527,8 @@ impl Sim {
         node.up
             && node.slow_until <= self.now_ms
             && matches!(
-                (&node.role, &node.view),
-                (Role::Primary(e), Some((_, view)))
-                    if !e.is_fenced() && view.primary == n && view.epoch == e.epoch()
+                (node.replica.serving(), &node.view),
+                (Some(e), Some((_, view))) if view.primary == n && view.epoch == e.epoch()
             )
             && self.lease_ok(n)
     }
@@ -569,19 +566,30 @@ impl Sim {
 
     // ---- The nodes ----
 
-    fn primary_commands(&mut self, n: NodeId, commands: Vec<primary::Command<u64>>) {
+    /// Carry out what `n`'s replica machine commands, as the node does.
+    fn commands(&mut self, n: NodeId, commands: Vec<Command<u64>>) {
         for command in commands {
             match command {
-                primary::Command::Send { to, append } => self.send(Event::Append {
-                    to,
-                    from: n,
-                    append,
+                // The simulated node takes its function's lock at once: no transaction
+                // holds it between two events.
+                Command::Lock => self.locked(n),
+                Command::Drain => {
+                    let life = self.nodes[&n].life;
+                    self.at(1, Event::Relock { node: n, life });
+                }
+                Command::Unlock => {}
+                Command::Renew { epoch } => self.propose(Change::Renew {
+                    function: FUNCTION.into(),
+                    primary: n,
+                    expected_epoch: epoch,
                 }),
-                primary::Command::Release { seq } => self.released_up_to(n, seq),
-                primary::Command::Fenced { .. } => {}
-                primary::Command::NeedSnapshot { to } => self.snapshot(n, to),
+                Command::ReportCaughtUp { node, epoch } => self.propose(Change::BackupCaughtUp {
+                    function: FUNCTION.into(),
+                    node,
+                    expected_epoch: epoch,
+                }),
                 // The node reports it on its next pass over the cluster state.
-                primary::Command::PeerLive { .. } => {
+                Command::CaughtUp { .. } => {
                     if let Some((version, config)) = self.nodes[&n].view.clone() {
                         self.at(
                             1,
@@ -593,17 +601,108 @@ impl Sim {
                         );
                     }
                 }
+                Command::Serve {
+                    epoch,
+                    seq,
+                    backups,
+                    ..
+                } => {
+                    // A primary of `epoch` holds what was released before it; a stale
+                    // view (a node that learns of its promotion late, after a later
+                    // epoch released more) lacks the later releases, and its engine
+                    // releases nothing until its backups follow it (they refuse an
+                    // older epoch).
+                    let earlier = self
+                        .released
+                        .iter()
+                        .filter(|(s, _)| self.released_in[s] < epoch);
+                    for (s, payload) in earlier {
+                        let held = self.nodes[&n].log.get((*s - 1) as usize).map(|e| e.1);
+                        assert_eq!(
+                            held,
+                            Some(*payload),
+                            "{n}, primary of {epoch}, lacks released #{s}: an acknowledged commit lost"
+                        );
+                    }
+                    self.trace(|| {
+                        format!("{n} starts as primary of {epoch} at {seq} over {backups:?}")
+                    });
+                }
+                Command::DrainGaveUp { epoch, .. } => {
+                    self.trace(|| format!("{n} gave up draining its engine of {epoch}"));
+                }
+                // Nobody waits on a simulated primary's answers.
+                Command::Retire { .. } | Command::Fenced { .. } => {}
+                Command::Release { seq, .. } => self.released_up_to(n, seq),
+                Command::Send { to, append } => self.send(Event::Append {
+                    to,
+                    from: n,
+                    append,
+                }),
+                Command::CatchUp { session, to } => {
+                    if self.nodes[&n]
+                        .replica
+                        .primary()
+                        .is_some_and(|e| e.session() == session)
+                    {
+                        self.snapshot(n, to);
+                    }
+                }
+                Command::Follow { epoch, seq } => {
+                    self.trace(|| format!("{n} follows as a backup of {epoch} at {seq}"));
+                }
+                Command::Apply { epoch, entries } => {
+                    let node = self.node(n);
+                    for (seq, payload) in entries {
+                        assert_eq!(seq.0, node.log.len() as u64 + 1, "{n} applies in order");
+                        node.log.push((epoch, payload));
+                    }
+                    let (life, seq) = (node.life, Seq(node.log.len() as u64));
+                    let delay = self.rng.below(4);
+                    self.at(delay, Event::Synced { node: n, life, seq });
+                }
+                Command::Reply { to, reply } => {
+                    let len = self.nodes[&n].log.len();
+                    self.trace(|| format!("{n} (len {len}) -> {to}: {reply:?}"));
+                    self.send(Event::Reply { to, from: n, reply })
+                }
+                // The primary learns it from the `Diverged` reply and sends a snapshot.
+                Command::Resync { .. } => {}
             }
+        }
+    }
+
+    /// Step `n`'s machine and carry out its commands.
+    fn step(&mut self, n: NodeId, event: replica::Event<u64>) {
+        let now = self.now();
+        let commands = self.node(n).replica.step(now, event);
+        self.commands(n, commands);
+    }
+
+    /// `n` holds its function's lock.
+    fn locked(&mut self, n: NodeId) {
+        self.sessions += 1;
+        let session = self.sessions;
+        let log = self.position(n);
+        self.step(n, replica::Event::Locked { log, session });
+    }
+
+    fn position(&self, n: NodeId) -> Position {
+        let log = &self.nodes[&n].log;
+        Position {
+            seq: Seq(log.len() as u64),
+            epoch_last: log.last().map_or(Epoch(0), |e| e.0),
         }
     }
 
     /// The invariant: a release never contradicts an earlier one.
     fn released_up_to(&mut self, n: NodeId, seq: Seq) {
         self.trace(|| format!("{n} releases up to {seq}"));
-        let epoch = match &self.nodes[&n].role {
-            Role::Primary(engine) => engine.epoch(),
-            _ => unreachable!("only a primary releases"),
-        };
+        let epoch = self.nodes[&n]
+            .replica
+            .primary()
+            .expect("only a primary releases")
+            .epoch();
         let log = &self.nodes[&n].log;
         assert!(
             log.len() as u64 >= seq.0,
@@ -627,17 +726,20 @@ impl Sim {
     }
 
     fn snapshot(&mut self, from: NodeId, to: NodeId) {
-        let now = self.now();
-        let Role::Primary(engine) = &mut self.nodes.get_mut(&from).expect("node").role else {
+        let Some(engine) = self.nodes[&from].replica.primary() else {
             return;
         };
-        let seq = engine.seq_last();
-        let epoch = engine.epoch();
-        let session = engine.session();
-        let commands = engine.step(now, primary::Event::Installing { node: to, seq });
+        let (seq, epoch, session) = (engine.seq_last(), engine.epoch(), engine.session());
+        self.step(
+            from,
+            replica::Event::Installing {
+                session,
+                node: to,
+                seq,
+            },
+        );
         let log = self.nodes[&from].log[..seq.0 as usize].to_vec();
         self.snapshots += 1;
-        self.primary_commands(from, commands);
         let delay = 1 + self.rng.below(20);
         self.at(
             delay,
@@ -664,37 +766,11 @@ impl Sim {
         );
     }
 
-    fn backup_commands(&mut self, n: NodeId, epoch: Epoch, commands: Vec<backup::Command<u64>>) {
-        for command in commands {
-            match command {
-                backup::Command::Apply { entries } => {
-                    let node = self.node(n);
-                    for (seq, payload) in entries {
-                        assert_eq!(seq.0, node.log.len() as u64 + 1, "{n} applies in order");
-                        node.log.push((epoch, payload));
-                    }
-                    let (life, seq) = (node.life, Seq(node.log.len() as u64));
-                    let delay = self.rng.below(4);
-                    self.at(delay, Event::Synced { node: n, life, seq });
-                }
-                backup::Command::Reply { to, reply } => {
-                    let len = self.nodes[&n].log.len();
-                    self.trace(|| format!("{n} (len {len}) -> {to}: {reply:?}"));
-                    self.send(Event::Reply { to, from: n, reply })
-                }
-                // The primary learns it from the `Diverged` reply and sends a snapshot.
-                backup::Command::Resync { .. } => {}
-            }
-        }
-    }
-
-    /// `n` follows the cluster state (its reconcile pass). Returns false when it must
-    /// come back later (a new primary copy waiting for the old engine to drain).
-    fn learn(&mut self, n: NodeId, version: u64, config: &Config) -> bool {
-        let now = self.now();
+    /// `n` follows the cluster state (its reconcile pass).
+    fn learn(&mut self, n: NodeId, version: u64, config: &Config) {
         let node = self.node(n);
         if !node.up || node.view.as_ref().is_some_and(|(v, _)| *v > version) {
-            return true;
+            return;
         }
         node.view = Some((version, config.clone()));
         if node.fresh {
@@ -702,164 +778,33 @@ impl Sim {
             node.booted = (config.primary == n).then_some(config.epoch);
         }
         let restarted = node.booted == Some(config.epoch);
-        if config.primary == n {
-            let backups: Vec<NodeId> = config.live.iter().copied().collect();
-            let catching_up: Vec<NodeId> = config.catching_up.iter().copied().collect();
-            let assigned = follow::Assigned {
-                epoch: config.epoch,
-                backups: &backups,
-                catching_up: &catching_up,
-            };
-            let plan = match &self.nodes[&n].role {
-                Role::Primary(engine) => follow::as_primary(
-                    Some(follow::Held {
-                        engine,
-                        serving: !engine.is_fenced(),
-                    }),
-                    false,
-                    restarted,
-                    assigned,
-                ),
-                _ => follow::as_primary::<u64>(None, false, restarted, assigned),
-            };
-            match plan {
-                Follow::Wait => {}
-                Follow::Renew { epoch } => self.propose(Change::Renew {
-                    function: FUNCTION.into(),
-                    primary: n,
-                    expected_epoch: epoch,
-                }),
-                Follow::Adjust {
-                    catch_up,
-                    caught_up,
-                    remove,
-                } => {
-                    for c in catch_up {
-                        self.snapshot(n, c);
-                    }
-                    for node in caught_up {
-                        self.propose(Change::BackupCaughtUp {
-                            function: FUNCTION.into(),
-                            node,
-                            expected_epoch: config.epoch,
-                        });
-                    }
-                    for peer in remove {
-                        let Role::Primary(engine) = &mut self.node(n).role else {
-                            unreachable!("adjusts only an engine it holds")
-                        };
-                        let commands = engine.step(now, primary::Event::PeerRemoved { node: peer });
-                        self.primary_commands(n, commands);
-                    }
-                }
-                Follow::Start {
-                    epoch,
-                    remove_now,
-                    drain_old,
-                    backups,
-                    catching_up,
-                } => {
-                    let now_ms = self.now_ms;
-                    if let Role::Primary(engine) = &mut self.node(n).role {
-                        let mut commands = Vec::new();
-                        for peer in remove_now {
-                            commands.extend(
-                                engine.step(now, primary::Event::PeerRemoved { node: peer }),
-                            );
-                        }
-                        self.primary_commands(n, commands);
-                    }
-                    if drain_old {
-                        let node = self.node(n);
-                        let since = *node.draining_since.get_or_insert(now_ms);
-                        let busy = match &node.role {
-                            Role::Primary(engine) => follow::draining(follow::Held {
-                                engine,
-                                serving: !engine.is_fenced(),
-                            }),
-                            _ => false,
-                        };
-                        if busy && now_ms - since < follow::DRAIN_WAIT.as_millis() as u64 {
-                            return false;
-                        }
-                    }
-                    self.node(n).draining_since = None;
-                    let log = &self.nodes[&n].log;
-                    let seq = Seq(log.len() as u64);
-                    let epoch_last = log.last().map_or(Epoch(0), |e| e.0);
-                    // A primary of `epoch` holds what was released before it; a stale
-                    // view (a node that learns of its promotion late, after a later
-                    // epoch released more) lacks the later releases, and its engine
-                    // releases nothing until its backups follow it (they refuse an
-                    // older epoch).
-                    let earlier = self
-                        .released
-                        .iter()
-                        .filter(|(s, _)| self.released_in[s] < epoch);
-                    for (s, payload) in earlier {
-                        let held = self.nodes[&n].log.get((*s - 1) as usize).map(|e| e.1);
-                        assert_eq!(
-                            held,
-                            Some(*payload),
-                            "{n}, primary of {epoch}, lacks released #{s}: an acknowledged commit lost"
-                        );
-                    }
-                    self.trace(|| {
-                        format!("{n} starts as primary of {epoch} at {seq} over {backups:?}")
-                    });
-                    self.sessions += 1;
-                    let (engine, commands) =
-                        Primary::new(now, epoch, self.sessions, seq, epoch_last, &backups);
-                    self.node(n).role = Role::Primary(engine);
-                    self.primary_commands(n, commands);
-                    for c in catching_up {
-                        self.snapshot(n, c);
-                    }
-                }
-            }
-        } else if config.live.contains(&n) || config.catching_up.contains(&n) {
-            let node = self.node(n);
-            match &mut node.role {
-                Role::Backup(b) => {
-                    b.step::<u64>(backup::Event::EpochCommitted {
-                        epoch: config.epoch,
-                    });
-                }
-                _ => {
-                    let seq = Seq(node.log.len() as u64);
-                    let epoch_last = node.log.last().map_or(Epoch(0), |e| e.0);
-                    node.role = Role::Backup(Backup::new(config.epoch, seq, epoch_last));
-                }
-            }
-        } else {
-            self.node(n).role = Role::None;
-        }
-        true
+        let assignment = replica::Assignment {
+            epoch: config.epoch,
+            primary: config.primary,
+            backups: config.live.iter().copied().collect(),
+            catching_up: config.catching_up.iter().copied().collect(),
+        };
+        let log = self.position(n);
+        self.step(
+            n,
+            replica::Event::Assigned {
+                assignment,
+                log,
+                restarted,
+            },
+        );
     }
 
     fn handle(&mut self, event: Event) {
-        let now = self.now();
         match event {
             Event::Append { to, from, append } => {
-                if !self.nodes[&to].up {
-                    return;
-                }
-                let epoch = append.epoch;
-                // A primary (or a node outside the configuration) that hears from another
-                // primary is not its backup: the sender learns nothing from its silence,
-                // as over the real network.
-                if let Role::Backup(b) = &mut self.node(to).role {
-                    let commands = b.step(backup::Event::Received { from, append });
-                    self.backup_commands(to, epoch, commands);
+                if self.nodes[&to].up {
+                    self.step(to, replica::Event::Received { from, append });
                 }
             }
             Event::Reply { to, from, reply } => {
-                if !self.nodes[&to].up {
-                    return;
-                }
-                if let Role::Primary(engine) = &mut self.node(to).role {
-                    let commands = engine.step(now, primary::Event::Replied { from, reply });
-                    self.primary_commands(to, commands);
+                if self.nodes[&to].up {
+                    self.step(to, replica::Event::Replied { from, reply });
                 }
             }
             Event::Synced { node: n, life, seq } => {
@@ -869,18 +814,7 @@ impl Sim {
                 }
                 let seq = Seq(seq.0.min(node.log.len() as u64));
                 node.durable = node.durable.max(seq.0 as usize);
-                match &mut node.role {
-                    Role::Backup(b) => {
-                        let epoch = b.epoch();
-                        let commands = b.step(backup::Event::Durable { seq });
-                        self.backup_commands(n, epoch, commands);
-                    }
-                    Role::Primary(engine) => {
-                        let commands = engine.step(now, primary::Event::LocalDurable { seq });
-                        self.primary_commands(n, commands);
-                    }
-                    Role::None => {}
-                }
+                self.step(n, replica::Event::Durable { seq });
             }
             Event::Snapshot {
                 node: n,
@@ -895,35 +829,40 @@ impl Sim {
                     self.refuse_snapshot(from, n, epoch);
                     return;
                 }
-                let node = self.node(n);
                 let seq = Seq(log.len() as u64);
-                let epoch_last = log.last().map_or(Epoch(0), |e| e.0);
-                let mut held = seq;
-                let install = match &mut node.role {
-                    Role::Backup(b) if epoch < b.epoch() => return,
-                    Role::Backup(b) if b.snapshot_is_behind(from, epoch, session, seq) => {
-                        // As the runtime answers: no more than is durable here.
-                        held = seq.min(b.seq_durable());
-                        false
-                    }
-                    Role::Backup(b) => {
-                        b.install(from, epoch, session, seq, epoch_last);
-                        true
-                    }
+                let offer = self.nodes[&n].replica.offered(from, epoch, session, seq);
+                let len = self.nodes[&n].log.len();
+                self.trace(|| {
+                    format!("{n} (len {len}) gets a snapshot at {seq} from {from} in {epoch}: {offer:?}")
+                });
+                let held = match offer {
                     // As the runtime: not (yet) a backup here; the primary tries again.
-                    Role::None | Role::Primary(_) => {
+                    Offer::Refuse => {
                         self.refuse_snapshot(from, n, epoch);
                         return;
                     }
+                    // The runtime's catch-up hands the answer to the primary's copy.
+                    Offer::Stale { epoch } => {
+                        self.send(Event::Reply {
+                            to: from,
+                            from: n,
+                            reply: Reply::Stale { epoch },
+                        });
+                        return;
+                    }
+                    Offer::Held { seq } => seq,
+                    Offer::Install => {
+                        // Installed as one durable record.
+                        let node = self.node(n);
+                        node.log = log;
+                        node.durable = node.log.len();
+                        let position = self.position(n);
+                        self.node(n)
+                            .replica
+                            .installed(from, epoch, session, position);
+                        seq
+                    }
                 };
-                let len = node.log.len();
-                self.trace(|| format!("{n} (len {len}) gets a snapshot at {seq} from {from} in {epoch}: installed {install}"));
-                let node = self.node(n);
-                if install {
-                    // Installed as one durable record.
-                    node.log = log;
-                    node.durable = node.log.len();
-                }
                 let delay = self.rng.below(self.delay_ms_max + 1);
                 self.at(
                     delay,
@@ -946,16 +885,15 @@ impl Sim {
                 if !self.nodes[&p].up {
                     return;
                 }
-                if let Role::Primary(engine) = &mut self.node(p).role {
-                    if engine.epoch() == epoch && engine.session() == session {
-                        self.trace(|| format!("{p} hears {n} installed {seq} in {epoch}"));
-                        let Role::Primary(engine) = &mut self.node(p).role else {
-                            return;
-                        };
-                        let commands = engine.step(now, primary::Event::Resynced { node: n, seq });
-                        self.primary_commands(p, commands);
-                    }
-                }
+                self.trace(|| format!("{p} hears {n} installed {seq} in {epoch}"));
+                self.step(
+                    p,
+                    replica::Event::Resynced {
+                        session,
+                        node: n,
+                        seq,
+                    },
+                );
             }
             Event::Refused {
                 primary: p,
@@ -963,27 +901,25 @@ impl Sim {
                 epoch,
             } => {
                 let current = self.nodes[&p].up
-                    && matches!(&self.nodes[&p].role, Role::Primary(e) if e.epoch() == epoch && !e.is_fenced());
+                    && self.nodes[&p]
+                        .replica
+                        .serving()
+                        .is_some_and(|e| e.epoch() == epoch);
                 if current {
                     self.snapshot(p, n);
+                }
+            }
+            Event::Relock { node: n, life } => {
+                let node = &self.nodes[&n];
+                if node.up && node.life == life {
+                    self.locked(n);
                 }
             }
             Event::Config {
                 node: n,
                 version,
                 config,
-            } => {
-                if !self.learn(n, version, &config) {
-                    self.at(
-                        1,
-                        Event::Config {
-                            node: n,
-                            version,
-                            config,
-                        },
-                    );
-                }
-            }
+            } => self.learn(n, version, &config),
             Event::Ping {
                 from,
                 life,
@@ -1024,7 +960,7 @@ impl Sim {
             Event::Restart { node: n } => {
                 let node = self.node(n);
                 node.up = true;
-                node.role = Role::None;
+                node.replica = Replica::new(n);
                 node.view = None;
                 node.fresh = true;
                 node.booted = None;
@@ -1053,12 +989,12 @@ impl Sim {
         node.up = false;
         node.life += 1;
         node.silent_since = Some(now_ms);
-        node.draining_since = None;
         node.lease = None;
         // What was not fsynced is gone.
         let durable = node.durable;
         node.log.truncate(durable);
-        node.role = Role::None;
+        // Its copy's machine lived in the process: it starts over.
+        node.replica = Replica::new(n);
         // Mostly back after the detector acted; sometimes before (a node that restarts
         // at once, while the master was slow to judge it).
         let down_for = if self.rng.chance(20) {
@@ -1103,7 +1039,10 @@ impl Sim {
                 .values()
                 .all(|n| n.up && n.silent_since.is_none())
             && self.state.nodes.values().all(|n| n.health == Health::Up)
-            && matches!(&self.nodes[&config.primary].role, Role::Primary(e) if e.epoch() == config.epoch)
+            && self.nodes[&config.primary]
+                .replica
+                .primary()
+                .is_some_and(|e| e.epoch() == config.epoch)
     }
 
     /// Run for `ms`, appending every `append_every` ms; each ms, with `fault_per_mille`
@@ -1141,14 +1080,9 @@ impl Sim {
                 self.handle(event);
             }
             if self.now_ms.is_multiple_of(5) {
-                let now = self.now();
                 for n in NODES {
-                    if self.nodes[&n].slow_until > self.now_ms {
-                        continue;
-                    }
-                    if let Role::Primary(engine) = &mut self.node(n).role {
-                        let commands = engine.step(now, primary::Event::Tick);
-                        self.primary_commands(n, commands);
+                    if self.nodes[&n].up && self.nodes[&n].slow_until <= self.now_ms {
+                        self.step(n, replica::Event::Tick);
                     }
                 }
             }
@@ -1197,7 +1131,6 @@ impl Sim {
     fn append(&mut self) {
         let config = self.config();
         let p = config.primary;
-        let now = self.now();
         if !self.serves(p)
             || self.nodes[&p].view.as_ref().map(|(_, v)| v.epoch) != Some(config.epoch)
         {
@@ -1209,11 +1142,17 @@ impl Sim {
         node.log.push((config.epoch, payload));
         let seq = Seq(node.log.len() as u64);
         let life = node.life;
-        let Role::Primary(engine) = &mut node.role else {
+        let Some(session) = node.replica.serving().map(|e| e.session()) else {
             return;
         };
-        let commands = engine.step(now, primary::Event::Appended { seq, payload });
-        self.primary_commands(p, commands);
+        self.step(
+            p,
+            replica::Event::Appended {
+                session,
+                seq,
+                payload,
+            },
+        );
         let delay = self.rng.below(4);
         self.at(delay, Event::Synced { node: p, life, seq });
     }
@@ -1224,7 +1163,7 @@ impl Sim {
         let config = self.config();
         assert!(self.whole(), "the configuration is whole again: {config:?}");
         let p = &self.nodes[&config.primary];
-        let Role::Primary(engine) = &p.role else {
+        let Some(engine) = p.replica.primary() else {
             panic!("{} is not primary", config.primary)
         };
         assert_eq!(

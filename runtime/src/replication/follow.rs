@@ -1,8 +1,7 @@
 //! What a copy does when it learns its function's assignment and the assignment names it
-//! primary: the decisions of a role change, without I/O. The node's reconcile loop
-//! (`Cluster::follow_as_primary`) and the failover simulation both call [`as_primary`]
-//! and carry out what it returns, so the simulation checks the role changes the node
-//! makes rather than a copy of them.
+//! primary: the decisions of a role change, without I/O. The copy's machine
+//! (`replication::replica`, which the node and the failover simulation both drive) calls
+//! [`as_primary`] and carries out what it returns.
 //!
 //! The rules:
 //!

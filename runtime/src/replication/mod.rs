@@ -19,6 +19,7 @@
 pub mod backup;
 pub mod follow;
 pub mod primary;
+pub mod replica;
 
 use std::fmt;
 
