@@ -245,10 +245,7 @@ impl FunctionCopy {
     }
 
     fn session(&self, session: u64) -> Option<Arc<PrimaryCopy>> {
-        self.current
-            .lock()
-            .clone()
-            .filter(|p| p.session == session)
+        self.current.lock().clone().filter(|p| p.session == session)
     }
 
     fn dispatch(
@@ -341,7 +338,6 @@ impl FunctionCopy {
         rest
     }
 }
-
 
 /// An append waiting to leave, with the copy that answers go back to.
 type Outgoing = (Arc<PrimaryCopy>, Append<Entry>);

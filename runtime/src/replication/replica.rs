@@ -75,9 +75,17 @@ pub enum Event<P> {
     /// A backup answered the primary.
     Replied { from: NodeId, reply: Reply },
     /// `session`'s catch-up of `node` captured a snapshot at `seq`.
-    Installing { session: u64, node: NodeId, seq: Seq },
+    Installing {
+        session: u64,
+        node: NodeId,
+        seq: Seq,
+    },
     /// `node` installed `session`'s snapshot and holds it up to `seq`.
-    Resynced { session: u64, node: NodeId, seq: Seq },
+    Resynced {
+        session: u64,
+        node: NodeId,
+        seq: Seq,
+    },
     /// An append from `from`, which claims to be primary of `append.epoch`.
     Received { from: NodeId, append: Append<P> },
     /// The master asked this node to give up its primary place in `epoch` (a drain).
@@ -110,7 +118,11 @@ pub enum Command<P> {
     },
     /// The old engine of a new primary session did not release everything it sent
     /// within `follow::DRAIN_WAIT`; its waiters are told to retry.
-    DrainGaveUp { epoch: Epoch, seq_last: Seq, seq_released: Seq },
+    DrainGaveUp {
+        epoch: Epoch,
+        seq_last: Seq,
+        seq_released: Seq,
+    },
     /// That primary session no longer serves (replaced, demoted, stepped down or
     /// dropped): its waiters whose commits were not released retry.
     Retire { session: u64 },
@@ -125,7 +137,10 @@ pub enum Command<P> {
     /// The copy is now a backup knowing `epoch`, its log ending at `seq`.
     Follow { epoch: Epoch, seq: Seq },
     /// The backup applies these entries of `epoch` to its log and state, in order.
-    Apply { epoch: Epoch, entries: Vec<(Seq, P)> },
+    Apply {
+        epoch: Epoch,
+        entries: Vec<(Seq, P)>,
+    },
     /// The backup answers the primary.
     Reply { to: NodeId, reply: Reply },
     /// The backup diverged from `from`'s log: it waits for that primary's snapshot.
@@ -636,7 +651,10 @@ mod tests {
                 payload: 10,
             },
         );
-        assert!(matches!(&out[..], [Command::Send { to, .. }] if *to == N2), "{out:?}");
+        assert!(
+            matches!(&out[..], [Command::Send { to, .. }] if *to == N2),
+            "{out:?}"
+        );
         r.step(now, Event::Durable { seq: Seq(1) });
         let out = r.step(
             now,
@@ -708,7 +726,9 @@ mod tests {
                 session: 8,
             },
         );
-        let retire = out.iter().position(|c| *c == Command::Retire { session: 7 });
+        let retire = out
+            .iter()
+            .position(|c| *c == Command::Retire { session: 7 });
         let serve = out
             .iter()
             .position(|c| matches!(c, Command::Serve { session: 8, .. }));
@@ -726,7 +746,10 @@ mod tests {
         );
         assert_eq!(r.step(later, assigned(3, ME, &[N2])), vec![Command::Lock]);
         assert_eq!(r.step(later, locked(9)), vec![Command::Drain]);
-        let out = r.step(later + follow::DRAIN_WAIT + Duration::from_millis(1), locked(9));
+        let out = r.step(
+            later + follow::DRAIN_WAIT + Duration::from_millis(1),
+            locked(9),
+        );
         assert!(matches!(out[0], Command::DrainGaveUp { .. }), "{out:?}");
         assert!(out.contains(&Command::Retire { session: 8 }));
     }
@@ -736,7 +759,10 @@ mod tests {
         let now = Instant::now();
         let mut r = serving(now, 1);
         assert_eq!(r.step(now, assigned(2, N2, &[ME])), vec![Command::Lock]);
-        assert!(r.primary().is_some(), "still primary until the lock is held");
+        assert!(
+            r.primary().is_some(),
+            "still primary until the lock is held"
+        );
         let out = r.step(now, locked(0));
         assert_eq!(
             out,
@@ -777,14 +803,12 @@ mod tests {
         r.step(now, Event::UndoStepDown { epoch: Epoch(1) });
         // Refused hand-over: a new engine serves the same epoch.
         assert_eq!(r.step(now, assigned(1, ME, &[N2])), vec![Command::Lock]);
-        assert!(r
-            .step(now, locked(8))
-            .contains(&Command::Serve {
-                epoch: Epoch(1),
-                session: 8,
-                seq: Seq(0),
-                backups: vec![N2]
-            }));
+        assert!(r.step(now, locked(8)).contains(&Command::Serve {
+            epoch: Epoch(1),
+            session: 8,
+            seq: Seq(0),
+            backups: vec![N2]
+        }));
     }
 
     #[test]
@@ -821,12 +845,18 @@ mod tests {
                 }
             )
             .is_empty());
-        assert_eq!(r.offered(N2, Epoch(2), 3, Seq(1)), Offer::Stale { epoch: Epoch(2) });
+        assert_eq!(
+            r.offered(N2, Epoch(2), 3, Seq(1)),
+            Offer::Stale { epoch: Epoch(2) }
+        );
         assert_eq!(r.offered(N2, Epoch(3), 3, Seq(1)), Offer::Refuse);
         let mut b: Replica<u64> = Replica::new(ME);
         assert_eq!(b.offered(N2, Epoch(3), 3, Seq(1)), Offer::Refuse);
         b.step(now, assigned(3, N2, &[ME]));
-        assert_eq!(b.offered(N2, Epoch(2), 3, Seq(1)), Offer::Stale { epoch: Epoch(3) });
+        assert_eq!(
+            b.offered(N2, Epoch(2), 3, Seq(1)),
+            Offer::Stale { epoch: Epoch(3) }
+        );
         assert_eq!(b.offered(N2, Epoch(3), 3, Seq(1)), Offer::Install);
         b.installed(
             N2,
