@@ -672,8 +672,15 @@ pub(crate) async fn transfer(
             }
             if first_failure.is_none() {
                 let body: Value = reply.json().await.unwrap_or(Value::Null);
+                // The message says which kind of wait it was (a lock, a prepared part).
+                let message: String = body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(100)
+                    .collect();
                 first_failure = Some(format!(
-                    "{status} {} after {:.0} ms",
+                    "{status} {} after {:.0} ms: {message}",
                     body["error"]["code"].as_str().unwrap_or("?"),
                     sent.elapsed().as_secs_f64() * 1000.0
                 ));
