@@ -618,10 +618,18 @@ impl Node {
         } = request;
         let inner = &self.inner;
         // Waiting for the function (in line for its lock, or for a prepared part on it
-        // to be resolved) ends at the request's deadline, counted from its arrival.
-        lock_unprepared(f, id, age, Mode::First, queue_until)
+        // to be resolved) ends at the request's deadline, counted from its arrival, or,
+        // in a cluster, once this node is no longer the function's primary: a copy that
+        // lost its role may never learn the prepared part's outcome (the new primary
+        // resolves it), and the router sends the request to the new primary.
+        let primary_here = || match inner.cluster.get() {
+            Some(cluster) => cluster.replicas().primary(&f.name).is_some(),
+            None => true,
+        };
+        lock_unprepared(f, id, age, Mode::First, queue_until, &primary_here)
             .await
             .map_err(|blocked| match blocked {
+                Blocked::NotPrimary => InvokeError::NotPrimary(f.name.clone()),
                 Blocked::Lock(e) => lock_error(e),
                 Blocked::Prepared(other) => InvokeError::Busy(format!(
                     "function {} is held by distributed transaction {other}, whose outcome is not known yet",
@@ -1796,6 +1804,8 @@ enum Blocked {
     Prepared(TxnId),
     /// In line for the first lock until `until`.
     Queued,
+    /// Waiting for a prepared part on a function this node is no longer primary of.
+    NotPrimary,
 }
 
 /// Take `f`'s lock for `txn` (as old as `age`) once no part of another distributed
@@ -1809,6 +1819,7 @@ async fn lock_unprepared(
     age: TxnId,
     mode: Mode,
     until: Instant,
+    primary_here: &(dyn Fn() -> bool + Sync),
 ) -> Result<(), Blocked> {
     loop {
         match mode {
@@ -1831,6 +1842,9 @@ async fn lock_unprepared(
             return Ok(());
         };
         f.lock.release(txn);
+        if !primary_here() {
+            return Err(Blocked::NotPrimary);
+        }
         let now = Instant::now();
         if now >= until {
             return Err(Blocked::Prepared(other));
@@ -2107,7 +2121,7 @@ impl Calls for Inner {
                 let gate = deadline.min(Instant::now() + NESTED_PREPARED_WAIT);
                 let acquired = tokio::time::timeout_at(
                     tokio::time::Instant::from_std(deadline),
-                    lock_unprepared(&f, id, age, Mode::Nested, gate),
+                    lock_unprepared(&f, id, age, Mode::Nested, gate, &|| true),
                 )
                 .await;
                 match acquired {
@@ -2121,7 +2135,7 @@ impl Calls for Inner {
                         )))
                     }
                     // (A nested wait is not `Queued`: the deadline bounds it here.)
-                    Err(_) | Ok(Err(Blocked::Prepared(_) | Blocked::Queued)) => {
+                    Err(_) | Ok(Err(Blocked::Prepared(_) | Blocked::Queued | Blocked::NotPrimary)) => {
                         return Err(wasmtime::Error::new(Abort::Deadline(
                             self.config.wasm.deadline_ms,
                         )))
