@@ -5,7 +5,9 @@
 mod bench;
 mod bench_languages;
 mod cluster_flags;
+mod cluster_init;
 mod demo;
+mod dev_cluster;
 mod drill;
 mod local;
 
@@ -184,7 +186,8 @@ enum Command {
     /// The main demo: a local 3-node cluster, the bank example under load, its primary
     /// killed with SIGKILL, the failover timeline, the checks, the node back as a backup.
     Demo(crate::demo::Args),
-    /// Cluster certificates: a CA, and a certificate per node for QUIC with mutual TLS.
+    /// Set up and run clusters: certificates and configs (`init`), a development
+    /// cluster on loopback (`local`), draining and removing nodes.
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
@@ -193,18 +196,48 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
-    /// Create the cluster CA and a certificate for each node.
+    /// Create the cluster CA and a certificate for each node; with --nodes, also an
+    /// admin token and each node's config file.
+    #[command(group = clap::ArgGroup::new("members").required(true).args(["nodes", "node"]))]
     Init {
-        /// Where to write `ca.pem`, `ca-key.pem` and `node-<id>.pem` / `node-<id>-key.pem`.
+        /// The founding members, `ID@IP:PORT` (QUIC address) with `/HTTP_PORT` or
+        /// `/IP:HTTP_PORT` where the HTTP API is not on --http-port, comma-separated:
+        /// writes `certs/`, `admin-token` and `node-<id>.toml` into --out.
+        #[arg(long, requires = "out", conflicts_with = "dir")]
+        nodes: Option<String>,
+        /// Where --nodes writes everything.
+        #[arg(long, requires = "nodes")]
+        out: Option<PathBuf>,
+        /// The members' HTTP port where --nodes does not give one.
+        #[arg(long, default_value_t = 7201, requires = "nodes")]
+        http_port: u16,
+        /// Where the files will be on every machine (absolute; default: --out), as the
+        /// configs name them.
+        #[arg(long, requires = "nodes")]
+        install_dir: Option<PathBuf>,
+        /// Each node's data directory on its machine (absolute; default:
+        /// `<install dir>/data-<id>`).
+        #[arg(long, requires = "nodes")]
+        data_dir: Option<PathBuf>,
+        /// Listen on every interface (0.0.0.0, the members' ports) rather than on each
+        /// member's own address.
+        #[arg(long, requires = "nodes")]
+        listen_any: bool,
+        /// Certificates only: where to write `ca.pem`, `ca-key.pem` and `node-<id>.pem`
+        /// / `node-<id>-key.pem`.
         #[arg(long, default_value = "cluster-certs")]
         dir: PathBuf,
-        /// A node as `ID=HOST[,HOST...]` (the addresses peers reach it at); repeat per node.
-        #[arg(long = "node", required = true, value_parser = parse_node_spec)]
-        nodes: Vec<understudy_net::NodeSpec>,
+        /// Certificates only: a node as `ID=HOST[,HOST...]` (the addresses peers reach
+        /// it at); repeat per node.
+        #[arg(long = "node", value_parser = parse_node_spec)]
+        node: Vec<understudy_net::NodeSpec>,
         /// Replace an existing CA (every node then needs its new certificate).
         #[arg(long)]
         force: bool,
     },
+    /// A development cluster on loopback: starts the nodes, prints where everything
+    /// is, and stops them on Ctrl-C or SIGTERM.
+    Local(crate::dev_cluster::Args),
     /// Sign a certificate for a node joining later, with the existing CA.
     AddNode {
         #[arg(long, default_value = "cluster-certs")]
@@ -513,7 +546,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster {
-            command: ClusterCommand::Init { dir, nodes, force },
+            command:
+                ClusterCommand::Init {
+                    nodes: Some(list),
+                    out: Some(out),
+                    http_port,
+                    install_dir,
+                    data_dir,
+                    listen_any,
+                    force,
+                    ..
+                },
+        } => {
+            let plan = cluster_init::Plan {
+                out,
+                install_dir,
+                data_dir,
+                listen_any,
+                members: cluster_flags::parse_peers(&list, http_port).map_err(|e| {
+                    anyhow::anyhow!("{}", e.to_string().replace("--peers", "--nodes"))
+                })?,
+                force,
+            };
+            let written = cluster_init::write(&plan)?;
+            print!("{}", cluster_init::instructions(&plan, &written));
+            Ok(())
+        }
+        Command::Cluster {
+            command: ClusterCommand::Local(args),
+        } => crate::dev_cluster::run(args),
+        Command::Cluster {
+            command:
+                ClusterCommand::Init {
+                    dir,
+                    node: nodes,
+                    force,
+                    ..
+                },
         } => {
             if force {
                 understudy_net::certs::init_replacing(&dir, &nodes)?;
