@@ -16,6 +16,7 @@ mod cluster_form;
 mod cluster_netns;
 mod cluster_replication;
 mod cluster_setup;
+mod cluster_traces;
 mod console_browser;
 mod crash_recovery;
 mod http_admin;

@@ -10,6 +10,7 @@ mod demo;
 mod dev_cluster;
 mod drill;
 mod local;
+mod otel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -311,7 +312,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             vip_dev,
             log_format,
         } => {
-            init_tracing(log_format);
             let mut cfg = match config {
                 Some(path) => Config::from_file(&path)?,
                 None => Config::default(),
@@ -359,7 +359,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.read_token_files()?;
             cfg.validate()?;
-            run_node(cfg, recover_truncated_log)
+            let instance = match &cfg.cluster {
+                Some(cluster) => format!("node-{}", cluster.node_id),
+                None => cfg.listen.to_string(),
+            };
+            let exporter =
+                init_tracing(log_format, cfg.traces.otlp_endpoint.as_deref(), &instance)?;
+            let ran = run_node(cfg, recover_truncated_log);
+            if let Some(exporter) = exporter {
+                exporter.shutdown();
+            }
+            ran
         }
         Command::Deploy {
             name,
@@ -720,7 +730,18 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// The node's logs (stderr, `text` or `json`), with each invocation's spans (and its
+/// trace id) always on, and the exporter of its traces when one is configured.
+///
+/// Fails when the trace exporter cannot be built from its endpoint.
+fn init_tracing(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    instance: &str,
+) -> anyhow::Result<Option<otel::Exporter>> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         // openraft reports every failed heartbeat to a down node as an error, 50 times a
         // second; the failure detector reports the node once.
@@ -728,12 +749,31 @@ fn init_tracing(format: LogFormat) {
             "info,wasmtime=warn,cranelift=warn,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=error",
         )
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    // An invocation's spans put its trace id in every line about it, and carry its
+    // trace context to other nodes: on whatever else RUST_LOG says.
+    let filter = filter.add_directive(
+        format!("{}=info", understudy::trace::TARGET)
+            .parse()
+            .expect("a valid directive"),
+    );
+    // Colours only for a terminal: a log file or journald gets plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    match otel::layer(otlp_endpoint, instance)? {
+        Some((layer, exporter)) => {
+            registry.with(layer).init();
+            Ok(Some(exporter))
+        }
+        None => {
+            registry.init();
+            Ok(None)
+        }
     }
 }
 
