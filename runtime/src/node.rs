@@ -689,7 +689,7 @@ impl Node {
         let ctx = Ctx::new(txn.clone(), f.clone(), 0, inner.clone(), &inner.config.wasm);
         let result = tracing::Instrument::instrument(
             inner.runtime.run(&loaded, ctx, deadline, method, input),
-            tracing::info_span!(target: crate::trace::TARGET, "guest.run", function = %f.name, method, txn = %id),
+            crate::trace::inner_span!("guest.run", function = %f.name, method, txn = %id),
         )
         .await;
         let outcome = match result {
@@ -866,13 +866,13 @@ impl Node {
                 .map_err(|e| InvokeError::Storage(format!("commit task failed: {e}")))?;
         }
         drop(parts);
-        let commit_span = tracing::info_span!(target: crate::trace::TARGET, "commit", txn = %id);
+        let commit_span = crate::trace::inner_span!("commit", txn = %id);
         let (lsn_wait, seqs) =
             commit_span.in_scope(|| self.log_commit(commit, &copies, lsn_read))?;
         held.hand_on(inner.wal.durability()).await;
         tracing::Instrument::instrument(
             self.wait_released(lsn_wait, seqs),
-            tracing::info_span!(target: crate::trace::TARGET, parent: &commit_span, "replication.wait"),
+            crate::trace::inner_span!("replication.wait"),
         )
         .await?;
         if let Some(cluster) = inner.cluster.get() {
@@ -960,7 +960,7 @@ impl Node {
         crate::failpoint::hit("coordinator-before-prepare");
         let verdict = tracing::Instrument::instrument(
             d.prepare_round(&t.copy, id, t.participants.clone()),
-            tracing::info_span!(target: crate::trace::TARGET, "twophase.prepare", txn = %id, participants = t.participants.len()),
+            crate::trace::inner_span!("twophase.prepare", txn = %id, participants = t.participants.len()),
         )
         .await;
         if verdict == crate::cluster::distributed::Verdict::Abort {
@@ -972,8 +972,7 @@ impl Node {
             d.not_logged(&t.copy, id);
             return Err(e);
         }
-        let commit_span =
-            tracing::info_span!(target: crate::trace::TARGET, "twophase.commit", txn = %id);
+        let commit_span = crate::trace::inner_span!("twophase.commit", txn = %id);
         tracing::Instrument::instrument(self.decide(t, id), commit_span).await
     }
 
@@ -1008,7 +1007,7 @@ impl Node {
             seqs.into_iter().partition(|(c, _)| Arc::ptr_eq(c, &t.copy));
         tracing::Instrument::instrument(
             self.wait_released(lsn, decision),
-            tracing::info_span!(target: crate::trace::TARGET, "replication.wait"),
+            crate::trace::inner_span!("replication.wait"),
         )
         .await?;
         crate::failpoint::hit("coordinator-decided");

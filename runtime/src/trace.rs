@@ -27,6 +27,20 @@ pub const TARGET: &str = "understudy_trace";
 /// The W3C header an invocation's trace context travels in.
 pub const HEADER: &str = "traceparent";
 
+/// A span inside an invocation's trace on this node (`guest.run`, `commit`, ...): for
+/// export only. Without an exporter it is `Span::none()`, which costs nothing: the log
+/// lines inside still show the invocation's first span on the node, with its trace id.
+macro_rules! inner_span {
+    ($name:literal $(, $($fields:tt)*)?) => {
+        if $crate::trace::exporting() {
+            tracing::info_span!(target: $crate::trace::TARGET, $name $(, $($fields)*)?)
+        } else {
+            tracing::Span::none()
+        }
+    };
+}
+pub(crate) use inner_span;
+
 /// The `[traces]` settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

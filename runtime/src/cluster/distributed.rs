@@ -324,21 +324,21 @@ impl Distributed {
         method: &str,
         input: Vec<u8>,
     ) -> Result<Result<Vec<u8>, GuestError>, InvokeError> {
-        let span = tracing::info_span!(target: crate::trace::TARGET, "call", function, method);
-        tracing::Instrument::instrument(
-            self.call_in_span(txn, depth, function, method, input),
-            span,
-        )
-        .await
+        let span = crate::trace::inner_span!("call", function, method);
+        // The callee's spans are this `call` span's children.
+        let trace = span.in_scope(crate::trace::outgoing);
+        self.call_traced(txn, depth, function, method, input, trace)
+            .await
     }
 
-    async fn call_in_span(
+    async fn call_traced(
         self: &Arc<Self>,
         txn: &Arc<Mutex<Txn>>,
         depth: u32,
         function: &str,
         method: &str,
         input: Vec<u8>,
+        trace: Option<String>,
     ) -> Result<Result<Vec<u8>, GuestError>, InvokeError> {
         let cluster = self
             .cluster
@@ -364,8 +364,7 @@ impl Distributed {
                     method: method.to_owned(),
                     input,
                     touched: t.touched(),
-                    // The `call` span this runs in is the callee's parent.
-                    trace: crate::trace::outgoing(),
+                    trace,
                 },
                 t.deadline,
             )

@@ -988,7 +988,7 @@ impl Cluster {
                 "no address known for node {primary}, the primary of {function}"
             )));
         };
-        let span = tracing::info_span!(target: crate::trace::TARGET, "forward", node = primary.0);
+        let span = crate::trace::inner_span!("forward", node = primary.0);
         let request = wire::encode(&Invoke::Call {
             function: function.to_owned(),
             method: method.to_owned(),
