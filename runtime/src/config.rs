@@ -48,6 +48,8 @@ pub struct Config {
     pub http: crate::http::Options,
     pub wasm: crate::wasm::Options,
     pub limits: Limits,
+    /// Where the invocations' traces are exported (OpenTelemetry), if anywhere.
+    pub traces: crate::trace::Options,
     /// Present when the node is part of a cluster.
     pub cluster: Option<crate::cluster::Config>,
 }
@@ -72,6 +74,7 @@ impl Default for Config {
             http: Default::default(),
             wasm: Default::default(),
             limits: Default::default(),
+            traces: Default::default(),
             cluster: None,
         }
     }

@@ -461,11 +461,36 @@ async fn describe(
     Ok(Json(node.describe(&name)?).into_response())
 }
 
+/// An invocation, in a span of its trace (the request's `traceparent`, or a new trace
+/// when it has none or a malformed one); the answer, error or not, names the trace and
+/// the edge's span in its own `traceparent`.
 async fn invoke(
     State(node): State<Node>,
     Path((name, method)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let incoming = headers
+        .get(crate::trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::trace::TraceContext::parse);
+    let (span, named) = crate::trace::edge_span(incoming, &name, &method);
+    let mut response = invoke_in_span(node, name, method, headers, body, span)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    if let Ok(v) = HeaderValue::from_str(&named.to_header()) {
+        response.headers_mut().insert(crate::trace::HEADER, v);
+    }
+    response
+}
+
+async fn invoke_in_span(
+    node: Node,
+    name: String,
+    method: String,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    span: tracing::Span,
 ) -> Result<Response, ApiError> {
     authorize_invoke(&node, &headers)?;
     let body = body.map_err(|r| body_error(r, node.config().body_max_bytes))?;
@@ -512,12 +537,15 @@ async fn invoke(
         ));
     }
     let called = (name.clone(), method.clone());
-    let task = tokio::spawn(async move {
-        match node.cluster() {
-            Some(cluster) => cluster.invoke(&name, &method, &input, key.as_deref()).await,
-            None => node.invoke(&name, &method, &input, key.as_deref()).await,
-        }
-    });
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            match node.cluster() {
+                Some(cluster) => cluster.invoke(&name, &method, &input, key.as_deref()).await,
+                None => node.invoke(&name, &method, &input, key.as_deref()).await,
+            }
+        },
+        span,
+    ));
     let answer = task.await.map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -15,6 +15,7 @@ pub mod replication;
 #[doc(hidden)]
 pub mod sim_support;
 pub mod store;
+pub mod trace;
 pub mod twophase;
 pub mod txn;
 pub mod wal;

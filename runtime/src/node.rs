@@ -695,10 +695,11 @@ impl Node {
         });
         let loaded = self.loaded(meta.deploy.digest)?;
         let ctx = Ctx::new(txn.clone(), f.clone(), 0, inner.clone(), &inner.config.wasm);
-        let result = inner
-            .runtime
-            .run(&loaded, ctx, deadline, method, input)
-            .await;
+        let result = tracing::Instrument::instrument(
+            inner.runtime.run(&loaded, ctx, deadline, method, input),
+            crate::trace::inner_span!("guest.run", function = %f.name, method, txn = %id),
+        )
+        .await;
         let outcome = match result {
             Err(abort) => return Err(classify(abort)),
             Ok(Ok(output)) if output.len() > OUTPUT_LEN_MAX => {
@@ -855,7 +856,7 @@ impl Node {
             let f = f.clone();
             // On its own task: once the prepare round has begun, the transaction must
             // reach its end even if the client goes away.
-            let run = tokio::spawn(async move {
+            let run = tokio::spawn(tracing::Instrument::in_current_span(async move {
                 node.commit_distributed(Distributed {
                     f,
                     copy,
@@ -867,15 +868,21 @@ impl Node {
                     outcome,
                 })
                 .await
-            });
+            }));
             return run
                 .await
                 .map_err(|e| InvokeError::Storage(format!("commit task failed: {e}")))?;
         }
         drop(parts);
-        let (lsn_wait, seqs) = self.log_commit(commit, &copies, lsn_read)?;
+        let commit_span = crate::trace::inner_span!("commit", txn = %id);
+        let (lsn_wait, seqs) =
+            commit_span.in_scope(|| self.log_commit(commit, &copies, lsn_read))?;
         held.hand_on(inner.wal.durability()).await;
-        self.wait_released(lsn_wait, seqs).await?;
+        tracing::Instrument::instrument(
+            self.wait_released(lsn_wait, seqs),
+            crate::trace::inner_span!("replication.wait"),
+        )
+        .await?;
         if let Some(cluster) = inner.cluster.get() {
             check_lease(cluster, copy.as_deref())?;
         }
@@ -959,7 +966,11 @@ impl Node {
         let d = cluster.distributed().clone();
         let id = t.commit.txn;
         crate::failpoint::hit("coordinator-before-prepare");
-        let verdict = d.prepare_round(&t.copy, id, t.participants.clone()).await;
+        let verdict = tracing::Instrument::instrument(
+            d.prepare_round(&t.copy, id, t.participants.clone()),
+            crate::trace::inner_span!("twophase.prepare", txn = %id, participants = t.participants.len()),
+        )
+        .await;
         if verdict == crate::cluster::distributed::Verdict::Abort {
             // The coordinator told every participant; the runtime tries again.
             return Err(InvokeError::Conflict(1));
@@ -969,6 +980,15 @@ impl Node {
             d.not_logged(&t.copy, id);
             return Err(e);
         }
+        let commit_span = crate::trace::inner_span!("twophase.commit", txn = %id);
+        tracing::Instrument::instrument(self.decide(t, id), commit_span).await
+    }
+
+    /// The second half of `commit_distributed`, once every participant voted to
+    /// commit: the COMMIT record (the decision), released, then the participants told.
+    async fn decide(&self, t: Distributed, id: TxnId) -> Result<Answer, InvokeError> {
+        let cluster = self.inner.cluster.get().expect("in a cluster");
+        let d = cluster.distributed().clone();
         let mut commit = t.commit;
         commit.decision = Some(Decision {
             coordinator: t.f.name.clone(),
@@ -993,7 +1013,11 @@ impl Node {
         // slot is rebuilt from the log); the client retries with its key.
         let (decision, others): (Positions, Positions) =
             seqs.into_iter().partition(|(c, _)| Arc::ptr_eq(c, &t.copy));
-        self.wait_released(lsn, decision).await?;
+        tracing::Instrument::instrument(
+            self.wait_released(lsn, decision),
+            crate::trace::inner_span!("replication.wait"),
+        )
+        .await?;
         crate::failpoint::hit("coordinator-decided");
         d.logged(&t.copy, id);
         // Then what the answer read. (The participants' positions were released before
@@ -2190,12 +2214,14 @@ impl Calls for Inner {
             let ctx = Ctx::new(txn.clone(), f, depth, self.clone(), &self.config.wasm);
             // The callee runs on its own task, so it gets its own fiber and stack.
             let inner = self.clone();
-            let run = AbortOnDrop(tokio::spawn(async move {
-                inner
-                    .runtime
-                    .run(&loaded, ctx, deadline, &method, &input)
-                    .await
-            }));
+            let run = AbortOnDrop(tokio::spawn(tracing::Instrument::in_current_span(
+                async move {
+                    inner
+                        .runtime
+                        .run(&loaded, ctx, deadline, &method, &input)
+                        .await
+                },
+            )));
             let result = run
                 .join()
                 .await

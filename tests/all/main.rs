@@ -15,6 +15,8 @@ mod cluster_failover;
 mod cluster_form;
 mod cluster_netns;
 mod cluster_replication;
+mod cluster_setup;
+mod cluster_traces;
 mod console_browser;
 mod crash_recovery;
 mod http_admin;

@@ -41,6 +41,41 @@ impl LocalNode {
         self.child.is_some()
     }
 
+    /// The node's log file (its stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The node's config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// SIGTERM, and wait up to `timeout` for the node to stop by itself (it finishes
+    /// what it answers and leaves its log clean); SIGKILL after that. Returns whether it
+    /// stopped by itself.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        // std has no signal API and the crate avoids `unsafe`: use kill(1).
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let started = Instant::now();
+        while sent && started.elapsed() < timeout {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -131,6 +166,19 @@ fn free_udp_port() -> anyhow::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The HTTP and QUIC ports of node `id` (from 1) when ports are counted from `base`.
+fn fixed_ports(base: u16, id: u64) -> anyhow::Result<(u16, u16)> {
+    let http = u64::from(base) + id - 1;
+    let peer = http + PEER_PORT_OFFSET;
+    match (u16::try_from(http), u16::try_from(peer)) {
+        (Ok(http), Ok(peer)) => Ok((http, peer)),
+        _ => bail!("--base-port {base}: node {id}'s ports ({http}, {peer}) are past 65535"),
+    }
+}
+
+/// How far above its HTTP port a node's QUIC port is when ports are fixed.
+pub const PEER_PORT_OFFSET: u64 = 100;
+
 /// Settings of a local cluster.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -149,6 +197,20 @@ impl LocalCluster {
     /// Fails when a port, a file or a process cannot be had, or a node does not come up
     /// (the error names its log).
     pub async fn start(dir: &Path, options: &Options) -> anyhow::Result<LocalCluster> {
+        LocalCluster::start_on(dir, options, None).await
+    }
+
+    /// [`LocalCluster::start`] on fixed ports when `base_port` is given: node `i` (from 1)
+    /// serves HTTP on `base_port + i - 1` and QUIC on `base_port + 100 + i - 1`; free
+    /// ports otherwise. Fixed ports let a cluster restart on the data it left (its
+    /// members' addresses are in its state).
+    ///
+    /// Fails as `start` does, and when a fixed port is out of range.
+    pub async fn start_on(
+        dir: &Path,
+        options: &Options,
+        base_port: Option<u16>,
+    ) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(dir)?;
         let certs = dir.join("certs");
         let ids: Vec<u64> = (1..=options.nodes as u64).collect();
@@ -163,8 +225,11 @@ impl LocalCluster {
             understudy_net::certs::init_replacing(&certs, &specs)?;
         }
         let mut ports = Vec::new();
-        for _ in &ids {
-            ports.push((free_tcp_port()?, free_udp_port()?));
+        for id in &ids {
+            ports.push(match base_port {
+                Some(base) => fixed_ports(base, *id)?,
+                None => (free_tcp_port()?, free_udp_port()?),
+            });
         }
         let members: Vec<String> = ids
             .iter()

@@ -5,9 +5,12 @@
 mod bench;
 mod bench_languages;
 mod cluster_flags;
+mod cluster_init;
 mod demo;
+mod dev_cluster;
 mod drill;
 mod local;
+mod otel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -184,7 +187,8 @@ enum Command {
     /// The main demo: a local 3-node cluster, the bank example under load, its primary
     /// killed with SIGKILL, the failover timeline, the checks, the node back as a backup.
     Demo(crate::demo::Args),
-    /// Cluster certificates: a CA, and a certificate per node for QUIC with mutual TLS.
+    /// Set up and run clusters: certificates and configs (`init`), a development
+    /// cluster on loopback (`local`), draining and removing nodes.
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
@@ -193,18 +197,48 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
-    /// Create the cluster CA and a certificate for each node.
+    /// Create the cluster CA and a certificate for each node; with --nodes, also an
+    /// admin token and each node's config file.
+    #[command(group = clap::ArgGroup::new("members").required(true).args(["nodes", "node"]))]
     Init {
-        /// Where to write `ca.pem`, `ca-key.pem` and `node-<id>.pem` / `node-<id>-key.pem`.
+        /// The founding members, `ID@IP:PORT` (QUIC address) with `/HTTP_PORT` or
+        /// `/IP:HTTP_PORT` where the HTTP API is not on --http-port, comma-separated:
+        /// writes `certs/`, `admin-token` and `node-<id>.toml` into --out.
+        #[arg(long, requires = "out", conflicts_with = "dir")]
+        nodes: Option<String>,
+        /// Where --nodes writes everything.
+        #[arg(long, requires = "nodes")]
+        out: Option<PathBuf>,
+        /// The members' HTTP port where --nodes does not give one.
+        #[arg(long, default_value_t = 7201, requires = "nodes")]
+        http_port: u16,
+        /// Where the files will be on every machine (absolute; default: --out), as the
+        /// configs name them.
+        #[arg(long, requires = "nodes")]
+        install_dir: Option<PathBuf>,
+        /// Each node's data directory on its machine (absolute; default:
+        /// `<install dir>/data-<id>`).
+        #[arg(long, requires = "nodes")]
+        data_dir: Option<PathBuf>,
+        /// Listen on every interface (0.0.0.0, the members' ports) rather than on each
+        /// member's own address.
+        #[arg(long, requires = "nodes")]
+        listen_any: bool,
+        /// Certificates only: where to write `ca.pem`, `ca-key.pem` and `node-<id>.pem`
+        /// / `node-<id>-key.pem`.
         #[arg(long, default_value = "cluster-certs")]
         dir: PathBuf,
-        /// A node as `ID=HOST[,HOST...]` (the addresses peers reach it at); repeat per node.
-        #[arg(long = "node", required = true, value_parser = parse_node_spec)]
-        nodes: Vec<understudy_net::NodeSpec>,
+        /// Certificates only: a node as `ID=HOST[,HOST...]` (the addresses peers reach
+        /// it at); repeat per node.
+        #[arg(long = "node", value_parser = parse_node_spec)]
+        node: Vec<understudy_net::NodeSpec>,
         /// Replace an existing CA (every node then needs its new certificate).
         #[arg(long)]
         force: bool,
     },
+    /// A development cluster on loopback: starts the nodes, prints where everything
+    /// is, and stops them on Ctrl-C or SIGTERM.
+    Local(crate::dev_cluster::Args),
     /// Sign a certificate for a node joining later, with the existing CA.
     AddNode {
         #[arg(long, default_value = "cluster-certs")]
@@ -278,7 +312,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             vip_dev,
             log_format,
         } => {
-            init_tracing(log_format);
             let mut cfg = match config {
                 Some(path) => Config::from_file(&path)?,
                 None => Config::default(),
@@ -326,7 +359,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.read_token_files()?;
             cfg.validate()?;
-            run_node(cfg, recover_truncated_log)
+            let instance = match &cfg.cluster {
+                Some(cluster) => format!("node-{}", cluster.node_id),
+                None => cfg.listen.to_string(),
+            };
+            let exporter =
+                init_tracing(log_format, cfg.traces.otlp_endpoint.as_deref(), &instance)?;
+            let ran = run_node(cfg, recover_truncated_log);
+            if let Some(exporter) = exporter {
+                exporter.shutdown();
+            }
+            ran
         }
         Command::Deploy {
             name,
@@ -513,7 +556,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster {
-            command: ClusterCommand::Init { dir, nodes, force },
+            command:
+                ClusterCommand::Init {
+                    nodes: Some(list),
+                    out: Some(out),
+                    http_port,
+                    install_dir,
+                    data_dir,
+                    listen_any,
+                    force,
+                    ..
+                },
+        } => {
+            let plan = cluster_init::Plan {
+                out,
+                install_dir,
+                data_dir,
+                listen_any,
+                members: cluster_flags::parse_peers(&list, http_port).map_err(|e| {
+                    anyhow::anyhow!("{}", e.to_string().replace("--peers", "--nodes"))
+                })?,
+                force,
+            };
+            let written = cluster_init::write(&plan)?;
+            print!("{}", cluster_init::instructions(&plan, &written));
+            Ok(())
+        }
+        Command::Cluster {
+            command: ClusterCommand::Local(args),
+        } => crate::dev_cluster::run(args),
+        Command::Cluster {
+            command:
+                ClusterCommand::Init {
+                    dir,
+                    node: nodes,
+                    force,
+                    ..
+                },
         } => {
             if force {
                 understudy_net::certs::init_replacing(&dir, &nodes)?;
@@ -651,7 +730,18 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// The node's logs (stderr, `text` or `json`), with each invocation's spans (and its
+/// trace id) always on, and the exporter of its traces when one is configured.
+///
+/// Fails when the trace exporter cannot be built from its endpoint.
+fn init_tracing(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    instance: &str,
+) -> anyhow::Result<Option<otel::Exporter>> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         // openraft reports every failed heartbeat to a down node as an error, 50 times a
         // second; the failure detector reports the node once.
@@ -659,12 +749,31 @@ fn init_tracing(format: LogFormat) {
             "info,wasmtime=warn,cranelift=warn,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=error",
         )
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    // An invocation's spans put its trace id in every line about it, and carry its
+    // trace context to other nodes: on whatever else RUST_LOG says.
+    let filter = filter.add_directive(
+        format!("{}=info", understudy::trace::TARGET)
+            .parse()
+            .expect("a valid directive"),
+    );
+    // Colours only for a terminal: a log file or journald gets plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    match otel::layer(otlp_endpoint, instance)? {
+        Some((layer, exporter)) => {
+            registry.with(layer).init();
+            Ok(Some(exporter))
+        }
+        None => {
+            registry.init();
+            Ok(None)
+        }
     }
 }
 

@@ -324,6 +324,22 @@ impl Distributed {
         method: &str,
         input: Vec<u8>,
     ) -> Result<Result<Vec<u8>, GuestError>, InvokeError> {
+        let span = crate::trace::inner_span!("call", function, method);
+        // The callee's spans are this `call` span's children.
+        let trace = span.in_scope(crate::trace::outgoing);
+        self.call_traced(txn, depth, function, method, input, trace)
+            .await
+    }
+
+    async fn call_traced(
+        self: &Arc<Self>,
+        txn: &Arc<Mutex<Txn>>,
+        depth: u32,
+        function: &str,
+        method: &str,
+        input: Vec<u8>,
+        trace: Option<String>,
+    ) -> Result<Result<Vec<u8>, GuestError>, InvokeError> {
         let cluster = self
             .cluster
             .upgrade()
@@ -348,6 +364,7 @@ impl Distributed {
                     method: method.to_owned(),
                     input,
                     touched: t.touched(),
+                    trace,
                 },
                 t.deadline,
             )
@@ -579,12 +596,14 @@ impl Distributed {
         };
         if primary == cluster.id {
             let me = self.clone();
-            tokio::spawn(async move {
+            tokio::spawn(tracing::Instrument::in_current_span(async move {
                 let _permit = permit;
                 let _ = me.receive(to, message);
-            });
+            }));
             return;
         }
+        // Sent on behalf of a traced transaction (not by a timer's resend): its trace.
+        let trace = crate::trace::outgoing();
         let Some(addr) = state
             .nodes
             .get(&primary)
@@ -595,7 +614,7 @@ impl Distributed {
         let transport = cluster.transport.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let body = wire::encode(&Invoke::TwoPhase { to, message });
+            let body = wire::encode(&Invoke::TwoPhase { to, message, trace });
             let _ = transport
                 .request_within(
                     primary.0,

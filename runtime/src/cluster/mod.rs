@@ -988,11 +988,14 @@ impl Cluster {
                 "no address known for node {primary}, the primary of {function}"
             )));
         };
+        let span = crate::trace::inner_span!("forward", node = primary.0);
         let request = wire::encode(&Invoke::Call {
             function: function.to_owned(),
             method: method.to_owned(),
             input: input.to_vec(),
             idempotency_key: idempotency_key.map(str::to_owned),
+            // The primary's spans are this `forward` span's children.
+            trace: span.in_scope(crate::trace::outgoing),
         });
         // The primary bounds the transaction by its deadline; this only catches a primary
         // that went silent.
@@ -1014,9 +1017,11 @@ impl Cluster {
                 }
             }
         };
-        let request =
+        let request = tracing::Instrument::instrument(
             self.transport
-                .request_within(primary.0, addr, Channel::Invoke, request, timeout);
+                .request_within(primary.0, addr, Channel::Invoke, request, timeout),
+            span,
+        );
         let reply = tokio::select! {
             reply = request => reply,
             // A failover moved the function (the old primary may be dead, and the request
@@ -1085,29 +1090,44 @@ impl Cluster {
             Invoke::Part(call) => {
                 // On its own task: the part is left consistent even if the peer gives up.
                 let node = self.node.clone();
-                match tokio::spawn(async move { node.run_part(call).await }).await {
+                let span =
+                    crate::trace::remote_span("serve.call", call.trace.as_deref(), &call.function);
+                let run = async move { node.run_part(call).await };
+                match tokio::spawn(tracing::Instrument::instrument(run, span)).await {
                     Ok(reply) => reply,
                     Err(e) => InvokeReply::Failed(InvokeError::Unavailable(format!(
                         "call task failed: {e}"
                     ))),
                 }
             }
-            Invoke::TwoPhase { to, message } => match self.distributed.receive(to, message) {
-                Ok(()) => InvokeReply::Taken,
-                Err(e) => InvokeReply::Failed(e),
-            },
+            Invoke::TwoPhase { to, message, trace } => {
+                // Only a message sent for a traced transaction gets a span.
+                let span = trace
+                    .as_deref()
+                    .map(|t| crate::trace::remote_span("serve.twophase", Some(t), to.as_str()));
+                let _in_span = span.as_ref().map(tracing::Span::enter);
+                match self.distributed.receive(to, message) {
+                    Ok(()) => InvokeReply::Taken,
+                    Err(e) => InvokeReply::Failed(e),
+                }
+            }
             Invoke::Call {
                 function,
                 method,
                 input,
                 idempotency_key,
+                trace,
             } => {
                 // On its own task: the transaction finishes even if the peer gives up.
                 let node = self.node.clone();
-                let run = tokio::spawn(async move {
-                    node.invoke(&function, &method, &input, idempotency_key.as_deref())
-                        .await
-                });
+                let span = crate::trace::remote_span("serve.invoke", trace.as_deref(), &function);
+                let run = tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        node.invoke(&function, &method, &input, idempotency_key.as_deref())
+                            .await
+                    },
+                    span,
+                ));
                 match run.await {
                     Ok(Ok(answer)) => InvokeReply::Answer {
                         outcome: answer

@@ -106,6 +106,9 @@ pub enum Invoke {
         #[serde(with = "serde_bytes")]
         input: Vec<u8>,
         idempotency_key: Option<String>,
+        /// The invocation's W3C `traceparent` (absent from an older peer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<String>,
     },
     /// This node's copy of a function, if it has one.
     Describe { function: String },
@@ -118,6 +121,10 @@ pub enum Invoke {
     TwoPhase {
         to: FunctionName,
         message: crate::twophase::Message<FunctionName>,
+        /// The `traceparent` of the transaction's trace, when the message was sent on
+        /// its behalf (absent from an older peer, and for a resend by a timer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<String>,
     },
 }
 
@@ -139,6 +146,9 @@ pub struct PartCall {
     pub input: Vec<u8>,
     /// Every function the transaction touched so far, and whether it wrote to it.
     pub touched: Vec<(FunctionName, bool)>,
+    /// The transaction's W3C `traceparent` (absent from an older peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -217,6 +227,50 @@ mod tests {
         let decoded: Replicate = decode(&encode(&message)).expect("decodes");
         assert_eq!(decoded.appends, message.appends);
         assert!(decode::<Replicate>(b"\xc1garbage").is_err());
+    }
+
+    #[test]
+    fn an_invocations_trace_crosses_the_wire_and_an_older_peers_call_still_decodes() {
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let call = Invoke::Call {
+            function: "bank".into(),
+            method: "open".into(),
+            input: b"null".to_vec(),
+            idempotency_key: None,
+            trace: Some(traceparent.into()),
+        };
+        match decode::<Invoke>(&encode(&call)).expect("decodes") {
+            Invoke::Call { trace, .. } => assert_eq!(trace.as_deref(), Some(traceparent)),
+            other => panic!("{other:?}"),
+        }
+        // What a peer without traces sends: the same message with no `trace` field.
+        #[derive(Serialize)]
+        enum OldInvoke {
+            Call {
+                function: String,
+                method: String,
+                #[serde(with = "serde_bytes")]
+                input: Vec<u8>,
+                idempotency_key: Option<String>,
+            },
+        }
+        let old = OldInvoke::Call {
+            function: "bank".into(),
+            method: "open".into(),
+            input: b"null".to_vec(),
+            idempotency_key: Some("k".into()),
+        };
+        match decode::<Invoke>(&encode(&old)).expect("decodes") {
+            Invoke::Call {
+                trace,
+                idempotency_key,
+                ..
+            } => {
+                assert_eq!(trace, None);
+                assert_eq!(idempotency_key.as_deref(), Some("k"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -478,10 +478,18 @@ impl Transport {
             return Ok(conn);
         }
         let client = self.inner.clients[channel.index()].clone();
-        let connecting = self
-            .inner
-            .endpoint
-            .connect_with(client, addr, &tls::node_name(peer))
+        // Dialled on a task of its own: quinn's connection driver takes the current
+        // `tracing` span as its own, and the connection outlives the request that dialled
+        // it (holding an invocation's span open forever would keep it from being exported).
+        let endpoint = self.inner.endpoint.clone();
+        let name = tls::node_name(peer);
+        let connecting = tokio::spawn(async move { endpoint.connect_with(client, addr, &name) })
+            .await
+            .map_err(|e| Error::Unreachable {
+                peer,
+                addr,
+                reason: format!("the dialling task failed: {e}"),
+            })?
             .map_err(|e| match e {
                 ConnectError::EndpointStopping => Error::Shutdown,
                 other => Error::Unreachable {
