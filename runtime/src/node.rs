@@ -2274,3 +2274,72 @@ fn resident_memory_bytes() -> Option<i64> {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     (page > 0).then(|| pages * page)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::wal::record::{Deploy, Prepare, Record};
+
+    /// A store holding function `f` with a part of distributed transaction 7 prepared
+    /// on it (its outcome not known here).
+    fn prepared() -> Arc<Function> {
+        let store = Store::default();
+        let f = FunctionName::new("f").expect("valid");
+        store
+            .apply(
+                Lsn(1),
+                &Record::Deploy(Deploy {
+                    function: f.clone(),
+                    digest: Digest([1; 32]),
+                    version: 1,
+                    at_ms: 0,
+                    calls: Default::default(),
+                }),
+            )
+            .expect("deploy");
+        store
+            .apply(
+                Lsn(2),
+                &Record::Prepare(Prepare {
+                    function: f.clone(),
+                    txn: TxnId(7),
+                    coordinator: FunctionName::new("g").expect("valid"),
+                    ops: Vec::new(),
+                    epoch: 1,
+                }),
+            )
+            .expect("prepare");
+        store.get(&f).expect("deployed")
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_a_prepared_part_ends_when_the_node_stops_being_primary() {
+        let f = prepared();
+        // Still primary: the wait lasts until the request's deadline.
+        let until = Instant::now() + Duration::from_millis(60);
+        let blocked = lock_unprepared(&f, TxnId(9), TxnId(9), Mode::First, until, &|| true).await;
+        assert!(matches!(blocked, Err(Blocked::Prepared(TxnId(7)))));
+        // The role goes meanwhile (a hand-over; the outcome will reach the new primary,
+        // not this copy): the wait ends as not primary, long before its deadline, which
+        // would have answered `Prepared`.
+        let primary = Arc::new(AtomicBool::new(true));
+        let flip = primary.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            flip.store(false, Ordering::Relaxed);
+        });
+        let until = Instant::now() + Duration::from_secs(30);
+        let still = || primary.load(Ordering::Relaxed);
+        let blocked = lock_unprepared(&f, TxnId(9), TxnId(9), Mode::First, until, &still).await;
+        assert!(matches!(blocked, Err(Blocked::NotPrimary)));
+        // It gave the function's lock back: another transaction can take it.
+        let taken = tokio::time::timeout(
+            Duration::from_secs(5),
+            f.lock.acquire_aged(TxnId(10), TxnId(10), Mode::First),
+        )
+        .await;
+        assert!(matches!(taken, Ok(Ok(()))));
+    }
+}
