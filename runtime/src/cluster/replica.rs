@@ -167,11 +167,6 @@ impl PrimaryCopy {
         }
     }
 
-    /// The backups it ships to, with whether each is live (counts for commits).
-    pub fn peers(&self) -> Vec<(NodeId, bool)> {
-        self.with_engine(|core| core.peers()).unwrap_or_default()
-    }
-
     /// Read this session's engine, if it is still the copy's.
     fn with_engine<T>(&self, read: impl FnOnce(&Replica<Entry>) -> T) -> Option<T> {
         let copy = self.copy.upgrade()?;
