@@ -85,6 +85,10 @@ pub struct Metrics {
     pub function_idempotency_keys: Family<FunctionLabels, Gauge>,
     /// The node process's resident memory, set at each scrape.
     pub resident_memory_bytes: Gauge,
+    /// Guest threads running a guest, and guests' runs waiting for a thread, set at
+    /// each scrape.
+    pub guest_threads_busy: Gauge,
+    pub guest_runs_waiting: Gauge,
     /// Recent throughput and latency per function, for the console.
     pub rates: crate::rates::Rates,
     pub cluster: ClusterMetrics,
@@ -239,6 +243,18 @@ impl Metrics {
         let function_state_bytes = Family::<FunctionLabels, Gauge>::default();
         let function_idempotency_keys = Family::<FunctionLabels, Gauge>::default();
         let resident_memory_bytes = Gauge::default();
+        let guest_threads_busy = Gauge::default();
+        let guest_runs_waiting = Gauge::default();
+        registry.register(
+            "guest_threads_busy",
+            "Guest threads running a guest (each function gets a fair share of them)",
+            guest_threads_busy.clone(),
+        );
+        registry.register(
+            "guest_runs_waiting",
+            "Runs of guests waiting for a guest thread",
+            guest_runs_waiting.clone(),
+        );
         registry.register(
             "function_state_keys",
             "Keys in each function's state",
@@ -266,6 +282,8 @@ impl Metrics {
             function_state_bytes,
             function_idempotency_keys,
             resident_memory_bytes,
+            guest_threads_busy,
+            guest_runs_waiting,
             rates,
             cluster,
             registry,

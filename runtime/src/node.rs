@@ -399,6 +399,9 @@ impl Node {
         if let Some(bytes) = resident_memory_bytes() {
             m.resident_memory_bytes.set(bytes);
         }
+        let (busy, waiting) = self.inner.runtime.guest_load();
+        m.guest_threads_busy.set(busy as i64);
+        m.guest_runs_waiting.set(waiting as i64);
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -1879,21 +1882,6 @@ async fn lock_unprepared(
     }
 }
 
-/// A callee's task, aborted if the caller stops waiting for it (the caller was cut off).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> AbortOnDrop<T> {
-    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
-        (&mut self.0).await
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Releases one function's lock when dropped (an admin operation holding it).
 struct FunctionLock {
     function: Arc<Function>,
@@ -2212,20 +2200,12 @@ impl Calls for Inner {
                 })
             };
             let ctx = Ctx::new(txn.clone(), f, depth, self.clone(), &self.config.wasm);
-            // The callee runs on its own task, so it gets its own fiber and stack.
-            let inner = self.clone();
-            let run = AbortOnDrop(tokio::spawn(tracing::Instrument::in_current_span(
-                async move {
-                    inner
-                        .runtime
-                        .run(&loaded, ctx, deadline, &method, &input)
-                        .await
-                },
-            )));
-            let result = run
-                .join()
-                .await
-                .map_err(|e| wasmtime::Error::msg(format!("callee task failed: {e}")))?;
+            // The callee runs on a task of its own (a guest thread's), with its own
+            // fiber and stack.
+            let result = self
+                .runtime
+                .run(&loaded, ctx, deadline, &method, &input)
+                .await;
             match result {
                 Ok(Ok(output)) => Ok(Ok(output)),
                 Ok(Err(own)) => {

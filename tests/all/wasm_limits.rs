@@ -161,3 +161,58 @@ fn requests_queued_past_their_deadline_are_refused_as_overloaded() {
         json!({ "value": "v" })
     );
 }
+
+/// With a single guest thread, guests spinning to their deadline on other functions do
+/// not keep it from a function with work waiting: the counter is answered, again and
+/// again, while both spinners still run (they yield the thread at each epoch tick and
+/// the function with the least guest time goes first), and `/metrics` shows the guest
+/// thread busy and runs waiting for it. An order, not a timing: the spinners run for
+/// 3 s.
+#[test]
+fn spinning_guests_do_not_keep_another_function_from_the_guest_thread() {
+    let node = NodeProcess::start_with(NodeOptions {
+        config_toml: Some("[wasm]\nguest_threads = 1\ndeadline_ms = 3000\n".into()),
+        ..Default::default()
+    });
+    let api = node.api();
+    api.deploy_component("spin-a", "hostile");
+    api.deploy_component("spin-b", "hostile");
+    api.deploy_component("counter", "counter");
+    std::thread::scope(|scope| {
+        let spinners: Vec<_> = ["spin-a", "spin-b"]
+            .into_iter()
+            .map(|f| {
+                let api = node.api();
+                scope.spawn(move || api.invoke(f, "loop", &Value::Null))
+            })
+            .collect();
+        // Both spinning: the one guest thread is busy, and one of them waits for it.
+        let started = std::time::Instant::now();
+        loop {
+            let metrics = api.get("/metrics").expect("metrics").text;
+            let busy = metrics.contains("understudy_guest_threads_busy 1");
+            let waiting = metrics.contains("understudy_guest_runs_waiting 1");
+            if busy && waiting {
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "the spinners never both ran: {metrics}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        for _ in 0..20 {
+            api.ok("counter", "increment", Value::Null);
+        }
+        assert!(
+            spinners.iter().all(|s| !s.is_finished()),
+            "the counter was served only after a spinner's deadline"
+        );
+        for s in spinners {
+            s.join()
+                .expect("client thread")
+                .expect_error(504, "deadline");
+        }
+    });
+    api.get("/healthz").expect("healthz").expect_status(200);
+}

@@ -31,8 +31,8 @@ use understudy::wasm::bindings::{self, understudy::function as wit};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to measure: invoke, commit, memory, replicated, distributed, languages or
-    /// all.
+    /// What to measure: invoke, commit, memory, isolation, replicated, distributed,
+    /// languages or all.
     #[arg(long, default_value = "all")]
     pub what: String,
     /// The counter example component.
@@ -84,6 +84,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if what == "memory" || what == "all" {
             memory(&args, &dir, &counter).await?;
+        }
+        if what == "isolation" || what == "all" {
+            isolation(&args, &dir, &counter).await?;
         }
         if what == "replicated" || what == "all" {
             replicated(&args, &dir, &counter).await?;
@@ -803,6 +806,131 @@ async fn catch_up(args: &Args, cluster: &crate::local::LocalCluster) -> anyhow::
         record["ms"].as_f64().unwrap_or(0.0),
         record["mb_per_s"].as_f64().unwrap_or(0.0)
     );
+    Ok(())
+}
+
+/// Spinning guests beside a well-behaved function: `counter.increment` (one client) and
+/// `/healthz` (one poller) over HTTP, measured alone and then while `SPINNERS` guests of
+/// other functions run until their deadline, side by side in one run.
+async fn isolation(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::Result<()> {
+    const SPINNERS: usize = 8;
+    println!("== isolation: counter.increment (disk durability) and /healthz over HTTP, alone and beside {SPINNERS} spinning guests ==");
+    let hostile = std::fs::read(&args.hostile)
+        .with_context(|| format!("cannot read {}", args.hostile.display()))?;
+    let node = open_node(dir, "isolation", Durability::Disk).await?;
+    node.deploy("counter", counter.to_vec(), Default::default())
+        .await?;
+    // Distinct functions: one function runs one transaction at a time.
+    for i in 0..SPINNERS {
+        node.deploy(&format!("spin-{i}"), hostile.clone(), Default::default())
+            .await?;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(understudy::http::serve(
+        node.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let client = reqwest::Client::new();
+    let seconds = args.seconds;
+    let measure = |client: reqwest::Client| async move {
+        let url = format!("http://{addr}/v1/functions/counter/increment");
+        let health = format!("http://{addr}/healthz");
+        let c = client.clone();
+        let polls = tokio::spawn(async move {
+            drive(1, seconds, move || {
+                let (c, health) = (c.clone(), health.clone());
+                async move {
+                    let r = c.get(&health).send().await?;
+                    anyhow::ensure!(r.status().is_success(), "healthz: {}", r.status());
+                    r.bytes().await?;
+                    // A poller, not a load: a few hundred probes a second.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    Ok(())
+                }
+            })
+            .await
+        });
+        let (_, _, increments) = drive(1, seconds, move || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body("null")
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "status {}", r.status());
+                r.bytes().await?;
+                Ok(())
+            }
+        })
+        .await;
+        // The poller's latencies include its 2 ms pause: take it off.
+        let (_, _, probes) = polls.await.unwrap_or_default();
+        let probes: Vec<Duration> = probes
+            .into_iter()
+            .map(|d| d.saturating_sub(Duration::from_millis(2)))
+            .collect();
+        (increments, probes)
+    };
+    let (alone, alone_health) = measure(client.clone()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut spinners = Vec::new();
+    for i in 0..SPINNERS {
+        let (n, stop) = (node.clone(), stop.clone());
+        spinners.push(tokio::spawn(async move {
+            let mut runs = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = n.invoke(&format!("spin-{i}"), "loop", b"null", None).await;
+                runs += 1;
+            }
+            runs
+        }));
+    }
+    // Let every spinner start.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (beside, beside_health) = measure(client).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut spins = 0;
+    for s in spinners {
+        spins += s.await.unwrap_or(0);
+    }
+    server.abort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{:<44} {:>8} {:>9} {:>9} {:>9}",
+        "", "count", "p50 ms", "p99 ms", "max ms"
+    );
+    let row = |what: &str, lat: &[Duration]| {
+        println!(
+            "{:<44} {:>8} {:>9.2} {:>9.2} {:>9.2}",
+            what,
+            lat.len(),
+            ms(percentile(lat, 0.5)),
+            ms(percentile(lat, 0.99)),
+            ms(lat.last().copied().unwrap_or_default())
+        );
+    };
+    row("counter.increment, alone", &alone);
+    row(&format!("counter.increment, beside {SPINNERS} spinners"), &beside);
+    row("/healthz, alone", &alone_health);
+    row(&format!("/healthz, beside {SPINNERS} spinners"), &beside_health);
+    let ratio = |a: &[Duration], b: &[Duration]| {
+        let base = percentile(a, 0.99).as_secs_f64();
+        if base > 0.0 {
+            percentile(b, 0.99).as_secs_f64() / base
+        } else {
+            f64::NAN
+        }
+    };
+    println!(
+        "p99 beside / alone: counter.increment {:.1}x, /healthz {:.1}x ({spins} spinning runs to their deadline)",
+        ratio(&alone, &beside),
+        ratio(&alone_health, &beside_health)
+    );
+    println!();
     Ok(())
 }
 

@@ -91,6 +91,9 @@ pub struct Ctx {
     stderr: MemoryOutputPipe,
     /// What this instance could not log (over its transaction's cap).
     log_dropped: Dropped,
+    /// The node's runtime, where calls to other functions run (set by `Runtime::run`;
+    /// without it they run on the guest's own thread).
+    pub(super) links: Option<tokio::runtime::Handle>,
 }
 
 impl Ctx {
@@ -115,6 +118,7 @@ impl Ctx {
             stdout: MemoryOutputPipe::new(OUTPUT_MAX),
             stderr: MemoryOutputPipe::new(OUTPUT_MAX),
             log_dropped: Dropped::default(),
+            links: None,
         }
     }
 
@@ -329,11 +333,20 @@ impl call::Host for Ctx {
                 ),
             }));
         }
-        let result = self
+        let call = self
             .calls
             .clone()
-            .call(self.txn.clone(), self.depth + 1, function, method, input)
-            .await?;
+            .call(self.txn.clone(), self.depth + 1, function, method, input);
+        // Locks, messages to other nodes and the callee's own run belong on the
+        // node's threads; the guest's thread runs other guests while it waits.
+        let result = match &self.links {
+            Some(links) => {
+                super::guests::OnRuntime::spawn(links, tracing::Instrument::in_current_span(call))
+                    .await
+                    .map_err(|e| wasmtime::Error::msg(format!("the call's task failed: {e}")))??
+            }
+            None => call.await?,
+        };
         Ok(result.map_err(types::Error::from))
     }
 }

@@ -7,6 +7,7 @@
 //! goes through `Ctx`, whose transaction and `Calls` hook belong to `node`.
 
 pub mod guest_log;
+pub mod guests;
 pub mod host;
 
 use std::hash::{Hash, Hasher};
@@ -45,8 +46,9 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(20);
 /// while no instance uses them: bounds what the pool holds beyond the instances alive.
 const WARM_SLOTS_UNUSED_MAX: u32 = 16;
 
-/// How often the engine's epoch advances: the granularity of deadlines.
-const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// How often the engine's epoch advances: the granularity of deadlines, and the longest
+/// a running guest keeps a guest thread from another run waiting for one.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The export every function has, and the type of its one function.
 const HANDLER_EXPORT: &str = "understudy:function/handler@0.1.0";
@@ -88,6 +90,10 @@ pub struct Options {
     /// up to this much per warm pool slot (slots in use, plus at most
     /// `WARM_SLOTS_UNUSED_MAX` unused ones).
     pub memory_keep_resident_bytes: usize,
+    /// Threads that run guests (0: one per core). Guests run on these alone, at a
+    /// lower scheduling priority than the node's own threads (HTTP, replication,
+    /// Raft, leases, failure detection), taking turns fairly between functions.
+    pub guest_threads: usize,
 }
 
 impl Default for Options {
@@ -99,6 +105,7 @@ impl Default for Options {
             table_elements_max: 20_000,
             instances_max: 1000,
             memory_keep_resident_bytes: 32 << 20,
+            guest_threads: 0,
         }
     }
 }
@@ -172,6 +179,7 @@ pub struct Runtime {
     engine_hash: u64,
     pub options: Options,
     ticking: Arc<AtomicBool>,
+    guests: guests::Guests,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -221,6 +229,12 @@ impl Runtime {
                 })
                 .map_err(|e| Error::Engine(format!("cannot start the epoch thread: {e}")))?;
         }
+        let preempt = {
+            let engine = engine.clone();
+            move || engine.increment_epoch()
+        };
+        let guests = guests::Guests::new(options.guest_threads, preempt)
+            .map_err(|e| Error::Engine(format!("cannot start the guest threads: {e}")))?;
         Ok(Runtime {
             engine,
             linker,
@@ -228,6 +242,7 @@ impl Runtime {
             engine_hash,
             options,
             ticking,
+            guests,
         })
     }
 
@@ -308,7 +323,13 @@ impl Runtime {
         }
     }
 
-    /// Instantiate `loaded` in a fresh store holding `ctx` and run its handler.
+    /// Guest threads running a guest, and runs waiting for one.
+    pub fn guest_load(&self) -> (usize, usize) {
+        self.guests.load()
+    }
+
+    /// Instantiate `loaded` in a fresh store holding `ctx` and run its handler, on a
+    /// guest thread (see [`guests`]).
     ///
     /// The outer error is an abort: a trap, the deadline, a resource cap, or an error
     /// raised by a host call (a lost lock conflict, say); the inner result is the
@@ -316,42 +337,55 @@ impl Runtime {
     pub async fn run(
         &self,
         loaded: &Loaded,
-        ctx: Ctx,
+        mut ctx: Ctx,
         deadline: Instant,
         method: &str,
         input: &[u8],
     ) -> wasmtime::Result<Result<Vec<u8>, GuestError>> {
         let deadline_ms = self.options.deadline_ms;
+        // Calls to other functions run on the caller's (the node's) threads.
+        ctx.links = Some(tokio::runtime::Handle::current());
+        let function: Arc<str> = ctx.function.name.as_str().into();
+        let contention = self.guests.contention();
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|ctx| &mut ctx.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
                 Err(wasmtime::Error::new(Abort::Deadline(deadline_ms)))
-            } else {
-                // Yield so that a spinning guest cannot hold a runtime thread.
+            } else if contention.contended() {
+                // Give the guest thread to a run waiting for one.
                 Ok(UpdateDeadline::Yield(1))
+            } else {
+                Ok(UpdateDeadline::Continue(1))
             }
         });
-        // The epoch callback stops wasm code at the deadline; this stops a guest that
-        // waits inside a host call (a WASI sleep, say) instead of running.
-        let overall = tokio::time::Instant::from_std(deadline + DEADLINE_GRACE);
-        let run = async {
-            let instance = loaded.pre.instantiate_async(&mut store).await?;
-            instance
-                .understudy_function_handler()
-                .call_handle(&mut store, method, input)
-                .await
+        let (pre, method, input) = (loaded.pre.clone(), method.to_owned(), input.to_vec());
+        let task = async move {
+            // The epoch callback stops wasm code at the deadline; this stops a guest
+            // that waits inside a host call (a WASI sleep, say) instead of running.
+            let overall = tokio::time::Instant::from_std(deadline + DEADLINE_GRACE);
+            let run = async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                instance
+                    .understudy_function_handler()
+                    .call_handle(&mut store, &method, &input)
+                    .await
+            };
+            let result = match tokio::time::timeout_at(overall, run).await {
+                Ok(result) => result,
+                Err(_) => Err(wasmtime::Error::new(Abort::Deadline(deadline_ms))),
+            };
+            let stderr_tail = store.data_mut().flush_output();
+            match result {
+                Ok(answer) => Ok(answer.map_err(GuestError::from)),
+                Err(error) => Err(with_stderr(store.data(), error, stderr_tail)),
+            }
         };
-        let result = match tokio::time::timeout_at(overall, run).await {
-            Ok(result) => result,
-            Err(_) => Err(wasmtime::Error::new(Abort::Deadline(deadline_ms))),
-        };
-        let stderr_tail = store.data_mut().flush_output();
-        match result {
-            Ok(answer) => Ok(answer.map_err(GuestError::from)),
-            Err(error) => Err(with_stderr(store.data(), error, stderr_tail)),
-        }
+        self.guests
+            .spawn(function, tracing::Instrument::in_current_span(task))
+            .await
+            .map_err(|e| wasmtime::Error::msg(e.to_string()))?
     }
 }
 
