@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cluster_failover::{bank, deploy_filler, wait_for, Workload, ACCOUNTS, INITIAL};
-use crate::cluster_form::{cluster_init, converged_leader};
+use crate::cluster_form::{cluster_init, converged_leader, status};
 use crate::support::{component, free_port, NodeOptions, NodeProcess};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -112,6 +112,44 @@ impl Browser {
         reply["value"].clone()
     }
 
+    /// Type `text` into the page's open `prompt()` and accept it.
+    fn answer_prompt(&self, text: &str) {
+        let started = Instant::now();
+        loop {
+            let url = format!("{}/session/{}/alert/text", self.base, self.session);
+            let open: Value = self
+                .http
+                .get(&url)
+                .send()
+                .and_then(|r| r.json())
+                .expect("WebDriver alert");
+            if open["value"]["error"].is_null() {
+                break;
+            }
+            assert!(
+                started.elapsed() < PAGE_TIMEOUT,
+                "no prompt opened: {open}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.command("/alert/text", json!({ "text": text }));
+        self.command("/alert/accept", json!({}));
+    }
+
+    /// Click the element `selector` names (it must be there). The click runs after the
+    /// script returns: a click that opens a `prompt()` would hold the script otherwise.
+    fn click(&self, selector: &str) {
+        let script = format!(
+            "const e = document.querySelector({}); if (!e) return false; setTimeout(() => e.click(), 0); return true;",
+            Value::String(selector.to_owned())
+        );
+        assert_eq!(
+            self.eval(&script),
+            Value::Bool(true),
+            "nothing on the page matches {selector}"
+        );
+    }
+
     fn open(&self, url: &str) {
         self.command("/url", json!({ "url": url }));
     }
@@ -195,6 +233,11 @@ fn wait_for_page(browser: &Browser, what: &str, done: impl Fn(&Value) -> bool) -
 /// Three members whose configs name each other's HTTP addresses (the console finds the
 /// other nodes through them).
 fn start_cluster(certs: &Path) -> Vec<NodeProcess> {
+    start_cluster_with_token(certs, None)
+}
+
+/// The same, each node taking `admin_token` for its admin routes.
+fn start_cluster_with_token(certs: &Path, admin_token: Option<&str>) -> Vec<NodeProcess> {
     let members: Vec<(u64, u16, u16)> = (1..=3).map(|id| (id, free_port(), free_port())).collect();
     let list: Vec<String> = members
         .iter()
@@ -213,6 +256,7 @@ fn start_cluster(certs: &Path) -> Vec<NodeProcess> {
             NodeProcess::start_with(NodeOptions {
                 config_toml: Some(config),
                 port: Some(*http),
+                admin_token: admin_token.map(str::to_owned),
                 ..NodeOptions::default()
             })
         })
@@ -332,4 +376,105 @@ fn console_in_a_browser_follows_a_killed_primary_through_another_node() {
     println!("screenshot: {}", shot.display());
     load.finish();
     println!("the test took {:?}", started.elapsed());
+}
+
+/// The admin controls as the page shows them, and what it says of the bank and node 3.
+const READ_ADMIN: &str = r#"
+const q = (s) => document.querySelector(s);
+const bank = q('#functions tr[data-function="bank"]');
+const three = q('#nodes tr[data-node="3"]');
+const toast = q('#toast');
+return {
+  token: q('#token').textContent,
+  buttons: [...document.querySelectorAll('button[data-act]')]
+    .filter((b) => b.offsetParent !== null)
+    .map((b) => b.dataset.act + ':' + (b.dataset.fn || b.dataset.id)),
+  bank: bank ? bank.children[2].textContent.trim() : null,
+  node3: three ? three.children[2].textContent.trim() : null,
+  toast: toast.style.display === 'block' ? toast.textContent : '',
+};
+"#;
+
+/// The admin buttons in a browser: without the token the page offers none; given the
+/// token through the page's own prompt, Stop stops the bank (it refuses invocations),
+/// Start runs it again and Drain drains node 3, each as the cluster itself then reports;
+/// with a wrong token the node refuses and the page says why, and nothing changes.
+#[test]
+fn console_admin_buttons_stop_and_start_a_function_and_drain_a_node() {
+    const TOKEN: &str = "console-admin-secret";
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_init(certs.path(), &[1, 2, 3]);
+    let nodes = start_cluster_with_token(certs.path(), Some(TOKEN));
+    converged_leader(&nodes.iter().collect::<Vec<_>>());
+    let admin = nodes[0].api().with_token(TOKEN);
+    admin
+        .put_bytes("/v1/functions/bank?replicas=2", component("bank"))
+        .expect_status(201);
+    wait_for("the bank's primary", || bank(&nodes[0])["primary"].as_u64().is_some());
+    let browser = Browser::start();
+    browser.open(&nodes[0].api().url("/ui"));
+    let read = || browser.eval(READ_ADMIN);
+    let wait = |what: &str, done: &dyn Fn(&Value) -> bool| {
+        let started = Instant::now();
+        loop {
+            let page = read();
+            if done(&page) {
+                return page;
+            }
+            assert!(
+                started.elapsed() < PAGE_TIMEOUT,
+                "the console never showed {what}; it shows: {page:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let has = |p: &Value, button: &str| {
+        p["buttons"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|x| x == button))
+    };
+    // Read-only until a token is given.
+    let page = wait("the bank, running", &|p| p["bank"] == "running");
+    assert_eq!(page["buttons"], json!([]), "no admin buttons without a token: {page}");
+
+    // A wrong token: the buttons appear, and the node refuses what they ask.
+    browser.click("#token");
+    browser.answer_prompt("not-the-token");
+    wait("the stop button", &|p| has(p, "stop:bank"));
+    browser.click(r#"button[data-act="stop"][data-fn="bank"]"#);
+    let page = wait("the refusal", &|p| p["toast"].as_str().is_some_and(|t| t.starts_with("stop:") && t != "stop: done"));
+    println!("with a wrong token: {page:#}");
+    assert_eq!(page["bank"], "running");
+    assert_eq!(bank(&nodes[0])["running"], json!(true), "{}", bank(&nodes[0]));
+
+    // The right token: stop, start, drain.
+    browser.click("#token");
+    browser.answer_prompt(TOKEN);
+    wait("the admin mode", &|p| p["token"] == "Admin: on" && has(p, "stop:bank"));
+    browser.click(r#"button[data-act="stop"][data-fn="bank"]"#);
+    wait("the bank stopped", &|p| p["bank"] == "stopped" && has(p, "start:bank"));
+    assert_eq!(bank(&nodes[1])["running"], json!(false), "{}", bank(&nodes[1]));
+    let refused = nodes[1]
+        .api()
+        .invoke("bank", "open", &json!({ "account": "a", "initial": 1 }));
+    assert_eq!(refused.status, 503, "a stopped function refuses: {}", refused.text);
+    browser.click(r#"button[data-act="start"][data-fn="bank"]"#);
+    wait("the bank running again", &|p| p["bank"] == "running" && has(p, "stop:bank"));
+    nodes[1]
+        .api()
+        .ok("bank", "open", json!({ "account": "a", "initial": 1 }));
+
+    wait("node 3's drain button", &|p| has(p, "drain:3"));
+    browser.click(r#"button[data-act="drain"][data-id="3"]"#);
+    let page = wait("node 3 draining", &|p| {
+        p["node3"].as_str().is_some_and(|s| s.contains("draining")) && !has(p, "drain:3")
+    });
+    println!("after the drain: {page:#}");
+    let members = status(&nodes[0]).expect("the cluster's status");
+    let three = members["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["id"] == 3))
+        .cloned()
+        .expect("node 3 in the status");
+    assert_ne!(three["status"], "active", "the cluster drains node 3: {three}");
 }
