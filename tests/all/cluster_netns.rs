@@ -343,3 +343,106 @@ fn primary_cut_off_from_the_master_cannot_commit_and_rejoins_as_a_backup() {
 fn primary_cut_off_from_everyone_cannot_commit_and_rejoins_as_a_backup() {
     cut_off_primary(true);
 }
+
+/// The README's recipe for three machines, from flags, on three hosts of their own
+/// (network namespaces with their own addresses): `cluster init --nodes ... --out DIR`
+/// on one machine, then on host N `understudy node --id N --peers ... --certs DIR/certs
+/// --listen 0.0.0.0:PORT --admin-token-file DIR/admin-token`. The hosts form one
+/// cluster, `understudy status` from the client machine lists them, the bank deploys
+/// with the token written and is served through every host, and when the bank's
+/// primary's host dies, the others serve it on.
+#[test]
+fn the_readmes_three_machine_recipe_forms_a_cluster_across_hosts() {
+    let Some(net) = Net::new(3) else {
+        return skip("the three-machine recipe in network namespaces");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peers: Vec<String> = (0..3)
+        .map(|i| format!("{}@{}:7301", i + 1, net.addr(i)))
+        .collect();
+    let peers = peers.join(",");
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(["cluster", "init", "--nodes", &peers, "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run cluster init");
+    assert!(
+        init.status.success(),
+        "cluster init failed: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let (certs, token_file) = (dir.path().join("certs"), dir.path().join("admin-token"));
+    let token = std::fs::read_to_string(&token_file).expect("cluster init wrote a token");
+    let token = token.trim();
+    let mut nodes: Vec<NodeProcess> = (0..3)
+        .map(|i| {
+            NodeProcess::start_with(NodeOptions {
+                netns: Some((net.ns(i).to_owned(), net.addr(i))),
+                extra_args: vec![
+                    "--id".into(),
+                    (i + 1).to_string(),
+                    "--peers".into(),
+                    peers.clone(),
+                    "--certs".into(),
+                    certs.display().to_string(),
+                    "--admin-token-file".into(),
+                    token_file.display().to_string(),
+                ],
+                ..NodeOptions::default()
+            })
+        })
+        .collect();
+    converged_leader(&nodes.iter().collect::<Vec<_>>());
+    let status = |i: usize| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .args([
+                "status",
+                "--node",
+                &format!("http://{}:{}", net.addr(i), crate::support::NETNS_PORT),
+            ])
+            .output()
+            .expect("run understudy status")
+    };
+    let listed = status(0);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "status failed: {text}");
+    for i in 0..3 {
+        assert!(
+            text.contains(&net.addr(i).to_string()),
+            "status lists host {i} ({}): {text}",
+            net.addr(i)
+        );
+    }
+    // The configs' token guards the admin routes.
+    nodes[0]
+        .api()
+        .put_bytes("/v1/functions/bank?replicas=2", component("bank"))
+        .expect_error(401, "unauthorized");
+    nodes[0]
+        .api()
+        .with_token(token)
+        .put_bytes("/v1/functions/bank?replicas=2", component("bank"))
+        .expect_status(201);
+    open_accounts(nodes[1].api());
+    for node in &nodes {
+        let total = node.api().ok("bank", "total", Value::Null);
+        assert_eq!(
+            total["total"].as_u64(),
+            Some(ACCOUNTS.len() as u64 * INITIAL as u64),
+            "{total}"
+        );
+    }
+    let primary = crate::cluster_distributed::primary_of(&nodes[0], "bank").expect("a primary");
+    let p = (primary - 1) as usize;
+    nodes[p].kill9();
+    net.set_link(p, false);
+    let survivor = (0..3).find(|i| *i != p).expect("a survivor");
+    wait_for("the bank served again after its primary's host died", || {
+        let reply = nodes[survivor].api().invoke("bank", "total", &Value::Null);
+        reply.status == 200
+    });
+    let after = status(survivor);
+    let text = String::from_utf8_lossy(&after.stdout);
+    assert!(after.status.success(), "status failed: {text}");
+    println!("{text}");
+}
