@@ -13,6 +13,7 @@
 //! node is not mistaken for the new attempt's), with the age of its first attempt.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -21,6 +22,9 @@ use crate::ids::TxnId;
 
 /// Waiters allowed to queue on one function before new arrivals are turned away.
 pub const WAITERS_MAX: usize = 4096;
+
+/// The weight of the latest hold in the mean hold time (an exponential moving average).
+const HOLD_WEIGHT: f64 = 0.2;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -40,6 +44,18 @@ struct State {
     /// The holder, and its age.
     holder: Option<(TxnId, TxnId)>,
     waiters: VecDeque<(TxnId, TxnId, oneshot::Sender<()>)>,
+    /// When the holder took the lock.
+    held_since: Option<Instant>,
+    /// How long a transaction has held the lock lately, in seconds (none before the
+    /// first release).
+    mean_hold: Option<f64>,
+}
+
+impl State {
+    fn take(&mut self, txn: TxnId, age: TxnId) {
+        self.holder = Some((txn, age));
+        self.held_since = Some(Instant::now());
+    }
 }
 
 /// How a lock is being asked for.
@@ -71,7 +87,7 @@ impl TxnLock {
             let mut state = self.state.lock();
             match state.holder {
                 None => {
-                    state.holder = Some((txn, age));
+                    state.take(txn, age);
                     return Ok(());
                 }
                 Some((holder, _)) if holder == txn => return Ok(()),
@@ -118,18 +134,46 @@ impl TxnLock {
             return false;
         }
         state.holder = None;
+        if let Some(since) = state.held_since.take() {
+            let held = since.elapsed().as_secs_f64();
+            state.mean_hold = Some(match state.mean_hold {
+                Some(mean) => mean + HOLD_WEIGHT * (held - mean),
+                None => held,
+            });
+        }
         while let Some((next, age, tx)) = state.waiters.pop_front() {
-            state.holder = Some((next, age));
+            state.take(next, age);
             if tx.send(()).is_ok() {
                 return true;
             }
             state.holder = None;
+            state.held_since = None;
         }
         false
     }
 
+    /// How long a transaction arriving now would wait in line, estimated from the
+    /// mean hold time: what the holder has left of it, and a whole one for each waiter
+    /// ahead. `None` before the lock was ever released (nothing to estimate from).
+    pub fn expected_wait(&self) -> Option<Duration> {
+        let state = self.state.lock();
+        let Some(since) = state.held_since else {
+            return Some(Duration::ZERO);
+        };
+        let mean = state.mean_hold?;
+        let left = (mean - since.elapsed().as_secs_f64()).max(0.0);
+        Some(Duration::from_secs_f64(
+            left + mean * state.waiters.len() as f64,
+        ))
+    }
+
     pub fn holder(&self) -> Option<TxnId> {
         self.state.lock().holder.map(|(holder, _)| holder)
+    }
+
+    /// The mean time a transaction held the lock lately (`None` before any release).
+    pub fn mean_hold(&self) -> Option<Duration> {
+        self.state.lock().mean_hold.map(Duration::from_secs_f64)
     }
 
     pub fn waiters(&self) -> usize {
@@ -155,6 +199,30 @@ impl Drop for CancelGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_expected_wait_is_the_holders_rest_and_a_mean_hold_per_waiter() {
+        let lock = std::sync::Arc::new(TxnLock::default());
+        assert_eq!(lock.expected_wait(), Some(Duration::ZERO), "a free lock");
+        lock.acquire(TxnId(1), Mode::First).await.expect("free");
+        assert_eq!(lock.expected_wait(), None, "never released: nothing to go by");
+        std::thread::sleep(Duration::from_millis(20));
+        lock.release(TxnId(1));
+        let mean = lock.mean_hold().expect("one hold");
+        assert!(mean >= Duration::from_millis(20), "{mean:?}");
+        lock.acquire(TxnId(2), Mode::First).await.expect("free");
+        let l2 = lock.clone();
+        let waiter = tokio::spawn(async move { l2.acquire(TxnId(3), Mode::First).await });
+        while lock.waiters() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // What the holder has left of a mean hold (at most one), and one per waiter.
+        let wait = lock.expected_wait().expect("a mean hold");
+        assert!(wait >= mean && wait <= 2 * mean, "{wait:?} for a mean hold of {mean:?}");
+        lock.release(TxnId(2));
+        waiter.await.expect("task").expect("handed over");
+        lock.release(TxnId(3));
+    }
 
     #[tokio::test]
     async fn first_locks_queue_in_order() {

@@ -629,6 +629,21 @@ impl Node {
             Some(cluster) => cluster.replicas().primary(&f.name).is_some(),
             None => true,
         };
+        // A request that would wait in line past its deadline is refused now, not at
+        // its deadline: the line ahead, at the function's recent pace, is too long.
+        if let Some(wait) = f.lock.expected_wait() {
+            let left = queue_until.saturating_duration_since(Instant::now());
+            if wait > left {
+                return Err(InvokeError::Overloaded(format!(
+                    "function {} is busy: about {} ms of work is ahead of this request ({} waiting, {} ms each lately) and its deadline leaves {} ms; try again later",
+                    f.name,
+                    wait.as_millis(),
+                    f.lock.waiters(),
+                    f.lock.mean_hold().unwrap_or_default().as_millis(),
+                    left.as_millis()
+                )));
+            }
+        }
         lock_unprepared(f, id, age, Mode::First, queue_until, &primary_here)
             .await
             .map_err(|blocked| match blocked {

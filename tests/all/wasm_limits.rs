@@ -216,3 +216,43 @@ fn spinning_guests_do_not_keep_another_function_from_the_guest_thread() {
     });
     api.get("/healthz").expect("healthz").expect_status(200);
 }
+
+/// Once the function's pace is known (a transaction took its whole deadline), a request
+/// that would wait in line past its own deadline is refused at once with 503
+/// `overloaded` and `Retry-After`, saying how much work is ahead, while the transaction
+/// holding the function still runs, rather than when its deadline has passed.
+#[test]
+fn a_request_that_cannot_be_served_before_its_deadline_is_refused_at_once() {
+    let node = NodeProcess::start_with(NodeOptions {
+        deadline_ms: Some(1000),
+        ..Default::default()
+    });
+    let api = node.api();
+    api.deploy_component("h", "hostile");
+    // The pace: a transaction holds the function for its whole deadline.
+    api.invoke("h", "loop", &Value::Null)
+        .expect_error(504, "deadline");
+    std::thread::scope(|scope| {
+        let holder = scope.spawn(|| node.api().invoke("h", "loop", &Value::Null));
+        // Let it take the function, and two more line up behind it (each admitted: the
+        // line ahead of each is shorter than a deadline when it arrives).
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let queued = scope.spawn(|| node.api().invoke("h", "loop", &Value::Null));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let refused = api.invoke("h", "get", &json!({ "key": "k" }));
+        assert!(
+            !holder.is_finished(),
+            "the refusal came only after the holder's deadline"
+        );
+        assert_eq!(refused.status, 503, "{}", refused.text);
+        assert_eq!(refused.code(), "overloaded", "{}", refused.text);
+        assert_eq!(refused.header("retry-after"), Some("1"), "{:?}", refused.headers);
+        assert!(
+            refused.message().contains("ahead of this request"),
+            "it says why: {}",
+            refused.text
+        );
+        holder.join().expect("client").expect_error(504, "deadline");
+        let _ = queued.join().expect("client");
+    });
+}

@@ -196,6 +196,9 @@ pub async fn measure(cluster: std::sync::Weak<Cluster>) {
     }
 }
 
+/// Pings sent and not answered yet, at most: past that, a ping is skipped.
+const PINGS_IN_FLIGHT_MAX: usize = 8;
+
 /// Ask the master for a lease every `interval`; as master, follow Raft's quorum
 /// acknowledgements instead. Runs on the links runtime.
 pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
@@ -208,6 +211,7 @@ pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
     let mut last_tick = Instant::now();
     let mut last_ping = Instant::now() - interval;
     let mut known_leader = None;
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(PINGS_IN_FLIGHT_MAX));
     loop {
         tokio::select! {
             _ = ticker.tick() => {
@@ -284,27 +288,41 @@ pub async fn run(cluster: std::sync::Weak<Cluster>, interval: Duration) {
         let Ok(body) = ping.encode() else {
             continue;
         };
+        // Each ping on a task of its own: a slow answer must not hold back the next
+        // ping, or the master would hear this node fall silent for its own delay.
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            continue;
+        };
         let sent = Instant::now();
-        let reply = c
-            .transport
-            .request_within(
-                leader.0,
-                addr,
-                Channel::Control,
-                bytes::Bytes::from(body),
-                c.lease_for,
-            )
-            .await;
-        if let Ok(reply) = reply {
-            if let Ok(RaftReply::Pong {
-                leader: Some(l),
-                applied: Some(applied),
-            }) = RaftReply::decode(&reply)
-            {
-                if l == leader {
-                    c.lease.lock().granted = Some((sent + c.lease_for, applied));
+        let (transport, lease_for, cluster) = (c.transport.clone(), c.lease_for, cluster.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let reply = transport
+                .request_within(
+                    leader.0,
+                    addr,
+                    Channel::Control,
+                    bytes::Bytes::from(body),
+                    lease_for,
+                )
+                .await;
+            let Some(c) = cluster.upgrade() else { return };
+            if let Ok(reply) = reply {
+                if let Ok(RaftReply::Pong {
+                    leader: Some(l),
+                    applied: Some(applied),
+                }) = RaftReply::decode(&reply)
+                {
+                    if l == leader {
+                        // Answers may come back out of order: the latest ping's counts.
+                        let mut lease = c.lease.lock();
+                        let until = sent + lease_for;
+                        if lease.granted.is_none_or(|(old, _)| until > old) {
+                            lease.granted = Some((until, applied));
+                        }
+                    }
                 }
             }
-        }
+        });
     }
 }
