@@ -23,8 +23,10 @@ use crate::ids::TxnId;
 /// Waiters allowed to queue on one function before new arrivals are turned away.
 pub const WAITERS_MAX: usize = 4096;
 
-/// The weight of the latest hold in the mean hold time (an exponential moving average).
-const HOLD_WEIGHT: f64 = 0.2;
+/// Holds of the lock remembered, for estimating a wait in line.
+const HOLDS_KEPT: usize = 8;
+/// Holds needed before a wait is estimated at all.
+const HOLDS_NEEDED: usize = 4;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -46,9 +48,8 @@ struct State {
     waiters: VecDeque<(TxnId, TxnId, oneshot::Sender<()>)>,
     /// When the holder took the lock.
     held_since: Option<Instant>,
-    /// How long a transaction has held the lock lately, in seconds (none before the
-    /// first release).
-    mean_hold: Option<f64>,
+    /// How long the last `HOLDS_KEPT` transactions held the lock, in seconds.
+    holds: VecDeque<f64>,
 }
 
 impl State {
@@ -135,11 +136,10 @@ impl TxnLock {
         }
         state.holder = None;
         if let Some(since) = state.held_since.take() {
-            let held = since.elapsed().as_secs_f64();
-            state.mean_hold = Some(match state.mean_hold {
-                Some(mean) => mean + HOLD_WEIGHT * (held - mean),
-                None => held,
-            });
+            if state.holds.len() == HOLDS_KEPT {
+                state.holds.pop_front();
+            }
+            state.holds.push_back(since.elapsed().as_secs_f64());
         }
         while let Some((next, age, tx)) = state.waiters.pop_front() {
             state.take(next, age);
@@ -152,33 +152,42 @@ impl TxnLock {
         false
     }
 
-    /// How long a transaction arriving now would wait in line, estimated from the
-    /// mean hold time: what the holder has left of it, and a whole one for each waiter
-    /// ahead. `None` before the lock was ever released (nothing to estimate from).
+    /// How long a transaction arriving now would wait in line at least, estimated
+    /// from the fastest of the recent holds (an estimate that errs short: a request
+    /// refused on it could not have been served in time): what the holder has left of
+    /// one, and one for each waiter ahead. `Some(0)` when the lock is free; `None` while
+    /// too few holds are known to go by.
     pub fn expected_wait(&self) -> Option<Duration> {
         let state = self.state.lock();
         let Some(since) = state.held_since else {
             return Some(Duration::ZERO);
         };
-        let mean = state.mean_hold?;
-        let left = (mean - since.elapsed().as_secs_f64()).max(0.0);
+        let fastest = fastest_hold(&state.holds)?;
+        let left = (fastest - since.elapsed().as_secs_f64()).max(0.0);
         Some(Duration::from_secs_f64(
-            left + mean * state.waiters.len() as f64,
+            left + fastest * state.waiters.len() as f64,
         ))
+    }
+
+    /// The fastest of the recent holds (`None` while too few are known).
+    pub fn fastest_hold(&self) -> Option<Duration> {
+        fastest_hold(&self.state.lock().holds).map(Duration::from_secs_f64)
     }
 
     pub fn holder(&self) -> Option<TxnId> {
         self.state.lock().holder.map(|(holder, _)| holder)
     }
 
-    /// The mean time a transaction held the lock lately (`None` before any release).
-    pub fn mean_hold(&self) -> Option<Duration> {
-        self.state.lock().mean_hold.map(Duration::from_secs_f64)
-    }
-
     pub fn waiters(&self) -> usize {
         self.state.lock().waiters.len()
     }
+}
+
+fn fastest_hold(holds: &VecDeque<f64>) -> Option<f64> {
+    if holds.len() < HOLDS_NEEDED {
+        return None;
+    }
+    holds.iter().copied().reduce(f64::min)
 }
 
 /// Gives up a place in line (or a lock handed over just as the wait was cancelled).
@@ -201,27 +210,36 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_expected_wait_is_the_holders_rest_and_a_mean_hold_per_waiter() {
+    async fn the_expected_wait_is_the_holders_rest_and_a_fastest_hold_per_waiter() {
         let lock = std::sync::Arc::new(TxnLock::default());
         assert_eq!(lock.expected_wait(), Some(Duration::ZERO), "a free lock");
-        lock.acquire(TxnId(1), Mode::First).await.expect("free");
-        assert_eq!(lock.expected_wait(), None, "never released: nothing to go by");
-        std::thread::sleep(Duration::from_millis(20));
-        lock.release(TxnId(1));
-        let mean = lock.mean_hold().expect("one hold");
-        assert!(mean >= Duration::from_millis(20), "{mean:?}");
-        lock.acquire(TxnId(2), Mode::First).await.expect("free");
+        for (i, ms) in [150u64, 20, 150, 150].into_iter().enumerate() {
+            let txn = TxnId(i as u64 + 1);
+            lock.acquire(txn, Mode::First).await.expect("free");
+            assert_eq!(lock.expected_wait(), None, "too few holds to go by");
+            std::thread::sleep(Duration::from_millis(ms));
+            lock.release(txn);
+        }
+        let fastest = lock.fastest_hold().expect("four holds");
+        assert!(
+            fastest >= Duration::from_millis(20) && fastest < Duration::from_millis(150),
+            "the 20 ms hold: {fastest:?}"
+        );
+        lock.acquire(TxnId(10), Mode::First).await.expect("free");
         let l2 = lock.clone();
-        let waiter = tokio::spawn(async move { l2.acquire(TxnId(3), Mode::First).await });
+        let waiter = tokio::spawn(async move { l2.acquire(TxnId(11), Mode::First).await });
         while lock.waiters() == 0 {
             tokio::task::yield_now().await;
         }
-        // What the holder has left of a mean hold (at most one), and one per waiter.
-        let wait = lock.expected_wait().expect("a mean hold");
-        assert!(wait >= mean && wait <= 2 * mean, "{wait:?} for a mean hold of {mean:?}");
-        lock.release(TxnId(2));
+        // What the holder has left of the fastest hold (at most one), and one per waiter.
+        let wait = lock.expected_wait().expect("enough holds");
+        assert!(
+            wait >= fastest && wait <= 2 * fastest,
+            "{wait:?} for a fastest hold of {fastest:?}"
+        );
+        lock.release(TxnId(10));
         waiter.await.expect("task").expect("handed over");
-        lock.release(TxnId(3));
+        lock.release(TxnId(11));
     }
 
     #[tokio::test]

@@ -630,16 +630,17 @@ impl Node {
             None => true,
         };
         // A request that would wait in line past its deadline is refused now, not at
-        // its deadline: the line ahead, at the function's recent pace, is too long.
+        // its deadline: the line ahead is too long even at the function's fastest
+        // recent pace.
         if let Some(wait) = f.lock.expected_wait() {
             let left = queue_until.saturating_duration_since(Instant::now());
             if wait > left {
                 return Err(InvokeError::Overloaded(format!(
-                    "function {} is busy: about {} ms of work is ahead of this request ({} waiting, {} ms each lately) and its deadline leaves {} ms; try again later",
+                    "function {} is busy: at least {} ms of work is ahead of this request ({} waiting; the fastest of its last transactions held it {} ms) and its deadline leaves {} ms; try again later",
                     f.name,
                     wait.as_millis(),
                     f.lock.waiters(),
-                    f.lock.mean_hold().unwrap_or_default().as_millis(),
+                    f.lock.fastest_hold().unwrap_or_default().as_millis(),
                     left.as_millis()
                 )));
             }

@@ -217,28 +217,31 @@ fn spinning_guests_do_not_keep_another_function_from_the_guest_thread() {
     api.get("/healthz").expect("healthz").expect_status(200);
 }
 
-/// Once the function's pace is known (a transaction took its whole deadline), a request
-/// that would wait in line past its own deadline is refused at once with 503
-/// `overloaded` and `Retry-After`, saying how much work is ahead, while the transaction
-/// holding the function still runs, rather than when its deadline has passed.
+/// Once the function's pace is known (its last transactions, four at least, each took
+/// its whole deadline), a request that would wait in line past its own deadline is
+/// refused at once with 503 `overloaded` and `Retry-After`, saying how much work is
+/// ahead, while the transaction holding the function still runs, rather than when its
+/// deadline has passed.
 #[test]
 fn a_request_that_cannot_be_served_before_its_deadline_is_refused_at_once() {
     let node = NodeProcess::start_with(NodeOptions {
-        deadline_ms: Some(1000),
+        deadline_ms: Some(500),
         ..Default::default()
     });
     let api = node.api();
     api.deploy_component("h", "hostile");
-    // The pace: a transaction holds the function for its whole deadline.
-    api.invoke("h", "loop", &Value::Null)
-        .expect_error(504, "deadline");
+    // The pace: transactions hold the function for their whole deadline.
+    for _ in 0..4 {
+        api.invoke("h", "loop", &Value::Null)
+            .expect_error(504, "deadline");
+    }
     std::thread::scope(|scope| {
         let holder = scope.spawn(|| node.api().invoke("h", "loop", &Value::Null));
-        // Let it take the function, and two more line up behind it (each admitted: the
-        // line ahead of each is shorter than a deadline when it arrives).
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Let it take the function, and another line up behind it (admitted: the line
+        // ahead of it is shorter than a deadline when it arrives).
+        std::thread::sleep(std::time::Duration::from_millis(100));
         let queued = scope.spawn(|| node.api().invoke("h", "loop", &Value::Null));
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(std::time::Duration::from_millis(100));
         let refused = api.invoke("h", "get", &json!({ "key": "k" }));
         assert!(
             !holder.is_finished(),

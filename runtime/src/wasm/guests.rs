@@ -234,7 +234,7 @@ impl Shared {
             // A panic in a run (host code) ends that run, not the guest thread.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.poll())).is_err() {
                 tracing::error!(function = %task.function, "a guest's run panicked; it was dropped");
-                task.running.store(false, Ordering::Release);
+                task.running.store(false, Ordering::SeqCst);
                 *task.job.lock() = None;
             }
             let used = started.elapsed();
@@ -312,10 +312,13 @@ impl Task {
     /// Put the task in the ready queue, unless it is there already (or being polled:
     /// then it is polled again after). `preempt`: see `Shared::enqueue`.
     fn schedule(self: &Arc<Self>, preempt: bool) {
-        if self.running.load(Ordering::Acquire) {
-            self.woken.store(true, Ordering::Release);
+        // `running` and `woken` are written by one side and read by the other (store,
+        // then load, on each side): sequentially consistent, so that one of the two
+        // sees the other's store and a wake is never lost.
+        if self.running.load(Ordering::SeqCst) {
+            self.woken.store(true, Ordering::SeqCst);
             // The poller may have finished between the two loads: check again.
-            if self.running.load(Ordering::Acquire) {
+            if self.running.load(Ordering::SeqCst) {
                 return;
             }
         }
@@ -326,8 +329,8 @@ impl Task {
 
     /// Poll the run once (on a guest thread).
     fn poll(self: &Arc<Self>) {
-        self.running.store(true, Ordering::Release);
-        self.queued.store(false, Ordering::Release);
+        self.running.store(true, Ordering::SeqCst);
+        self.queued.store(false, Ordering::SeqCst);
         let mut job = self.job.lock();
         if self.aborted.load(Ordering::Acquire) {
             *job = None;
@@ -346,8 +349,8 @@ impl Task {
             *job = None;
         }
         drop(job);
-        self.running.store(false, Ordering::Release);
-        if !done && self.woken.swap(false, Ordering::AcqRel) {
+        self.running.store(false, Ordering::SeqCst);
+        if !done && self.woken.swap(false, Ordering::SeqCst) {
             // Woken while polled: mostly a guest yielding its thread.
             self.schedule(false);
         }
