@@ -235,7 +235,7 @@ fn cut_off_primary(from_everyone: bool) {
             .api()
             .with_token(TOKEN)
             .delete("bank")
-            .expect_status(200);
+            .expect_status(204);
         deploy(nodes[0].api(), "filler2", "counter", 2);
         placed = deploy(nodes[0].api(), "bank", "bank", 3);
     }
