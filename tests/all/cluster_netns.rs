@@ -437,10 +437,13 @@ fn the_readmes_three_machine_recipe_forms_a_cluster_across_hosts() {
     nodes[p].kill9();
     net.set_link(p, false);
     let survivor = (0..3).find(|i| *i != p).expect("a survivor");
-    wait_for("the bank served again after its primary's host died", || {
-        let reply = nodes[survivor].api().invoke("bank", "total", &Value::Null);
-        reply.status == 200
-    });
+    wait_for(
+        "the bank served again after its primary's host died",
+        || {
+            let reply = nodes[survivor].api().invoke("bank", "total", &Value::Null);
+            reply.status == 200
+        },
+    );
     let after = status(survivor);
     let text = String::from_utf8_lossy(&after.stdout);
     assert!(after.status.success(), "status failed: {text}");

@@ -126,10 +126,7 @@ impl Browser {
             if open["value"]["error"].is_null() {
                 break;
             }
-            assert!(
-                started.elapsed() < PAGE_TIMEOUT,
-                "no prompt opened: {open}"
-            );
+            assert!(started.elapsed() < PAGE_TIMEOUT, "no prompt opened: {open}");
             std::thread::sleep(Duration::from_millis(50));
         }
         self.command("/alert/text", json!({ "text": text }));
@@ -410,7 +407,9 @@ fn console_admin_buttons_stop_and_start_a_function_and_drain_a_node() {
     admin
         .put_bytes("/v1/functions/bank?replicas=2", component("bank"))
         .expect_status(201);
-    wait_for("the bank's primary", || bank(&nodes[0])["primary"].as_u64().is_some());
+    wait_for("the bank's primary", || {
+        bank(&nodes[0])["primary"].as_u64().is_some()
+    });
     let browser = Browser::start();
     browser.open(&nodes[0].api().url("/ui"));
     let read = || browser.eval(READ_ADMIN);
@@ -435,31 +434,59 @@ fn console_admin_buttons_stop_and_start_a_function_and_drain_a_node() {
     };
     // Read-only until a token is given.
     let page = wait("the bank, running", &|p| p["bank"] == "running");
-    assert_eq!(page["buttons"], json!([]), "no admin buttons without a token: {page}");
+    assert_eq!(
+        page["buttons"],
+        json!([]),
+        "no admin buttons without a token: {page}"
+    );
 
     // A wrong token: the buttons appear, and the node refuses what they ask.
     browser.click("#token");
     browser.answer_prompt("not-the-token");
     wait("the stop button", &|p| has(p, "stop:bank"));
     browser.click(r#"button[data-act="stop"][data-fn="bank"]"#);
-    let page = wait("the refusal", &|p| p["toast"].as_str().is_some_and(|t| t.starts_with("stop:") && t != "stop: done"));
+    let page = wait("the refusal", &|p| {
+        p["toast"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("stop:") && t != "stop: done")
+    });
     println!("with a wrong token: {page:#}");
     assert_eq!(page["bank"], "running");
-    assert_eq!(bank(&nodes[0])["running"], json!(true), "{}", bank(&nodes[0]));
+    assert_eq!(
+        bank(&nodes[0])["running"],
+        json!(true),
+        "{}",
+        bank(&nodes[0])
+    );
 
     // The right token: stop, start, drain.
     browser.click("#token");
     browser.answer_prompt(TOKEN);
-    wait("the admin mode", &|p| p["token"] == "Admin: on" && has(p, "stop:bank"));
+    wait("the admin mode", &|p| {
+        p["token"] == "Admin: on" && has(p, "stop:bank")
+    });
     browser.click(r#"button[data-act="stop"][data-fn="bank"]"#);
-    wait("the bank stopped", &|p| p["bank"] == "stopped" && has(p, "start:bank"));
-    assert_eq!(bank(&nodes[1])["running"], json!(false), "{}", bank(&nodes[1]));
+    wait("the bank stopped", &|p| {
+        p["bank"] == "stopped" && has(p, "start:bank")
+    });
+    assert_eq!(
+        bank(&nodes[1])["running"],
+        json!(false),
+        "{}",
+        bank(&nodes[1])
+    );
     let refused = nodes[1]
         .api()
         .invoke("bank", "open", &json!({ "account": "a", "initial": 1 }));
-    assert_eq!(refused.status, 503, "a stopped function refuses: {}", refused.text);
+    assert_eq!(
+        refused.status, 503,
+        "a stopped function refuses: {}",
+        refused.text
+    );
     browser.click(r#"button[data-act="start"][data-fn="bank"]"#);
-    wait("the bank running again", &|p| p["bank"] == "running" && has(p, "stop:bank"));
+    wait("the bank running again", &|p| {
+        p["bank"] == "running" && has(p, "stop:bank")
+    });
     nodes[1]
         .api()
         .ok("bank", "open", json!({ "account": "a", "initial": 1 }));
@@ -476,5 +503,8 @@ fn console_admin_buttons_stop_and_start_a_function_and_drain_a_node() {
         .and_then(|n| n.iter().find(|n| n["id"] == 3))
         .cloned()
         .expect("node 3 in the status");
-    assert_ne!(three["status"], "active", "the cluster drains node 3: {three}");
+    assert_ne!(
+        three["status"], "active",
+        "the cluster drains node 3: {three}"
+    );
 }

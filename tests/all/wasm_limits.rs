@@ -249,7 +249,12 @@ fn a_request_that_cannot_be_served_before_its_deadline_is_refused_at_once() {
         );
         assert_eq!(refused.status, 503, "{}", refused.text);
         assert_eq!(refused.code(), "overloaded", "{}", refused.text);
-        assert_eq!(refused.header("retry-after"), Some("1"), "{:?}", refused.headers);
+        assert_eq!(
+            refused.header("retry-after"),
+            Some("1"),
+            "{:?}",
+            refused.headers
+        );
         assert!(
             refused.message().contains("ahead of this request"),
             "it says why: {}",

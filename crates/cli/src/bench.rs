@@ -172,6 +172,37 @@ pub(crate) fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// Serve `node`'s API on a free loopback port: its address, and the server's task.
+pub(crate) async fn serve_on_loopback(
+    node: &Node,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(understudy::http::serve(
+        node.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    Ok((addr, server))
+}
+
+/// One request of an HTTP client of `drive`: POST `null` to `url`; an answer other than
+/// 2xx is an error.
+async fn post_null(client: reqwest::Client, url: String) -> anyhow::Result<()> {
+    let r = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("null")
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "status {}", r.status());
+    r.bytes().await?;
+    Ok(())
+}
+
 /// One request of a client of `drive`: `counter.increment` on `node`, in process.
 async fn increment(node: Node) -> anyhow::Result<()> {
     let answer = node.invoke("counter", "increment", b"null", None).await?;
@@ -192,28 +223,11 @@ async fn invoke(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow::R
     let in_process = ops as f64 / elapsed.as_secs_f64();
     let in_process_p50 = percentile(&lat, 0.5);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(understudy::http::serve(
-        node.clone(),
-        listener,
-        std::future::pending(),
-    ));
+    let (addr, server) = serve_on_loopback(&node).await?;
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/v1/functions/counter/increment");
     let (ops, elapsed, http_lat) = drive(1, args.seconds, move || {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let r = client
-                .post(&url)
-                .header("content-type", "application/json")
-                .body("null")
-                .send()
-                .await?;
-            anyhow::ensure!(r.status().is_success(), "status {}", r.status());
-            r.bytes().await?;
-            Ok(())
-        }
+        post_null(client.clone(), url.clone())
     })
     .await;
     server.abort();
@@ -825,13 +839,7 @@ async fn isolation(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow
         node.deploy(&format!("spin-{i}"), hostile.clone(), Default::default())
             .await?;
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(understudy::http::serve(
-        node.clone(),
-        listener,
-        std::future::pending(),
-    ));
+    let (addr, server) = serve_on_loopback(&node).await?;
     let client = reqwest::Client::new();
     let seconds = args.seconds;
     let measure = |client: reqwest::Client| async move {
@@ -852,21 +860,8 @@ async fn isolation(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow
             })
             .await
         });
-        let (_, _, increments) = drive(1, seconds, move || {
-            let (client, url) = (client.clone(), url.clone());
-            async move {
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body("null")
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status().is_success(), "status {}", r.status());
-                r.bytes().await?;
-                Ok(())
-            }
-        })
-        .await;
+        let (_, _, increments) =
+            drive(1, seconds, move || post_null(client.clone(), url.clone())).await;
         // The poller's latencies include its 2 ms pause: take it off.
         let (_, _, probes) = polls.await.unwrap_or_default();
         let probes: Vec<Duration> = probes
@@ -914,9 +909,15 @@ async fn isolation(args: &Args, dir: &std::path::Path, counter: &[u8]) -> anyhow
         );
     };
     row("counter.increment, alone", &alone);
-    row(&format!("counter.increment, beside {SPINNERS} spinners"), &beside);
+    row(
+        &format!("counter.increment, beside {SPINNERS} spinners"),
+        &beside,
+    );
     row("/healthz, alone", &alone_health);
-    row(&format!("/healthz, beside {SPINNERS} spinners"), &beside_health);
+    row(
+        &format!("/healthz, beside {SPINNERS} spinners"),
+        &beside_health,
+    );
     let ratio = |a: &[Duration], b: &[Duration]| {
         let base = percentile(a, 0.99).as_secs_f64();
         if base > 0.0 {

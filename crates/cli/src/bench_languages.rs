@@ -297,13 +297,7 @@ async fn over_http(
         .outcome
         .map_err(|e| anyhow::anyhow!("open failed: {}", e.message))?;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(understudy::http::serve(
-        node.clone(),
-        listener,
-        std::future::pending(),
-    ));
+    let (addr, server) = crate::bench::serve_on_loopback(&node).await?;
     let client = reqwest::Client::new();
     let post = move |method: &'static str, body: &'static str| {
         let (client, url) = (

@@ -38,7 +38,6 @@ type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// The guests' executor.
 pub struct Guests {
     shared: Arc<Shared>,
-    threads: Vec<std::thread::JoinHandle<()>>,
     /// Timers and I/O of the runs (dropped in the background: a runtime cannot be
     /// dropped inside another's task).
     reactor: Option<tokio::runtime::Runtime>,
@@ -76,8 +75,8 @@ struct Share {
 
 impl Share {
     fn used_at(&self, now: Instant) -> f64 {
-        let halvings = now.saturating_duration_since(self.at).as_secs_f64()
-            / USE_HALF_LIFE.as_secs_f64();
+        let halvings =
+            now.saturating_duration_since(self.at).as_secs_f64() / USE_HALF_LIFE.as_secs_f64();
         self.used * 0.5f64.powf(halvings)
     }
 }
@@ -119,30 +118,20 @@ impl Guests {
             .thread_name("guest-timers")
             .enable_all()
             .build()?;
-        let shared = Arc::new(Shared {
-            threads,
-            preempt: Box::new(preempt),
-            ready: AtomicUsize::new(0),
-            busy: AtomicUsize::new(0),
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
-        });
-        let mut handles = Vec::with_capacity(threads);
+        let shared = Shared::new(threads, Box::new(preempt));
+        // The threads are not joined: they end when the executor stops (see `Drop`).
         for i in 0..threads {
             let (shared, handle) = (shared.clone(), reactor.handle().clone());
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("guest-{i}"))
-                    .spawn(move || {
-                        lower_priority();
-                        let _context = handle.enter();
-                        shared.work();
-                    })?,
-            );
+            std::thread::Builder::new()
+                .name(format!("guest-{i}"))
+                .spawn(move || {
+                    lower_priority();
+                    let _context = handle.enter();
+                    shared.work();
+                })?;
         }
         Ok(Guests {
             shared,
-            threads: handles,
             reactor: Some(reactor),
         })
     }
@@ -203,7 +192,6 @@ impl Drop for Guests {
         self.shared.wake.notify_all();
         // A guest thread finishes its poll (at most an epoch tick of wasm) and goes;
         // not joined here, which may be on the node's runtime.
-        self.threads.clear();
         if let Some(reactor) = self.reactor.take() {
             reactor.shutdown_background();
         }
@@ -211,6 +199,17 @@ impl Drop for Guests {
 }
 
 impl Shared {
+    fn new(threads: usize, preempt: Box<dyn Fn() + Send + Sync>) -> Arc<Shared> {
+        Arc::new(Shared {
+            threads,
+            preempt,
+            ready: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        })
+    }
+
     /// A guest thread's loop: poll the fairest ready run, until stopped.
     fn work(self: &Arc<Self>) {
         loop {
@@ -475,7 +474,10 @@ mod tests {
             .spawn("f".into(), async {
                 let t = Instant::now();
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                (std::thread::current().name().map(str::to_owned), t.elapsed())
+                (
+                    std::thread::current().name().map(str::to_owned),
+                    t.elapsed(),
+                )
             })
             .await
             .expect("ran");
@@ -520,7 +522,10 @@ mod tests {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(guests.contention().contended(), "spinners are queued behind each other");
+        assert!(
+            guests.contention().contended(),
+            "spinners are queued behind each other"
+        );
         let queued = Instant::now();
         let waited = guests
             .spawn("counter".into(), async move { queued.elapsed() })
@@ -539,14 +544,7 @@ mod tests {
 
     #[test]
     fn the_fairest_function_goes_first_and_ties_go_to_the_oldest() {
-        let shared = Arc::new(Shared {
-            threads: 1,
-            preempt: Box::new(|| ()),
-            ready: AtomicUsize::new(0),
-            busy: AtomicUsize::new(0),
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
-        });
+        let shared = Shared::new(1, Box::new(|| ()));
         let task = |f: &str| {
             Arc::new(Task {
                 function: f.into(),
@@ -558,8 +556,16 @@ mod tests {
                 aborted: AtomicBool::new(false),
             })
         };
-        shared.queue.lock().charge(&"spinner".into(), Duration::from_millis(50));
-        let (s1, s2, c, d) = (task("spinner"), task("spinner"), task("counter"), task("other"));
+        shared
+            .queue
+            .lock()
+            .charge(&"spinner".into(), Duration::from_millis(50));
+        let (s1, s2, c, d) = (
+            task("spinner"),
+            task("spinner"),
+            task("counter"),
+            task("other"),
+        );
         for t in [&s1, &s2, &c, &d] {
             shared.enqueue(t.clone(), false);
         }
@@ -568,7 +574,10 @@ mod tests {
         let order: Vec<Arc<Task>> = std::iter::from_fn(|| q.next(now)).collect();
         let names: Vec<&str> = order.iter().map(|t| &*t.function).collect();
         assert_eq!(names, ["counter", "other", "spinner", "spinner"]);
-        assert!(Arc::ptr_eq(&order[2], &s1), "the spinner's oldest run first");
+        assert!(
+            Arc::ptr_eq(&order[2], &s1),
+            "the spinner's oldest run first"
+        );
         assert_eq!(q.ready, 0);
     }
 }

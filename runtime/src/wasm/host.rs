@@ -333,10 +333,10 @@ impl call::Host for Ctx {
                 ),
             }));
         }
-        let call = self
-            .calls
-            .clone()
-            .call(self.txn.clone(), self.depth + 1, function, method, input);
+        let call =
+            self.calls
+                .clone()
+                .call(self.txn.clone(), self.depth + 1, function, method, input);
         // Locks, messages to other nodes and the callee's own run belong on the
         // node's threads; the guest's thread runs other guests while it waits.
         let result = match &self.links {
